@@ -1,0 +1,10 @@
+//! Everything git-facing that every front end shares: repository names and paths, the pkt-line
+//! codec, spawning `git` service processes, the pack concurrency limiter, and streaming a child's
+//! output to a socket with splice.
+
+pub mod limiter;
+pub mod pktline;
+pub mod process;
+pub mod repo;
+pub mod repo_name;
+pub mod stream;

@@ -1,0 +1,336 @@
+//! Spawning `git upload-pack` / `git receive-pack` / `git upload-archive` for one request.
+//!
+//! The child gets a minimal environment (no inherited secrets, no user or system git config), the
+//! server-wide git settings through `GIT_CONFIG_COUNT`, and its own process group so that killing
+//! it also stops the `pack-objects` it started. Every fd above 2 is marked close-on-exec before
+//! exec: no other connection's socket or pipe may leak into a git process (monoio's pipes and some
+//! sockets are not close-on-exec).
+//!
+//! Runtime-agnostic: this hands back raw fds; [`super::stream`] drives them on a shard.
+
+use std::ffi::OsString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// A git service a client may ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    UploadPack,
+    ReceivePack,
+    UploadArchive,
+}
+
+impl Service {
+    /// From the wire name, e.g. `git-upload-pack`.
+    pub fn from_wire(name: &str) -> Option<Self> {
+        match name {
+            "git-upload-pack" => Some(Self::UploadPack),
+            "git-receive-pack" => Some(Self::ReceivePack),
+            "git-upload-archive" => Some(Self::UploadArchive),
+            _ => None,
+        }
+    }
+
+    pub fn wire_name(self) -> &'static str {
+        match self {
+            Self::UploadPack => "git-upload-pack",
+            Self::ReceivePack => "git-receive-pack",
+            Self::UploadArchive => "git-upload-archive",
+        }
+    }
+
+    fn subcommand(self) -> &'static str {
+        match self {
+            Self::UploadPack => "upload-pack",
+            Self::ReceivePack => "receive-pack",
+            Self::UploadArchive => "upload-archive",
+        }
+    }
+
+    /// Whether the service changes the repository.
+    pub fn writes(self) -> bool {
+        self == Self::ReceivePack
+    }
+}
+
+/// How the service talks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Smart HTTP `GET info/refs`: print the advertisement and exit.
+    AdvertiseRefs,
+    /// Smart HTTP `POST`: one request on stdin, one response on stdout.
+    StatelessRpc,
+    /// SSH: a full bidirectional conversation.
+    Interactive,
+}
+
+/// Server-wide settings every git child runs with. They make hosting behave as users expect:
+/// partial clone and lazy fetches work, push options are accepted, pushed objects are checked,
+/// and refs and objects are fsynced before receive-pack reports success (nothing acknowledged is
+/// lost on power failure).
+const GIT_SETTINGS: &[(&str, &str)] = &[
+    ("uploadpack.allowFilter", "true"),
+    ("uploadpack.allowAnySHA1InWant", "true"),
+    ("receive.advertisePushOptions", "true"),
+    ("receive.fsckObjects", "true"),
+    ("core.fsync", "committed,index"),
+    ("core.fsyncMethod", "fsync"),
+    ("safe.directory", "*"),
+];
+
+/// Accepts `GIT_PROTOCOL` values like `version=2` or `version=2:object-format=sha1`; anything
+/// else is dropped rather than passed to git.
+pub fn sanitize_git_protocol(value: &str) -> Option<&str> {
+    let ok = !value.is_empty()
+        && value.len() <= 256
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'=' | b':' | b'.' | b'-' | b'_'));
+    ok.then_some(value)
+}
+
+/// A request to run one git service.
+pub struct GitCommand<'a> {
+    pub git: &'a Path,
+    pub service: Service,
+    pub repo_dir: &'a Path,
+    pub mode: Mode,
+    /// Already sanitized with [`sanitize_git_protocol`].
+    pub protocol: Option<&'a str>,
+    /// Extra variables for hooks, e.g. who pushed.
+    pub env: &'a [(&'a str, &'a str)],
+}
+
+/// The parent's ends of a running git child.
+pub struct SpawnedGit {
+    pub pid: libc::pid_t,
+    /// Readable when the child exits (pidfd), so waiting never blocks a thread.
+    pub pidfd: OwnedFd,
+    /// Our end of the child's stdin (a socketpair); None in advertise mode.
+    pub stdin: Option<UnixStream>,
+    /// The read end of the child's stdout pipe: non-blocking, close-on-exec, enlarged.
+    pub stdout: OwnedFd,
+    /// Our end of the child's stderr (a socketpair).
+    pub stderr: UnixStream,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("cannot start `{git} {service}` in {repo}: {source}")]
+    Spawn {
+        git: PathBuf,
+        service: &'static str,
+        repo: PathBuf,
+        source: io::Error,
+    },
+    #[error("cannot set up pipes for git: {0}")]
+    Pipes(io::Error),
+}
+
+/// Pipe capacity for pack streams. 1 MiB makes each splice move up to 1 MiB; the kernel caps it
+/// at /proc/sys/fs/pipe-max-size (1 MiB by default) for unprivileged users.
+pub const PIPE_SIZE: libc::c_int = 1 << 20;
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// A pipe whose read end is non-blocking; both ends close-on-exec.
+fn stdout_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: fds is a valid array of two ints.
+    cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // A smaller pipe still works, only slower: ignore the error (e.g. pipe-max-size lowered).
+    // SAFETY: plain fcntl on an fd we own.
+    unsafe {
+        libc::fcntl(read.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE);
+    }
+    set_nonblocking(read.as_raw_fd(), true)?;
+    Ok((read, write))
+}
+
+/// Sets or clears O_NONBLOCK, returning the previous flags.
+pub fn set_nonblocking(fd: libc::c_int, on: bool) -> io::Result<libc::c_int> {
+    // SAFETY: fcntl on a caller-provided open fd.
+    let flags = cvt(unsafe { libc::fcntl(fd, libc::F_GETFL) })?;
+    let new = if on {
+        flags | libc::O_NONBLOCK
+    } else {
+        flags & !libc::O_NONBLOCK
+    };
+    if new != flags {
+        // SAFETY: as above.
+        cvt(unsafe { libc::fcntl(fd, libc::F_SETFL, new) })?;
+    }
+    Ok(flags)
+}
+
+fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags; it returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd to us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
+}
+
+impl GitCommand<'_> {
+    pub fn spawn(&self) -> Result<SpawnedGit, SpawnError> {
+        let (stdout_read, stdout_write) = stdout_pipe().map_err(SpawnError::Pipes)?;
+        let (stderr_ours, stderr_child) = UnixStream::pair().map_err(SpawnError::Pipes)?;
+        let (stdin_ours, stdin_child) = match self.mode {
+            Mode::AdvertiseRefs => (None, Stdio::null()),
+            _ => {
+                let (ours, child) = UnixStream::pair().map_err(SpawnError::Pipes)?;
+                (Some(ours), Stdio::from(OwnedFd::from(child)))
+            }
+        };
+
+        let mut cmd = Command::new(self.git);
+        cmd.env_clear()
+            .env(
+                "PATH",
+                std::env::var_os("PATH").unwrap_or_else(|| OsString::from("/usr/bin:/bin")),
+            )
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .env("HOME", self.repo_dir)
+            .env("GIT_CONFIG_COUNT", GIT_SETTINGS.len().to_string());
+        for (i, (k, v)) in GIT_SETTINGS.iter().enumerate() {
+            cmd.env(format!("GIT_CONFIG_KEY_{i}"), k)
+                .env(format!("GIT_CONFIG_VALUE_{i}"), v);
+        }
+        if let Some(p) = self.protocol {
+            cmd.env("GIT_PROTOCOL", p);
+        }
+        for (k, v) in self.env {
+            cmd.env(k, v);
+        }
+        cmd.arg(self.service.subcommand());
+        match self.mode {
+            Mode::AdvertiseRefs => {
+                cmd.args(["--stateless-rpc", "--advertise-refs"]);
+            }
+            Mode::StatelessRpc if self.service != Service::UploadArchive => {
+                cmd.arg("--stateless-rpc");
+            }
+            _ => {}
+        }
+        // repo_dir is absolute (built from a validated name), so it can never read as an option.
+        cmd.arg(self.repo_dir)
+            .stdin(stdin_child)
+            .stdout(Stdio::from(stdout_write))
+            .stderr(Stdio::from(OwnedFd::from(stderr_child)));
+        // SAFETY: the closure only makes async-signal-safe syscalls.
+        unsafe {
+            cmd.pre_exec(|| {
+                // Own process group: a kill reaches pack-objects and other grandchildren too.
+                if libc::setpgid(0, 0) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // CLOSE_RANGE_CLOEXEC (4): mark every fd above stderr close-on-exec; std's own
+                // exec-error pipe keeps working until exec.
+                if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 4u32) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|source| SpawnError::Spawn {
+            git: self.git.to_owned(),
+            service: self.service.subcommand(),
+            repo: self.repo_dir.to_owned(),
+            source,
+        })?;
+        // The Command holds the child's ends of the pipes: drop it so EOF can reach us.
+        drop(cmd);
+        let pid = child.id() as libc::pid_t;
+        drop(child);
+        let pidfd = match pidfd_open(pid) {
+            Ok(fd) => fd,
+            Err(e) => {
+                kill_group(pid);
+                // SAFETY: reaping our own child.
+                unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+                return Err(SpawnError::Pipes(e));
+            }
+        };
+        Ok(SpawnedGit {
+            pid,
+            pidfd,
+            stdin: stdin_ours,
+            stdout: stdout_read,
+            stderr: stderr_ours,
+        })
+    }
+}
+
+/// SIGKILLs the child's whole process group.
+pub fn kill_group(pid: libc::pid_t) {
+    // SAFETY: signalling a process group we created; harmless if it is already gone.
+    unsafe {
+        libc::kill(-pid, libc::SIGKILL);
+    }
+}
+
+/// Reaps the child if it has exited; Some(exit code, or 128+signal) when reaped.
+pub fn try_reap(pid: libc::pid_t) -> Option<i32> {
+    let mut status = 0;
+    // SAFETY: waitpid on our own child with a valid status pointer.
+    let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+    if r == pid {
+        Some(if libc::WIFEXITED(status) {
+            libc::WEXITSTATUS(status)
+        } else {
+            128 + libc::WTERMSIG(status)
+        })
+    } else if r < 0 {
+        // ECHILD: already reaped elsewhere; nothing left to wait for.
+        Some(-1)
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn git_protocol_values() {
+        assert_eq!(sanitize_git_protocol("version=2"), Some("version=2"));
+        assert_eq!(
+            sanitize_git_protocol("version=2:object-format=sha256"),
+            Some("version=2:object-format=sha256")
+        );
+        assert_eq!(sanitize_git_protocol("version=2\nX=1"), None);
+        assert_eq!(sanitize_git_protocol("a b"), None);
+        assert_eq!(sanitize_git_protocol(""), None);
+    }
+
+    #[test]
+    fn services() {
+        assert_eq!(
+            Service::from_wire("git-upload-pack"),
+            Some(Service::UploadPack)
+        );
+        assert_eq!(
+            Service::from_wire("git-receive-pack"),
+            Some(Service::ReceivePack)
+        );
+        assert_eq!(Service::from_wire("git-shell"), None);
+        assert!(Service::ReceivePack.writes());
+        assert!(!Service::UploadPack.writes());
+    }
+}

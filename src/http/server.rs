@@ -1,0 +1,127 @@
+//! The HTTP/1.1 connection loop: read a head within its deadline, hand the request to a
+//! [`Handler`], repeat while keep-alive allows. Malformed or oversized heads get a clean 4xx and a
+//! closed connection; a client that sends nothing in time is dropped (slowloris defence).
+
+use std::future::Future;
+use std::io;
+
+use monoio::time::timeout;
+
+use super::conn::Conn;
+use super::head::{parse_request_head, BodyFraming, HeadLimits, HeadParse, RequestHead};
+use crate::config::HttpLimits;
+use crate::lifecycle::ShutdownSignal;
+use crate::metrics::METRICS;
+
+/// Whether the connection may carry another request after this one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reuse {
+    KeepAlive,
+    Close,
+}
+
+/// Serves one request. The handler reads the body (if it wants it) and writes the whole response;
+/// [`Conn::reusable`] tells it whether it may promise keep-alive.
+pub trait Handler {
+    fn handle(&self, head: RequestHead, conn: &mut Conn)
+        -> impl Future<Output = io::Result<Reuse>>;
+}
+
+enum NextHead {
+    Head(RequestHead),
+    /// The peer closed, went idle too long, or we are shutting down between requests.
+    Done,
+}
+
+/// Runs the request loop until the connection ends.
+pub async fn serve_connection<H: Handler>(
+    handler: &H,
+    conn: &mut Conn,
+    limits: &HttpLimits,
+    shutdown: &ShutdownSignal,
+) {
+    let head_limits = HeadLimits {
+        max_head_bytes: limits.max_head_bytes,
+        ..HeadLimits::default()
+    };
+    loop {
+        let head = match next_head(conn, limits, &head_limits, shutdown).await {
+            Ok(NextHead::Head(h)) => h,
+            Ok(NextHead::Done) => break,
+            Err(()) => break,
+        };
+        let keep_alive = head.keep_alive && !shutdown.is_triggered();
+        let has_body = !matches!(head.framing, BodyFraming::None | BodyFraming::Length(0));
+        conn.begin_request(keep_alive, has_body);
+        match handler.handle(head, conn).await {
+            Ok(Reuse::KeepAlive) if conn.reusable() && !shutdown.is_triggered() => {
+                conn.release_buffer();
+            }
+            Ok(_) => break,
+            Err(e) => {
+                tracing::debug!(peer = %conn.peer, error = %e, "connection ended mid-request");
+                break;
+            }
+        }
+    }
+    conn.shutdown().await;
+}
+
+/// Reads the next request head. Errors have already been answered (or the peer is gone).
+async fn next_head(
+    conn: &mut Conn,
+    limits: &HttpLimits,
+    head_limits: &HeadLimits,
+    shutdown: &ShutdownSignal,
+) -> Result<NextHead, ()> {
+    if conn.buffered().is_empty() {
+        // Idle between requests: wait without a buffer, for data, the idle timeout or shutdown.
+        monoio::select! {
+            r = timeout(limits.idle_timeout, conn.readable()) => {
+                if !matches!(r, Ok(Ok(()))) {
+                    return Ok(NextHead::Done);
+                }
+            }
+            _ = shutdown.wait() => return Ok(NextHead::Done),
+        }
+    }
+    let deadline = monoio::time::Instant::now() + limits.head_timeout;
+    let mut first = true;
+    loop {
+        match parse_request_head(conn.buffered(), head_limits) {
+            Ok(HeadParse::Complete { head, consumed }) => {
+                conn.consume(consumed);
+                return Ok(NextHead::Head(head));
+            }
+            Ok(HeadParse::Incomplete) => {}
+            Err(e) => {
+                METRICS.bad_requests.inc();
+                let status = e.status();
+                tracing::debug!(peer = %conn.peer, error = %e, "bad request head");
+                conn.begin_request(false, false);
+                let _ = conn.respond_text(status, &[], &format!("{e}\n")).await;
+                return Err(());
+            }
+        }
+        let left = deadline.saturating_duration_since(monoio::time::Instant::now());
+        match timeout(left, conn.fill(head_limits.max_head_bytes)).await {
+            Ok(Ok(0)) => {
+                // EOF: fine between requests, a truncated head otherwise.
+                if !first && !conn.buffered().is_empty() {
+                    METRICS.bad_requests.inc();
+                }
+                return Ok(NextHead::Done);
+            }
+            Ok(Ok(_)) => first = false,
+            Ok(Err(_)) => return Err(()),
+            Err(_) => {
+                METRICS.head_timeouts.inc();
+                conn.begin_request(false, false);
+                let _ = conn
+                    .respond_text(408, &[], "request head not received in time\n")
+                    .await;
+                return Err(());
+            }
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! gitplane: a Git hosting data plane, thread-per-core on io_uring.
+//!
+//! Layers, top to bottom (a module only uses the ones below it):
+//! - [`server`]: start-up, the shard threads, signals and graceful shutdown;
+//! - [`smart_http`]: Git smart HTTP routes on top of [`http`];
+//! - [`http`]: the HTTP/1.1 codecs (sans-I/O) and the connection loop;
+//! - [`auth`], [`git`], [`store`], [`metrics`]: shared by every front end.
+
+pub mod admin;
+pub mod auth;
+pub mod config;
+pub mod git;
+pub mod http;
+pub mod lifecycle;
+pub mod metrics;
+pub mod server;
+pub mod smart_http;
+pub mod store;

@@ -1,0 +1,50 @@
+//! Shard-local shutdown signal. The shard's watcher flips it when the process is told to stop;
+//! the accept loop and idle keep-alive connections wait on it alongside their I/O.
+
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+#[derive(Default)]
+pub struct ShutdownSignal {
+    triggered: Cell<bool>,
+    waiters: RefCell<Vec<Waker>>,
+}
+
+impl ShutdownSignal {
+    pub fn trigger(&self) {
+        if !self.triggered.replace(true) {
+            for w in self.waiters.borrow_mut().drain(..) {
+                w.wake();
+            }
+        }
+    }
+
+    pub fn is_triggered(&self) -> bool {
+        self.triggered.get()
+    }
+
+    /// Resolves once [`Self::trigger`] has been called.
+    pub fn wait(&self) -> Triggered<'_> {
+        Triggered { signal: self }
+    }
+}
+
+pub struct Triggered<'a> {
+    signal: &'a ShutdownSignal,
+}
+
+impl Future for Triggered<'_> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.signal.triggered.get() {
+            return Poll::Ready(());
+        }
+        let mut waiters = self.signal.waiters.borrow_mut();
+        if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
+            waiters.push(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+}

@@ -1,0 +1,160 @@
+//! The `gitplane` binary: command-line parsing and the error edge (anyhow) over the library.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use gitplane::admin;
+use gitplane::config::{FileConfig, Overrides, ServeConfig, DEFAULT_DATA_DIR};
+use gitplane::store::Access;
+
+#[derive(Parser)]
+#[command(
+    name = "gitplane",
+    version,
+    about = "Git hosting data plane: smart HTTP, thread-per-core on io_uring"
+)]
+struct Cli {
+    /// Data directory: repositories, database, keys. Default ./gitplane-data.
+    #[arg(long, global = true, env = "GITPLANE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server until SIGTERM/SIGINT.
+    Serve(ServeArgs),
+    /// Manage users.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Manage repositories.
+    #[command(subcommand)]
+    Repo(RepoCommand),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// TOML configuration file (see docs/CONFIG.md); flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Git smart HTTP listen address [default: 127.0.0.1:8080].
+    #[arg(long)]
+    http_listen: Option<String>,
+    /// Shard threads [default: one per CPU].
+    #[arg(long)]
+    shards: Option<usize>,
+    /// Use the epoll driver even where io_uring works.
+    #[arg(long)]
+    force_epoll: bool,
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Add a user; the password is read from stdin.
+    Add {
+        name: String,
+        /// Read the password from standard input (required: passwords never go on the command line).
+        #[arg(long, required = true)]
+        password_stdin: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum RepoCommand {
+    /// Create a bare repository OWNER/NAME.
+    Create {
+        name: String,
+        /// Anyone may clone it without credentials.
+        #[arg(long)]
+        public: bool,
+    },
+    /// Give USER read, write or admin access to OWNER/NAME.
+    Grant {
+        repo: String,
+        user: String,
+        #[arg(value_parser = parse_access)]
+        access: Access,
+    },
+}
+
+fn parse_access(s: &str) -> Result<Access, String> {
+    s.parse()
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let data_dir_flag = cli.data_dir;
+    let data_dir = || {
+        data_dir_flag
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR))
+    };
+    match cli.command {
+        Command::Serve(args) => serve(data_dir_flag.clone(), args),
+        Command::User(UserCommand::Add { name, .. }) => {
+            let password = admin::read_password(std::io::stdin().lock())?;
+            admin::user_add(&data_dir(), &name, &password)
+                .with_context(|| format!("adding user {name}"))?;
+            println!("user {name} added");
+            Ok(())
+        }
+        Command::Repo(RepoCommand::Create { name, public }) => {
+            let path = admin::repo_create(&data_dir(), Path::new("git"), &name, public)
+                .with_context(|| format!("creating repository {name}"))?;
+            println!("repository {name} created at {}", path.display());
+            Ok(())
+        }
+        Command::Repo(RepoCommand::Grant { repo, user, access }) => {
+            admin::repo_grant(&data_dir(), &repo, &user, access)
+                .with_context(|| format!("granting {user} on {repo}"))?;
+            println!("{user} has {access:?} access to {repo}");
+            Ok(())
+        }
+    }
+}
+
+fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<()> {
+    let file = match &args.config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
+    };
+    let config = ServeConfig::build(
+        file,
+        Overrides {
+            data_dir,
+            http_listen: args.http_listen,
+            shards: args.shards,
+            force_epoll: args.force_epoll,
+        },
+    )?;
+    let data_dir = config.data_dir.clone();
+    std::fs::create_dir_all(data_dir.join("repos"))
+        .with_context(|| format!("creating data directory {}", data_dir.display()))?;
+    if let Some(path) = admin::ensure_initial_admin(&data_dir)? {
+        tracing::info!(
+            path = %path.display(),
+            "created user `admin`; its password is in this file (mode 0600)"
+        );
+    }
+    gitplane::server::run(config, |addr| {
+        tracing::info!(
+            "ready: create a repository with `gitplane repo create admin/hello`, then `git clone http://admin@{addr}/admin/hello.git`"
+        );
+        // A machine-readable line for scripts and tests that start the server on port 0.
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "gitplane: http listening on {addr}");
+        let _ = out.flush();
+    })?;
+    Ok(())
+}

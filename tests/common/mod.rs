@@ -1,0 +1,325 @@
+//! Shared harness for integration tests: a real `gitplane serve` on an ephemeral loopback port
+//! with its own temporary data dir, the admin CLI, and the real `git` client.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_gitplane");
+
+/// Fails with a clear message when a tool the tests need is missing (never skips).
+pub fn require_tool(tool: &str) {
+    let ok = Command::new(tool)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    assert!(
+        ok,
+        "required tool `{tool}` is missing: run scripts/test.sh, which installs it"
+    );
+}
+
+pub struct Server {
+    pub child: Option<Child>,
+    pub addr: SocketAddr,
+    pub data: tempfile::TempDir,
+    pub admin_password: String,
+    stderr_log: PathBuf,
+}
+
+pub struct ServerOptions {
+    pub shards: usize,
+    pub config: Option<String>,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            shards: 2,
+            config: None,
+        }
+    }
+}
+
+impl Server {
+    pub fn start() -> Self {
+        Self::start_with(ServerOptions::default())
+    }
+
+    pub fn start_with(opts: ServerOptions) -> Self {
+        require_tool("git");
+        let data = tempfile::tempdir().expect("tempdir");
+        let stderr_log = data.path().join("server.log");
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--data-dir")
+            .arg(data.path().join("d"))
+            .args(["serve", "--http-listen", "127.0.0.1:0", "--shards"])
+            .arg(opts.shards.to_string())
+            .env("RUST_LOG", "gitplane=debug,info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr_log).expect("log file"));
+        if let Some(cfg) = &opts.config {
+            let path = data.path().join("gitplane.toml");
+            std::fs::write(&path, cfg).expect("config");
+            cmd.arg("--config").arg(path);
+        }
+        let mut child = cmd.spawn().expect("start gitplane serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read ready line");
+        let addr: SocketAddr = line
+            .trim()
+            .strip_prefix("gitplane: http listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line from server: {line:?}"))
+            .parse()
+            .expect("address");
+        let admin_password = std::fs::read_to_string(data.path().join("d/initial-admin-password"))
+            .expect("initial admin password")
+            .trim()
+            .to_owned();
+        Self {
+            child: Some(child),
+            addr,
+            data,
+            admin_password,
+            stderr_log,
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.data.path().join("d")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+
+    /// Runs `gitplane --data-dir D ARGS`, with optional stdin, asserting success.
+    pub fn admin(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let out = self.admin_raw(args, stdin);
+        assert!(
+            out.status.success(),
+            "gitplane {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn admin_raw(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut child = Command::new(BIN)
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run gitplane admin command");
+        let mut input = child.stdin.take().expect("stdin");
+        if let Some(s) = stdin {
+            input.write_all(s.as_bytes()).expect("write stdin");
+        }
+        drop(input);
+        child.wait_with_output().expect("wait admin command")
+    }
+
+    pub fn add_user(&self, name: &str, password: &str) {
+        self.admin(
+            &["user", "add", name, "--password-stdin"],
+            Some(&format!("{password}\n")),
+        );
+    }
+
+    pub fn create_repo(&self, name: &str, public: bool) {
+        let mut args = vec!["repo", "create", name];
+        if public {
+            args.push("--public");
+        }
+        self.admin(&args, None);
+    }
+
+    pub fn repo_path(&self, name: &str) -> PathBuf {
+        self.data_dir().join("repos").join(format!("{name}.git"))
+    }
+
+    /// `http://user:password@addr/name.git`, or anonymous without a user.
+    pub fn url(&self, name: &str, creds: Option<(&str, &str)>) -> String {
+        match creds {
+            Some((u, p)) => format!("http://{u}:{p}@{}/{name}.git", self.addr),
+            None => format!("http://{}/{name}.git", self.addr),
+        }
+    }
+
+    pub fn admin_url(&self, name: &str) -> String {
+        self.url(name, Some(("admin", &self.admin_password.clone())))
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(self.pid() as i32, sig) };
+    }
+
+    /// Waits for the server to exit; returns its exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let child = self.child.as_mut()?;
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Direct and indirect child processes of the server (e.g. git upload-pack, pack-objects).
+    pub fn descendants(&self) -> Vec<(u32, String)> {
+        descendants_of(self.pid())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn parent_and_name(pid: u32) -> Option<(u32, String)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let name = stat.get(open + 1..close)?.to_owned();
+    let rest: Vec<&str> = stat.get(close + 2..)?.split(' ').collect();
+    let ppid = rest.get(1)?.parse().ok()?;
+    Some((ppid, name))
+}
+
+pub fn descendants_of(root: u32) -> Vec<(u32, String)> {
+    let mut all = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        if let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        {
+            if let Some((ppid, name)) = parent_and_name(pid) {
+                all.push((pid, ppid, name));
+            }
+        }
+    }
+    let mut found = Vec::new();
+    let mut frontier = vec![root];
+    while let Some(p) = frontier.pop() {
+        for (pid, ppid, name) in &all {
+            if *ppid == p {
+                found.push((*pid, name.clone()));
+                frontier.push(*pid);
+            }
+        }
+    }
+    found
+}
+
+/// Runs git with a clean, predictable environment; returns the output (not asserted).
+pub fn git_raw(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new("git");
+    cmd.current_dir(dir)
+        .args(args)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env("GIT_AUTHOR_NAME", "Test Author")
+        .env("GIT_AUTHOR_EMAIL", "author@example.com")
+        .env("GIT_COMMITTER_NAME", "Test Committer")
+        .env("GIT_COMMITTER_EMAIL", "committer@example.com")
+        .env("GIT_AUTHOR_DATE", "2026-01-01T00:00:00Z")
+        .env("GIT_COMMITTER_DATE", "2026-01-01T00:00:00Z")
+        .env_remove("GIT_DIR");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run git")
+}
+
+/// Runs git and asserts success; returns stdout.
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    git_env(dir, args, &[])
+}
+
+pub fn git_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> String {
+    let out = git_raw(dir, args, env);
+    assert!(
+        out.status.success(),
+        "git {args:?} failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A working repository with `commits` commits on main, each adding one small file.
+pub fn make_worktree(dir: &Path, commits: usize) {
+    std::fs::create_dir_all(dir).expect("mkdir");
+    git(dir, &["init", "-q", "-b", "main"]);
+    for i in 0..commits {
+        std::fs::write(
+            dir.join(format!("file{i}.txt")),
+            format!("content {i}\n").repeat(50),
+        )
+        .expect("write");
+        git(dir, &["add", "."]);
+        git(dir, &["commit", "-q", "-m", &format!("commit {i}")]);
+    }
+}
+
+/// Deterministic incompressible bytes (xorshift), fast enough for tens of megabytes.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Sends raw bytes on a fresh connection and returns everything the server answers until it
+/// closes (bounded by `limit`).
+pub fn raw_request(addr: SocketAddr, request: &[u8], limit: Duration) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(limit)).expect("timeout");
+    s.write_all(request).expect("send");
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    out
+}
+
+/// The status code of the first response in `raw`.
+pub fn status_of(raw: &[u8]) -> u16 {
+    let text = String::from_utf8_lossy(raw);
+    text.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in {text:?}"))
+}
