@@ -67,7 +67,8 @@ export LC_ALL=C
 
 # ---------------------------------------------------------------- cleanup
 TMP=""
-PIDS=() # every server process this script started (killed by pid on exit)
+PIDS=()     # every server process this script started (killed by pid on exit)
+CLIENT_PID="" # the running clone driver, if any
 
 is_running() { # PID: exists and is not a zombie
     local st
@@ -97,6 +98,13 @@ kill_started() {
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
+    if [[ -n $CLIENT_PID ]]; then
+        # The driver (timeout -> python3 -> git clone ...) and everything below it.
+        local p cps
+        IFS=, read -r -a cps <<<"$(tree_pids "$CLIENT_PID" 2>/dev/null || true)"
+        for p in "${cps[@]}" "$CLIENT_PID"; do kill -TERM "$p" 2>/dev/null || true; done
+        wait "$CLIENT_PID" 2>/dev/null || true
+    fi
     kill_started
     if [[ -n $TMP && -d $TMP ]]; then
         if [[ $KEEP_TMP == 1 ]]; then log "kept $TMP"; else rm -rf "$TMP"; fi
@@ -221,14 +229,22 @@ run_levels() { # SERVER LABEL URL ROOTS LONG_LIVED CGI_TIMES_DIR|- [git -c k=v .
     for c in $CONCURRENCY; do
         if [[ -n $CLONES ]]; then n=$CLONES; else n=$((2 * c > 8 ? 2 * c : 8)); fi
         log "$label: concurrency $c, $n clones"
-        out=$(timeout $((LEVEL_TIMEOUT + CLONE_TIMEOUT + 900)) python3 "$DRIVER" \
+        # In the background + wait, so that a TERM/INT to this script runs the
+        # cleanup trap at once instead of after the batch.
+        timeout $((LEVEL_TIMEOUT + CLONE_TIMEOUT + 900)) python3 "$DRIVER" \
             --url "$url" --concurrency "$c" --clones "$n" --work "$TMP/work" \
             "${rootargs[@]}" --long-lived "$long" "${cfg[@]}" \
             --expected-refs "$TMP/expected-refs" --fsck-samples "$FSCK_SAMPLES" \
-            --clone-timeout "$CLONE_TIMEOUT" --level-timeout "$LEVEL_TIMEOUT") || {
-            log "$label: driver failed at concurrency $c"
+            --clone-timeout "$CLONE_TIMEOUT" --level-timeout "$LEVEL_TIMEOUT" \
+            >"$TMP/driver.out" 2>"$TMP/driver.err" &
+        CLIENT_PID=$!
+        if wait "$CLIENT_PID" && out=$(cat "$TMP/driver.out") && [[ -n $out ]]; then
+            :
+        else
+            log "$label: driver failed at concurrency $c: $(tail -3 "$TMP/driver.err" | tr '\n' ' ')"
             out="{\"concurrency\": $c, \"clones\": $n, \"driver_failed\": true}"
-        }
+        fi
+        CLIENT_PID=""
         printf '{"server": "%s", "label": "%s", "result": %s}\n' "$server" "$label" "$out" >>"$RESULTS_JSONL"
         log "$label c=$c: $out"
     done
@@ -459,9 +475,11 @@ copy_objects "$FIXTURE_DIR/objects" "$served/objects"
 git --git-dir="$FIXTURE_DIR" for-each-ref --format='%(objectname) %(refname)' >"$TMP/expected-refs"
 EXPECTED_REFS_TEXT=$(cat "$TMP/expected-refs")
 
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 for s in $SERVERS; do
     bench_server "$s"
 done
+LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # ---------------------------------------------------------------- report
 versions() {
@@ -473,6 +491,7 @@ versions() {
     printf -- '- gitplane: %s, --shards %s (worktree %s)\n' "$GITPLANE_BIN" "$GITPLANE_SHARDS" \
         "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo 'no commit')"
     printf -- '- fixture: %s\n' "$(tr '\n' ';' <<<"$FIXTURE_INFO" | sed 's/;$//; s/;/; /g')"
+    printf -- '- load average (1/5/15 min) before: %s; after: %s (client and servers share the same cores)\n' "$LOAD_START" "$LOAD_END"
     printf -- '- concurrency: %s; clones per level: %s; fsck-verified clones per level: %s\n' \
         "$CONCURRENCY" "${CLONES:-max(2*c, 8)}" "$FSCK_SAMPLES"
 }

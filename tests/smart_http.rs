@@ -201,7 +201,7 @@ fn push_branch_force_push_delete_and_fetch() {
 }
 
 #[test]
-fn push_options_reach_the_server() {
+fn push_options_are_accepted() {
     let (server, work) = server_with_repo(1);
     let a = work.path().join("a");
     git(

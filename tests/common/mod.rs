@@ -35,6 +35,7 @@ pub struct Server {
 pub struct ServerOptions {
     pub shards: usize,
     pub config: Option<String>,
+    pub force_epoll: bool,
 }
 
 impl Default for ServerOptions {
@@ -42,6 +43,7 @@ impl Default for ServerOptions {
         Self {
             shards: 2,
             config: None,
+            force_epoll: false,
         }
     }
 }
@@ -64,6 +66,9 @@ impl Server {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&stderr_log).expect("log file"));
+        if opts.force_epoll {
+            cmd.arg("--force-epoll");
+        }
         if let Some(cfg) = &opts.config {
             let path = data.path().join("gitplane.toml");
             std::fs::write(&path, cfg).expect("config");
@@ -288,6 +293,33 @@ pub fn make_worktree(dir: &Path, commits: usize) {
         git(dir, &["add", "."]);
         git(dir, &["commit", "-q", "-m", &format!("commit {i}")]);
     }
+}
+
+/// Creates `name` on the server holding one commit with `size` random bytes, pushed straight to
+/// the bare repository on disk (faster than over HTTP; the HTTP push path has its own test).
+pub fn make_big_repo(server: &Server, name: &str, size: usize) -> String {
+    server.create_repo(name, false);
+    let work = tempfile::tempdir().expect("tempdir");
+    let dir = work.path();
+    git(dir, &["init", "-q", "-b", "main"]);
+    std::fs::write(dir.join("big.bin"), random_bytes(size, 42)).expect("write");
+    git(dir, &["add", "."]);
+    git(dir, &["commit", "-q", "-m", "big"]);
+    let bare = server.repo_path(name);
+    git(dir, &["push", "-q", bare.to_str().expect("utf-8 path"), "main"]);
+    git(dir, &["rev-parse", "HEAD"]).trim().to_owned()
+}
+
+/// Polls `cond` every 10 ms until it holds or `limit` passes.
+pub fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    cond()
 }
 
 /// Deterministic incompressible bytes (xorshift), fast enough for tens of megabytes.
