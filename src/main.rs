@@ -147,13 +147,18 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<()> {
             "created user `admin`; its password is in this file (mode 0600)"
         );
     }
-    gitplane::server::run(config, |addr| {
-        tracing::info!(
-            "ready: create a repository with `gitplane repo create admin/hello`, then `git clone http://admin@{addr}/admin/hello.git`"
-        );
-        // A machine-readable line for scripts and tests that start the server on port 0.
+    gitplane::server::run(config, |bound| {
+        // Machine-readable lines for scripts and tests that start the server on port 0.
         let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "gitplane: http listening on {addr}");
+        for (service, addr) in bound {
+            let _ = writeln!(out, "gitplane: {service} listening on {addr}");
+            if *service == "http" {
+                tracing::info!(
+                    "ready: create a repository with `gitplane repo create admin/hello`, then `git clone http://admin@{addr}/admin/hello.git`"
+                );
+            }
+        }
+        let _ = writeln!(out, "gitplane: ready");
         let _ = out.flush();
     })?;
     Ok(())

@@ -16,7 +16,12 @@ fn pkt(s: &str) -> String {
 
 /// A protocol v2 fetch of `want` as a raw HTTP request.
 fn v2_fetch_request(server: &Server, repo: &str, want: &str) -> Vec<u8> {
-    let body = format!("{}0001{}{}0000", pkt("command=fetch\n"), pkt(&format!("want {want}\n")), pkt("done\n"));
+    let body = format!(
+        "{}0001{}{}0000",
+        pkt("command=fetch\n"),
+        pkt(&format!("want {want}\n")),
+        pkt("done\n")
+    );
     let auth = {
         use base64::Engine;
         base64::engine::general_purpose::STANDARD.encode(format!("admin:{}", server.admin_password))
@@ -31,7 +36,11 @@ fn v2_fetch_request(server: &Server, repo: &str, want: &str) -> Vec<u8> {
 }
 
 fn git_children(server: &Server) -> Vec<(u32, String)> {
-    server.descendants().into_iter().filter(|(_, n)| n.starts_with("git")).collect()
+    server
+        .descendants()
+        .into_iter()
+        .filter(|(_, n)| n.starts_with("git"))
+        .collect()
 }
 
 #[test]
@@ -39,26 +48,39 @@ fn client_gone_mid_clone_leaves_no_git_process() {
     let server = Server::start();
     let want = make_big_repo(&server, "admin/big", 40 << 20);
     let mut sock = TcpStream::connect(server.addr).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
     // A small receive buffer so the server blocks on a full socket instead of finishing.
-    socket2::SockRef::from(&sock).set_recv_buffer_size(64 * 1024).unwrap();
-    sock.write_all(&v2_fetch_request(&server, "admin/big", &want)).unwrap();
+    socket2::SockRef::from(&sock)
+        .set_recv_buffer_size(64 * 1024)
+        .unwrap();
+    sock.write_all(&v2_fetch_request(&server, "admin/big", &want))
+        .unwrap();
     let mut got = vec![0u8; 256 * 1024];
     let mut n = 0;
     while n < got.len() {
         n += sock.read(&mut got[n..]).unwrap();
     }
     assert!(String::from_utf8_lossy(&got[..64]).starts_with("HTTP/1.1 200"));
-    assert!(wait_for(Duration::from_secs(5), || !git_children(&server).is_empty()), "git should still be running while the client stalls");
+    assert!(
+        wait_for(Duration::from_secs(5), || !git_children(&server).is_empty()),
+        "git should still be running while the client stalls"
+    );
     // Vanish with a reset, as a killed client does.
-    socket2::SockRef::from(&sock).set_linger(Some(Duration::ZERO)).unwrap();
+    socket2::SockRef::from(&sock)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
     drop(sock);
     assert!(
         wait_for(Duration::from_secs(10), || git_children(&server).is_empty()),
         "git processes left behind: {:?}",
         git_children(&server)
     );
-    assert!(server.descendants().is_empty(), "no zombie or other child: {:?}", server.descendants());
+    assert!(
+        server.descendants().is_empty(),
+        "no zombie or other child: {:?}",
+        server.descendants()
+    );
 }
 
 #[test]
@@ -68,13 +90,24 @@ fn killed_git_client_mid_clone_leaves_no_git_process() {
     let work = tempfile::tempdir().unwrap();
     let dest = work.path().join("c");
     let mut clone = std::process::Command::new("git");
-    clone.args(["clone", "-q", "--bare", &server.admin_url("admin/big"), dest.to_str().unwrap()])
+    clone
+        .args([
+            "clone",
+            "-q",
+            "--bare",
+            &server.admin_url("admin/big"),
+            dest.to_str().unwrap(),
+        ])
         .env("GIT_CONFIG_NOSYSTEM", "1")
         .env("GIT_CONFIG_GLOBAL", "/dev/null");
     std::os::unix::process::CommandExt::process_group(&mut clone, 0);
     let mut child = clone.spawn().unwrap();
     let pgid = child.id() as i32;
-    assert!(wait_for(Duration::from_secs(10), || !git_children(&server).is_empty()), "the clone never reached the server");
+    assert!(
+        wait_for(Duration::from_secs(10), || !git_children(&server)
+            .is_empty()),
+        "the clone never reached the server"
+    );
     // SAFETY: killing the process group of the git client we started.
     unsafe { libc::kill(-pgid, libc::SIGKILL) };
     let _ = child.wait();
@@ -93,16 +126,38 @@ fn sigterm_lets_an_in_flight_clone_finish_then_exits_zero() {
     let dest = work.path().join("c");
     let url = server.admin_url("admin/big");
     let dest2 = dest.clone();
-    let clone = std::thread::spawn(move || git_raw(Path::new("/"), &["clone", "-q", "--bare", &url, dest2.to_str().unwrap()], &[]));
-    assert!(wait_for(Duration::from_secs(10), || !git_children(&server).is_empty()), "the clone never reached the server");
+    let clone = std::thread::spawn(move || {
+        git_raw(
+            Path::new("/"),
+            &["clone", "-q", "--bare", &url, dest2.to_str().unwrap()],
+            &[],
+        )
+    });
+    assert!(
+        wait_for(Duration::from_secs(10), || !git_children(&server)
+            .is_empty()),
+        "the clone never reached the server"
+    );
     server.signal(libc::SIGTERM);
     let addr = server.addr;
     // New connections are refused once the shards stop accepting.
-    assert!(wait_for(Duration::from_secs(5), || TcpStream::connect(addr).is_err()), "still accepting after SIGTERM");
+    assert!(
+        wait_for(Duration::from_secs(5), || TcpStream::connect(addr).is_err()),
+        "still accepting after SIGTERM"
+    );
     let out = clone.join().unwrap();
-    assert!(out.status.success(), "clone cut by shutdown: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "clone cut by shutdown: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     git(&dest, &["fsck", "--strict"]);
-    assert_eq!(server.wait_exit(Duration::from_secs(20)), Some(0), "server log:\n{}", server.log());
+    assert_eq!(
+        server.wait_exit(Duration::from_secs(20)),
+        Some(0),
+        "server log:\n{}",
+        server.log()
+    );
 }
 
 #[test]
@@ -113,8 +168,11 @@ fn sigterm_cuts_transfers_that_outlive_the_grace_period() {
     });
     let want = make_big_repo(&server, "admin/big", 40 << 20);
     let mut sock = TcpStream::connect(server.addr).unwrap();
-    socket2::SockRef::from(&sock).set_recv_buffer_size(64 * 1024).unwrap();
-    sock.write_all(&v2_fetch_request(&server, "admin/big", &want)).unwrap();
+    socket2::SockRef::from(&sock)
+        .set_recv_buffer_size(64 * 1024)
+        .unwrap();
+    sock.write_all(&v2_fetch_request(&server, "admin/big", &want))
+        .unwrap();
     let mut head = [0u8; 4096];
     let _ = sock.read(&mut head).unwrap();
     assert!(wait_for(Duration::from_secs(5), || !git_children(&server).is_empty()));
@@ -122,8 +180,16 @@ fn sigterm_cuts_transfers_that_outlive_the_grace_period() {
     let start = Instant::now();
     server.signal(libc::SIGTERM);
     let pid = server.pid();
-    assert_eq!(server.wait_exit(Duration::from_secs(15)), Some(0), "server log:\n{}", server.log());
-    assert!(start.elapsed() >= Duration::from_millis(900), "exited before the grace period");
+    assert_eq!(
+        server.wait_exit(Duration::from_secs(15)),
+        Some(0),
+        "server log:\n{}",
+        server.log()
+    );
+    assert!(
+        start.elapsed() >= Duration::from_millis(900),
+        "exited before the grace period"
+    );
     assert!(descendants_of(pid).is_empty());
 }
 
@@ -137,9 +203,20 @@ fn epoll_fallback_serves_clone_and_push() {
     let work = tempfile::tempdir().unwrap();
     let src = work.path().join("src");
     make_worktree(&src, 3);
-    git(&src, &["push", "-q", &server.admin_url("admin/proj"), "main"]);
+    git(
+        &src,
+        &["push", "-q", &server.admin_url("admin/proj"), "main"],
+    );
     let dest = work.path().join("c");
-    git(work.path(), &["clone", "-q", &server.admin_url("admin/proj"), dest.to_str().unwrap()]);
+    git(
+        work.path(),
+        &[
+            "clone",
+            "-q",
+            &server.admin_url("admin/proj"),
+            dest.to_str().unwrap(),
+        ],
+    );
     git(&dest, &["fsck", "--strict"]);
     assert_eq!(git(&dest, &["rev-list", "--count", "HEAD"]).trim(), "3");
 }

@@ -27,6 +27,8 @@ pub fn require_tool(tool: &str) {
 pub struct Server {
     pub child: Option<Child>,
     pub addr: SocketAddr,
+    /// Every listener the server reported, by service name ("http", "ssh", "rpc", ...).
+    pub listening: std::collections::HashMap<String, SocketAddr>,
     pub data: tempfile::TempDir,
     pub admin_password: String,
     stderr_log: PathBuf,
@@ -76,16 +78,30 @@ impl Server {
         }
         let mut child = cmd.spawn().expect("start gitplane serve");
         let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read ready line");
-        let addr: SocketAddr = line
-            .trim()
-            .strip_prefix("gitplane: http listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line from server: {line:?}"))
-            .parse()
-            .expect("address");
+        let mut reader = BufReader::new(stdout);
+        let mut listening = std::collections::HashMap::new();
+        loop {
+            let mut line = String::new();
+            let n = reader.read_line(&mut line).expect("read server stdout");
+            assert!(
+                n > 0,
+                "server exited before it was ready: {}",
+                std::fs::read_to_string(&stderr_log).unwrap_or_default()
+            );
+            let line = line.trim();
+            if line == "gitplane: ready" {
+                break;
+            }
+            let (service, addr) = line
+                .strip_prefix("gitplane: ")
+                .and_then(|l| l.split_once(" listening on "))
+                .unwrap_or_else(|| panic!("unexpected line from server: {line:?}"));
+            listening.insert(
+                service.to_owned(),
+                addr.parse::<SocketAddr>().expect("address"),
+            );
+        }
+        let addr = listening["http"];
         let admin_password = std::fs::read_to_string(data.path().join("d/initial-admin-password"))
             .expect("initial admin password")
             .trim()
@@ -93,6 +109,7 @@ impl Server {
         Self {
             child: Some(child),
             addr,
+            listening,
             data,
             admin_password,
             stderr_log,
@@ -306,7 +323,10 @@ pub fn make_big_repo(server: &Server, name: &str, size: usize) -> String {
     git(dir, &["add", "."]);
     git(dir, &["commit", "-q", "-m", "big"]);
     let bare = server.repo_path(name);
-    git(dir, &["push", "-q", bare.to_str().expect("utf-8 path"), "main"]);
+    git(
+        dir,
+        &["push", "-q", bare.to_str().expect("utf-8 path"), "main"],
+    );
     git(dir, &["rev-parse", "HEAD"]).trim().to_owned()
 }
 

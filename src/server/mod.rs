@@ -1,0 +1,185 @@
+//! `gitplane serve`: start-up, the per-core threads, signals and graceful shutdown.
+//!
+//! Per core there is a monoio shard ([`shard`]) serving the io_uring front ends (HTTP, gRPC) and
+//! a tokio sidecar ([`sidecar`]) for the tokio-bound ones (SSH, AMQP). Each front end owns one
+//! SO_REUSEPORT listener per core, so the kernel spreads connections and no accept lock is
+//! shared. The main thread only waits for SIGTERM/SIGINT: then every front end stops accepting,
+//! lets in-flight work finish up to the grace period, cuts the rest, and the process exits 0.
+
+mod http;
+pub mod shard;
+pub mod sidecar;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use monoio::blocking::DefaultThreadPool;
+
+use crate::config::ServeConfig;
+use crate::metrics::METRICS;
+use crate::smart_http::AppState;
+use shard::{bind_listeners, ListenerSet, ShardService};
+use sidecar::SidecarService;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {addr} for {service}: {source}")]
+    Listen {
+        service: &'static str,
+        addr: SocketAddr,
+        source: io::Error,
+    },
+    #[error("cannot start thread {name}: {source}")]
+    Thread { name: String, source: io::Error },
+    #[error("cannot set up signal handling: {0}")]
+    Signals(io::Error),
+}
+
+/// The services a server runs, and where they listen.
+#[derive(Default)]
+pub struct Frontends {
+    pub shard: Vec<Arc<dyn ShardService>>,
+    pub sidecar: Vec<Arc<dyn SidecarService>>,
+    /// (service name, bound address), reported once everything listens.
+    pub bound: Vec<(&'static str, SocketAddr)>,
+}
+
+impl Frontends {
+    /// Binds one listener per core for `service` on `addr`.
+    pub fn listen(
+        &mut self,
+        service: &'static str,
+        addr: SocketAddr,
+        cores: usize,
+    ) -> Result<ListenerSet, ServeError> {
+        let listeners = bind_listeners(addr, cores).map_err(|source| ServeError::Listen {
+            service,
+            addr,
+            source,
+        })?;
+        let bound = listeners
+            .first()
+            .and_then(|l| l.local_addr().ok())
+            .unwrap_or(addr);
+        self.bound.push((service, bound));
+        Ok(ListenerSet::new(listeners))
+    }
+}
+
+/// Binds every front end. A new front end is added here.
+fn build_frontends(config: &Arc<ServeConfig>) -> Result<Frontends, ServeError> {
+    let cores = config.shards.get();
+    let mut f = Frontends::default();
+    let state = Arc::new(AppState::new(Arc::clone(config)));
+    let http_listeners = f.listen("http", config.http_listen, cores)?;
+    f.shard
+        .push(Arc::new(http::HttpService::new(http_listeners, state)));
+    Ok(f)
+}
+
+fn block_signals() -> io::Result<libc::sigset_t> {
+    // SAFETY: sigset manipulation on a local set; pthread_sigmask on the calling thread.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        let r = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if r != 0 {
+            return Err(io::Error::from_raw_os_error(r));
+        }
+        Ok(set)
+    }
+}
+
+fn wait_signal(set: &libc::sigset_t) -> i32 {
+    let mut sig = 0;
+    // SAFETY: set is a valid, blocked signal set.
+    unsafe { libc::sigwait(set, &mut sig) };
+    sig
+}
+
+/// Runs the server until SIGTERM or SIGINT. `ready` receives every bound (service, address).
+pub fn run(
+    config: ServeConfig,
+    ready: impl FnOnce(&[(&'static str, SocketAddr)]),
+) -> Result<(), ServeError> {
+    // Block before any thread exists so that every thread inherits the mask and only the main
+    // thread's sigwait sees the signals. git children get a clean mask from std's spawn.
+    let signals = block_signals().map_err(ServeError::Signals)?;
+    let config = Arc::new(config);
+    let cores = config.shards.get();
+    let frontends = build_frontends(&config)?;
+    METRICS.set_shards(cores);
+    if !config.force_epoll && !monoio::utils::detect_uring() {
+        tracing::warn!("io_uring is unavailable (old kernel, kernel.io_uring_disabled=1, or a seccomp filter): shards use epoll");
+    }
+    let pool = DefaultThreadPool::new(config.blocking_threads.get());
+    let stop = Arc::new(AtomicBool::new(false));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let shard_services = Arc::new(frontends.shard);
+    let sidecar_services = Arc::new(frontends.sidecar);
+    let grace = config.shutdown_grace;
+    let mut threads = Vec::new();
+    let spawn = |name: String, cpu: usize, body: Box<dyn FnOnce() -> io::Result<()> + Send>| {
+        std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || {
+                if let Err(e) = monoio::utils::bind_to_cpu_set([cpu]) {
+                    tracing::warn!(thread = %name, error = ?e, "cannot pin thread to its CPU");
+                }
+                if let Err(e) = body() {
+                    tracing::error!(thread = %name, error = %e, "thread failed");
+                }
+            })
+            .map_err(|source| ServeError::Thread {
+                name: String::new(),
+                source,
+            })
+    };
+    for core in 0..cores {
+        let (services, stop, pool) = (Arc::clone(&shard_services), Arc::clone(&stop), pool.clone());
+        let force_epoll = config.force_epoll;
+        threads.push(spawn(
+            format!("gitplane-shard-{core}"),
+            core % cpus,
+            Box::new(move || shard::run_shard(core, services, stop, grace, force_epoll, pool)),
+        )?);
+        if !sidecar_services.is_empty() {
+            let (services, stop) = (Arc::clone(&sidecar_services), stop_rx.clone());
+            threads.push(spawn(
+                format!("gitplane-sidecar-{core}"),
+                core % cpus,
+                Box::new(move || sidecar::run_sidecar(core, services, stop, grace)),
+            )?);
+        }
+    }
+    for (service, addr) in &frontends.bound {
+        tracing::info!(%service, %addr, cores, "listening");
+    }
+    ready(&frontends.bound);
+    let sig = wait_signal(&signals);
+    tracing::info!(
+        signal = sig,
+        grace_secs = grace.as_secs(),
+        "stopping: no new connections, finishing in-flight work"
+    );
+    stop.store(true, Ordering::SeqCst);
+    let _ = stop_tx.send(true);
+    // A second signal during the drain means "now".
+    std::thread::spawn(move || {
+        wait_signal(&signals);
+        tracing::warn!("second signal: exiting without waiting");
+        std::process::exit(1);
+    });
+    for t in threads {
+        let _ = t.join();
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
