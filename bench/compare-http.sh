@@ -488,8 +488,15 @@ versions() {
     printf -- '- git: %s (client and servers)\n' "$(git --version | awk '{print $3}')"
     printf -- '- nginx: %s; fcgiwrap: %s (%s children); nginx workers: %s\n' \
         "$(nginx -v 2>&1 | sed 's/.*nginx\///')" "$(dpkg-query -W -f='${Version}' fcgiwrap 2>/dev/null || echo '?')" "$FCGI_CHILDREN" "$NGINX_WORKERS"
-    printf -- '- gitplane: %s, --shards %s (worktree %s)\n' "$GITPLANE_BIN" "$GITPLANE_SHARDS" \
-        "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo 'no commit')"
+    local bin_info="not present"
+    if [[ -x $GITPLANE_BIN ]]; then
+        bin_info="built $(date -u -r "$GITPLANE_BIN" +%Y-%m-%dT%H:%M:%SZ)"
+        if [[ -n $(find "$ROOT/src" "$ROOT/Cargo.toml" "$ROOT/Cargo.lock" -newer "$GITPLANE_BIN" -print -quit 2>/dev/null) ]]; then
+            bin_info+=", OLDER than src/ or Cargo.* (GITPLANE_BUILD=always rebuilds)"
+        fi
+    fi
+    printf -- '- gitplane: %s (%s), --shards %s; worktree HEAD %s\n' "$GITPLANE_BIN" "$bin_info" "$GITPLANE_SHARDS" \
+        "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo 'none')"
     printf -- '- fixture: %s\n' "$(tr '\n' ';' <<<"$FIXTURE_INFO" | sed 's/;$//; s/;/; /g')"
     printf -- '- load average (1/5/15 min) before: %s; after: %s (client and servers share the same cores)\n' "$LOAD_START" "$LOAD_END"
     printf -- '- concurrency: %s; clones per level: %s; fsck-verified clones per level: %s\n' \

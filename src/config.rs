@@ -43,6 +43,62 @@ pub struct FileConfig {
     pub runtime: RuntimeSection,
     pub git: GitSection,
     pub shutdown: ShutdownSection,
+    pub hooks: HooksSection,
+    pub rpc: RpcSection,
+    pub ssh: SshSection,
+    pub lfs: LfsSection,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LfsSection {
+    /// Size of one pinned transfer buffer, in KiB. Default 256.
+    pub buffer_kib: usize,
+    /// Pinned buffers per shard: a shard's LFS transfer memory is buffer_kib * this. Default 32.
+    pub buffers_per_shard: usize,
+    /// Largest object accepted, in bytes. Default 50 GiB.
+    pub max_object_size: u64,
+    /// Most objects in one batch request. Default 1000.
+    pub max_batch_objects: usize,
+    /// Seconds a batch action's href stays valid. Default 3600.
+    pub action_expiry_secs: u64,
+}
+
+impl Default for LfsSection {
+    fn default() -> Self {
+        Self {
+            buffer_kib: 256,
+            buffers_per_shard: 32,
+            max_object_size: 50 << 30,
+            max_batch_objects: 1000,
+            action_expiry_secs: 3600,
+        }
+    }
+}
+
+/// Validated `[lfs]`.
+#[derive(Debug, Clone)]
+pub struct LfsLimits {
+    pub buffer_size: usize,
+    pub buffers_per_shard: usize,
+    pub max_object_size: u64,
+    pub max_batch_objects: usize,
+    pub action_expiry: Duration,
+}
+
+impl LfsLimits {
+    fn build(l: LfsSection) -> Result<Self, ConfigError> {
+        if !(4..=16 * 1024).contains(&l.buffer_kib) {
+            return Err(invalid("lfs.buffer_kib", "must be between 4 and 16384"));
+        }
+        Ok(Self {
+            buffer_size: l.buffer_kib * 1024,
+            buffers_per_shard: at_least_one("lfs.buffers_per_shard", l.buffers_per_shard)?,
+            max_object_size: l.max_object_size,
+            max_batch_objects: at_least_one("lfs.max_batch_objects", l.max_batch_objects)?,
+            action_expiry: positive_secs("lfs.action_expiry_secs", l.action_expiry_secs)?,
+        })
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -148,6 +204,161 @@ impl Default for ShutdownSection {
     }
 }
 
+/// `[hooks]`: the push-event workers (issue #6).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HooksSection {
+    /// RabbitMQ URL, e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`. Default none: the workers
+    /// consume the outbox directly in-process (embedded mode).
+    pub amqp_url: Option<String>,
+    /// Prefix of the exchange and queue names (`PREFIX.events`, `PREFIX.jobs.JOB`,
+    /// `PREFIX.dead.JOB`, `PREFIX.dlx`). Default `gitplane`.
+    pub amqp_prefix: String,
+    /// Unacknowledged deliveries per consumer (`basic_qos`). Default 64.
+    pub prefetch: u16,
+    /// Attempts per job before it is dead-lettered. Default 5.
+    pub max_attempts: u32,
+    /// Delay before the first retry, doubled for each further one. Default 500 ms.
+    pub backoff_initial_ms: u64,
+    /// Longest delay between retries. Default 30000 ms.
+    pub backoff_max_ms: u64,
+    /// Seconds one webhook delivery (connect, send, read the status) may take. Default 10.
+    pub webhook_timeout_secs: u64,
+    /// Outbox rows published per batch of publisher confirms. Default 1000.
+    pub relay_batch: usize,
+    /// Delete a job queue unused for this many seconds (RabbitMQ `x-expires`; 0 = never).
+    /// For test brokers shared between runs. Default 0.
+    pub queue_expires_secs: u64,
+    pub concurrency: HookConcurrencySection,
+}
+
+impl Default for HooksSection {
+    fn default() -> Self {
+        Self {
+            amqp_url: None,
+            amqp_prefix: "gitplane".into(),
+            prefetch: 64,
+            max_attempts: 5,
+            backoff_initial_ms: 500,
+            backoff_max_ms: 30_000,
+            webhook_timeout_secs: 10,
+            relay_batch: 1000,
+            queue_expires_secs: 0,
+            concurrency: HookConcurrencySection::default(),
+        }
+    }
+}
+
+/// `[hooks.concurrency]`: jobs of one type running at once per core (a semaphore per job type
+/// per core). 0 turns the job type off.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HookConcurrencySection {
+    /// Recomputing repository sizes (walks the repository). Default 1.
+    pub disk_usage: usize,
+    /// Webhook deliveries. Default 8.
+    pub webhooks: usize,
+    /// Commit indexing (runs `git log`). Default 2.
+    pub indexing: usize,
+    /// A job that only records its completion, for benchmarking the pipeline. Default 0 (off).
+    pub noop: usize,
+}
+
+impl Default for HookConcurrencySection {
+    fn default() -> Self {
+        Self {
+            disk_usage: 1,
+            webhooks: 8,
+            indexing: 2,
+            noop: 0,
+        }
+    }
+}
+
+/// `[rpc]`: the gRPC repository API (issue #5).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RpcSection {
+    /// Address of the gRPC (HTTP/2 cleartext) listener. Default `127.0.0.1:9090`.
+    pub listen: String,
+    /// File holding the bearer token every call but health checks needs; created with a random
+    /// token (mode 0600) if absent. Default `DATA/rpc-token`.
+    pub token_file: Option<PathBuf>,
+    /// Largest request message, in bytes (also after gzip inflation). Default 4194304.
+    pub max_message_bytes: usize,
+    /// Concurrent streams per HTTP/2 connection. Default 256.
+    pub max_concurrent_streams: u32,
+    /// Open connections one shard accepts; more are closed at once. Default 4096.
+    pub max_connections_per_shard: usize,
+    /// Threads running libgit2 work (0 = 2 per shard, at least 4). Default 0.
+    pub blocking_threads: usize,
+    /// Calls that may wait for a worker; beyond this they get UNAVAILABLE. Default 1024.
+    pub max_queued: usize,
+    /// Deadline of a call whose client sets none (`grpc-timeout`), in seconds. Default 300.
+    pub default_deadline_secs: u64,
+}
+
+impl Default for RpcSection {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9090".into(),
+            token_file: None,
+            max_message_bytes: 4 << 20,
+            max_concurrent_streams: 256,
+            max_connections_per_shard: 4096,
+            blocking_threads: 0,
+            max_queued: 1024,
+            default_deadline_secs: 300,
+        }
+    }
+}
+
+/// `[ssh]`: Git over SSH (issue #3).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SshSection {
+    /// Address of the SSH listener. Default `127.0.0.1:2222`.
+    pub listen: String,
+    /// Seconds a connection has from TCP accept to successful authentication; connections that
+    /// stall anywhere in the handshake are closed then. Default 20.
+    pub handshake_timeout_secs: u64,
+    /// Connections not yet authenticated, node-wide; more are closed at once (like OpenSSH
+    /// MaxStartups). Default 1024.
+    pub max_unauthenticated: usize,
+    /// Connections not yet authenticated from one source address (one IPv6 /64). Default 32.
+    pub max_unauthenticated_per_ip: usize,
+    /// Authentication attempts per connection. Default 6.
+    pub max_auth_attempts: usize,
+    /// Seconds of client silence before the server sends an SSH keepalive. Default 30.
+    pub keepalive_interval_secs: u64,
+    /// Unanswered keepalives before the connection is dropped. Default 3.
+    pub keepalive_max: usize,
+    /// Seconds a connection may be fully idle (no data either way) before it is closed.
+    /// Default 600.
+    pub idle_timeout_secs: u64,
+    /// Session channels one connection may have open at once. Default 8.
+    pub max_channels_per_connection: usize,
+    /// Lifetime of the tokens `git-lfs-authenticate` hands out, in seconds. Default 600.
+    pub lfs_token_ttl_secs: u64,
+}
+
+impl Default for SshSection {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:2222".into(),
+            handshake_timeout_secs: 20,
+            max_unauthenticated: 1024,
+            max_unauthenticated_per_ip: 32,
+            max_auth_attempts: 6,
+            keepalive_interval_secs: 30,
+            keepalive_max: 3,
+            idle_timeout_secs: 600,
+            max_channels_per_connection: 8,
+            lfs_token_ttl_secs: 600,
+        }
+    }
+}
+
 impl FileConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -168,6 +379,9 @@ pub struct Overrides {
     pub http_listen: Option<String>,
     pub shards: Option<usize>,
     pub force_epoll: bool,
+    pub amqp_url: Option<String>,
+    pub rpc_listen: Option<String>,
+    pub ssh_listen: Option<String>,
 }
 
 /// Validated runtime configuration of `gitplane serve`.
@@ -182,6 +396,190 @@ pub struct ServeConfig {
     pub tcp: TcpOptions,
     pub git: GitLimits,
     pub shutdown_grace: Duration,
+    pub hooks: HookConfig,
+    pub rpc_listen: SocketAddr,
+    pub rpc: RpcLimits,
+    pub ssh_listen: SocketAddr,
+    pub ssh: SshLimits,
+    pub lfs: LfsLimits,
+}
+
+/// Validated `[ssh]` (the listen address is [`ServeConfig::ssh_listen`]).
+#[derive(Debug, Clone)]
+pub struct SshLimits {
+    pub handshake_timeout: Duration,
+    pub max_unauthenticated: usize,
+    pub max_unauthenticated_per_ip: usize,
+    pub max_auth_attempts: usize,
+    pub keepalive_interval: Duration,
+    pub keepalive_max: usize,
+    pub idle_timeout: Duration,
+    pub max_channels_per_connection: usize,
+    pub lfs_token_ttl: Duration,
+}
+
+impl SshLimits {
+    fn build(s: &SshSection) -> Result<Self, ConfigError> {
+        if s.max_auth_attempts == 0 || s.max_auth_attempts > 100 {
+            return Err(invalid(
+                "ssh.max_auth_attempts",
+                "must be between 1 and 100",
+            ));
+        }
+        Ok(Self {
+            handshake_timeout: positive_secs(
+                "ssh.handshake_timeout_secs",
+                s.handshake_timeout_secs,
+            )?,
+            max_unauthenticated: at_least_one("ssh.max_unauthenticated", s.max_unauthenticated)?,
+            max_unauthenticated_per_ip: at_least_one(
+                "ssh.max_unauthenticated_per_ip",
+                s.max_unauthenticated_per_ip,
+            )?,
+            max_auth_attempts: s.max_auth_attempts,
+            keepalive_interval: positive_secs(
+                "ssh.keepalive_interval_secs",
+                s.keepalive_interval_secs,
+            )?,
+            keepalive_max: at_least_one("ssh.keepalive_max", s.keepalive_max)?,
+            idle_timeout: positive_secs("ssh.idle_timeout_secs", s.idle_timeout_secs)?,
+            max_channels_per_connection: at_least_one(
+                "ssh.max_channels_per_connection",
+                s.max_channels_per_connection,
+            )?,
+            lfs_token_ttl: positive_secs("ssh.lfs_token_ttl_secs", s.lfs_token_ttl_secs)?,
+        })
+    }
+}
+
+/// Validated `[rpc]` (the listen address is [`ServeConfig::rpc_listen`]).
+#[derive(Debug, Clone)]
+pub struct RpcLimits {
+    pub token_file: PathBuf,
+    pub max_message_bytes: usize,
+    pub max_concurrent_streams: u32,
+    pub max_connections_per_shard: usize,
+    pub blocking_threads: NonZeroUsize,
+    pub max_queued: usize,
+    pub default_deadline: Duration,
+}
+
+impl RpcLimits {
+    fn build(r: RpcSection, data_dir: &Path, shards: NonZeroUsize) -> Result<Self, ConfigError> {
+        if !(1024..=(256 << 20)).contains(&r.max_message_bytes) {
+            return Err(invalid(
+                "rpc.max_message_bytes",
+                "must be between 1024 and 268435456",
+            ));
+        }
+        if r.max_concurrent_streams == 0 || r.max_concurrent_streams > 65_536 {
+            return Err(invalid("rpc.max_concurrent_streams", "must be between 1 and 65536"));
+        }
+        let blocking_threads = match r.blocking_threads {
+            0 => NonZeroUsize::new(shards.get().saturating_mul(2).max(4)).unwrap_or(NonZeroUsize::MIN),
+            n if n > 1024 => return Err(invalid("rpc.blocking_threads", "at most 1024")),
+            n => NonZeroUsize::new(n).unwrap_or(NonZeroUsize::MIN),
+        };
+        Ok(Self {
+            token_file: r.token_file.unwrap_or_else(|| data_dir.join("rpc-token")),
+            max_message_bytes: r.max_message_bytes,
+            max_concurrent_streams: r.max_concurrent_streams,
+            max_connections_per_shard: at_least_one(
+                "rpc.max_connections_per_shard",
+                r.max_connections_per_shard,
+            )?,
+            blocking_threads,
+            max_queued: at_least_one("rpc.max_queued", r.max_queued)?,
+            default_deadline: positive_secs("rpc.default_deadline_secs", r.default_deadline_secs)?,
+        })
+    }
+}
+
+/// Validated `[hooks]`.
+#[derive(Debug, Clone)]
+pub struct HookConfig {
+    pub amqp_url: Option<String>,
+    pub prefix: String,
+    pub prefetch: u16,
+    pub concurrency: JobConcurrency,
+    pub max_attempts: u32,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    pub webhook_timeout: Duration,
+    pub relay_batch: usize,
+    pub queue_expires: Option<Duration>,
+}
+
+/// Per-core limits by job type; 0 = the job type is off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobConcurrency {
+    pub disk_usage: usize,
+    pub webhooks: usize,
+    pub indexing: usize,
+    pub noop: usize,
+}
+
+impl HookConfig {
+    fn build(h: HooksSection, amqp_flag: Option<String>) -> Result<Self, ConfigError> {
+        let amqp_url = amqp_flag.or(h.amqp_url).filter(|u| !u.is_empty());
+        if let Some(u) = &amqp_url {
+            if !u.starts_with("amqp://") {
+                return Err(invalid(
+                    "hooks.amqp_url",
+                    "must start with amqp:// (TLS to the broker is not built in)",
+                ));
+            }
+        }
+        let p = &h.amqp_prefix;
+        if p.is_empty()
+            || p.len() > 64
+            || !p
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        {
+            return Err(invalid(
+                "hooks.amqp_prefix",
+                "use 1 to 64 of [A-Za-z0-9._-]",
+            ));
+        }
+        if h.prefetch == 0 {
+            return Err(invalid("hooks.prefetch", "must be at least 1"));
+        }
+        if h.max_attempts == 0 {
+            return Err(invalid("hooks.max_attempts", "must be at least 1"));
+        }
+        if h.backoff_initial_ms == 0 || h.backoff_max_ms < h.backoff_initial_ms {
+            return Err(invalid(
+                "hooks.backoff_initial_ms",
+                "must be at least 1 and at most hooks.backoff_max_ms",
+            ));
+        }
+        let c = h.concurrency;
+        if [c.disk_usage, c.webhooks, c.indexing, c.noop]
+            .iter()
+            .any(|n| *n > 10_000)
+        {
+            return Err(invalid("hooks.concurrency", "at most 10000 per job type"));
+        }
+        Ok(Self {
+            amqp_url,
+            prefix: h.amqp_prefix,
+            prefetch: h.prefetch,
+            concurrency: JobConcurrency {
+                disk_usage: c.disk_usage,
+                webhooks: c.webhooks,
+                indexing: c.indexing,
+                noop: c.noop,
+            },
+            max_attempts: h.max_attempts,
+            backoff_initial: Duration::from_millis(h.backoff_initial_ms),
+            backoff_max: Duration::from_millis(h.backoff_max_ms),
+            webhook_timeout: positive_secs("hooks.webhook_timeout_secs", h.webhook_timeout_secs)?,
+            relay_batch: at_least_one("hooks.relay_batch", h.relay_batch)?.min(10_000),
+            queue_expires: (h.queue_expires_secs > 0)
+                .then(|| Duration::from_secs(h.queue_expires_secs)),
+        })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -238,6 +636,21 @@ impl ServeConfig {
                 format!("`{listen_text}` is not an IP:PORT address ({e})"),
             )
         })?;
+        let rpc_listen_text = flags.rpc_listen.unwrap_or_else(|| file.rpc.listen.clone());
+        let rpc_listen: SocketAddr = rpc_listen_text.parse().map_err(|e| {
+            invalid(
+                "rpc.listen",
+                format!("`{rpc_listen_text}` is not an IP:PORT address ({e})"),
+            )
+        })?;
+        let ssh_listen_text = flags.ssh_listen.unwrap_or_else(|| file.ssh.listen.clone());
+        let ssh_listen: SocketAddr = ssh_listen_text.parse().map_err(|e| {
+            invalid(
+                "ssh.listen",
+                format!("`{ssh_listen_text}` is not an IP:PORT address ({e})"),
+            )
+        })?;
+        let ssh = SshLimits::build(&file.ssh)?;
         let shards = match flags.shards.unwrap_or(file.runtime.shards) {
             0 => std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN),
             n => NonZeroUsize::new(n).unwrap_or(NonZeroUsize::MIN),
@@ -289,6 +702,8 @@ impl ServeConfig {
             max_queued: g.max_queued,
             queue_timeout: positive_secs("git.queue_timeout_secs", g.queue_timeout_secs)?,
         };
+        let rpc = RpcLimits::build(file.rpc, &data_dir, shards)?;
+        let lfs = LfsLimits::build(file.lfs)?;
         Ok(Self {
             data_dir,
             http_listen,
@@ -299,6 +714,12 @@ impl ServeConfig {
             tcp,
             git,
             shutdown_grace: Duration::from_secs(file.shutdown.grace_secs),
+            hooks: HookConfig::build(file.hooks, flags.amqp_url)?,
+            rpc_listen,
+            rpc,
+            ssh_listen,
+            ssh,
+            lfs,
         })
     }
 }
@@ -323,7 +744,7 @@ mod tests {
             data_dir: Some("/b".into()),
             http_listen: Some("127.0.0.1:2".into()),
             shards: Some(3),
-            force_epoll: false,
+            ..Overrides::default()
         };
         let c = ServeConfig::build(file, flags).unwrap();
         assert_eq!(c.data_dir, PathBuf::from("/b"));
@@ -342,6 +763,106 @@ mod tests {
         };
         let err = ServeConfig::build(FileConfig::default(), flags).unwrap_err();
         assert!(err.to_string().contains("http.listen"), "{err}");
+    }
+
+    #[test]
+    fn hooks_section() {
+        let c = ServeConfig::build(FileConfig::default(), Overrides::default()).unwrap();
+        assert_eq!(c.hooks.amqp_url, None);
+        assert_eq!(c.hooks.concurrency.disk_usage, 1);
+        assert_eq!(c.hooks.concurrency.webhooks, 8);
+        assert_eq!(c.hooks.concurrency.indexing, 2);
+        assert_eq!(c.hooks.concurrency.noop, 0);
+        let file: FileConfig = toml::from_str(
+            "[hooks]\namqp_url = \"amqp://a\"\namqp_prefix = \"t-1\"\n[hooks.concurrency]\nwebhooks = 2\n",
+        )
+        .unwrap();
+        let flags = Overrides {
+            amqp_url: Some("amqp://b".into()),
+            ..Overrides::default()
+        };
+        let c = ServeConfig::build(file, flags).unwrap();
+        assert_eq!(c.hooks.amqp_url.as_deref(), Some("amqp://b"));
+        assert_eq!(c.hooks.prefix, "t-1");
+        assert_eq!(c.hooks.concurrency.webhooks, 2);
+        for bad in [
+            "[hooks]\namqp_prefix = \"a b\"\n",
+            "[hooks]\nprefetch = 0\n",
+            "[hooks]\namqp_url = \"https://x\"\n",
+            "[hooks]\nbackoff_initial_ms = 10\nbackoff_max_ms = 5\n",
+        ] {
+            let file: FileConfig = toml::from_str(bad).unwrap();
+            let err = ServeConfig::build(file, Overrides::default()).unwrap_err();
+            assert!(err.to_string().contains("hooks."), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn rpc_section() {
+        let c = ServeConfig::build(FileConfig::default(), Overrides::default()).unwrap();
+        assert_eq!(c.rpc_listen.to_string(), "127.0.0.1:9090");
+        assert_eq!(c.rpc.token_file, PathBuf::from(DEFAULT_DATA_DIR).join("rpc-token"));
+        assert_eq!(c.rpc.max_message_bytes, 4 << 20);
+        assert_eq!(c.rpc.default_deadline, Duration::from_secs(300));
+        assert!(c.rpc.blocking_threads.get() >= 4);
+        let file: FileConfig = toml::from_str(
+            "[rpc]\nlisten = \"127.0.0.1:1\"\ntoken_file = \"/t\"\nblocking_threads = 3\n",
+        )
+        .unwrap();
+        let flags = Overrides {
+            rpc_listen: Some("127.0.0.1:2".into()),
+            ..Overrides::default()
+        };
+        let c = ServeConfig::build(file, flags).unwrap();
+        assert_eq!(c.rpc_listen.port(), 2);
+        assert_eq!(c.rpc.token_file, PathBuf::from("/t"));
+        assert_eq!(c.rpc.blocking_threads.get(), 3);
+        for (bad, field) in [
+            ("[rpc]\nlisten = \"x\"\n", "rpc.listen"),
+            ("[rpc]\nmax_message_bytes = 10\n", "rpc.max_message_bytes"),
+            ("[rpc]\nmax_concurrent_streams = 0\n", "rpc.max_concurrent_streams"),
+            ("[rpc]\ndefault_deadline_secs = 0\n", "rpc.default_deadline_secs"),
+        ] {
+            let file: FileConfig = toml::from_str(bad).unwrap();
+            let err = ServeConfig::build(file, Overrides::default()).unwrap_err();
+            assert!(err.to_string().contains(field), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn ssh_section() {
+        let c = ServeConfig::build(FileConfig::default(), Overrides::default()).unwrap();
+        assert_eq!(c.ssh_listen.to_string(), "127.0.0.1:2222");
+        assert_eq!(c.ssh.handshake_timeout, Duration::from_secs(20));
+        assert_eq!(c.ssh.max_unauthenticated_per_ip, 32);
+        let file: FileConfig = toml::from_str(
+            "[ssh]\nlisten = \"127.0.0.1:1\"\nhandshake_timeout_secs = 2\nmax_unauthenticated = 5\n",
+        )
+        .unwrap();
+        let flags = Overrides {
+            ssh_listen: Some("127.0.0.1:3".into()),
+            ..Overrides::default()
+        };
+        let c = ServeConfig::build(file, flags).unwrap();
+        assert_eq!(c.ssh_listen.port(), 3);
+        assert_eq!(c.ssh.handshake_timeout, Duration::from_secs(2));
+        assert_eq!(c.ssh.max_unauthenticated, 5);
+        for (bad, field) in [
+            ("[ssh]\nlisten = \"x\"\n", "ssh.listen"),
+            (
+                "[ssh]\nhandshake_timeout_secs = 0\n",
+                "ssh.handshake_timeout_secs",
+            ),
+            (
+                "[ssh]\nmax_unauthenticated_per_ip = 0\n",
+                "ssh.max_unauthenticated_per_ip",
+            ),
+            ("[ssh]\nmax_auth_attempts = 0\n", "ssh.max_auth_attempts"),
+        ] {
+            let file: FileConfig = toml::from_str(bad).unwrap();
+            let err = ServeConfig::build(file, Overrides::default()).unwrap_err();
+            assert!(err.to_string().contains(field), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -6,13 +6,19 @@
 //! - [`http`]: the HTTP/1.1 codecs (sans-I/O) and the connection loop;
 //! - [`auth`], [`git`], [`store`], [`metrics`]: shared by every front end.
 
+pub mod access;
 pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod git;
+pub mod hooks;
 pub mod http;
+pub mod lfs;
 pub mod lifecycle;
 pub mod metrics;
+pub mod rpc;
 pub mod server;
 pub mod smart_http;
+pub mod ssh;
 pub mod store;
+pub mod token;

@@ -34,6 +34,33 @@ enum Command {
     /// Manage repositories.
     #[command(subcommand)]
     Repo(RepoCommand),
+    /// Manage users' SSH public keys.
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Git hooks (run by git, not by hand).
+    #[command(subcommand)]
+    Hook(HookCommand),
+    /// Manage webhooks.
+    #[command(subcommand)]
+    Webhook(WebhookCommand),
+}
+
+#[derive(Subcommand)]
+enum HookCommand {
+    /// Records the push read from stdin (`OLD NEW REF` lines) in the hook outbox.
+    PostReceive,
+}
+
+#[derive(Subcommand)]
+enum WebhookCommand {
+    /// Deliver every push to OWNER/NAME to URL (http://), signed with the secret read from stdin.
+    Add {
+        repo: String,
+        url: String,
+        /// Read the HMAC secret from standard input (required: secrets never go on the command line).
+        #[arg(long, required = true)]
+        secret_stdin: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -44,12 +71,21 @@ struct ServeArgs {
     /// Git smart HTTP listen address [default: 127.0.0.1:8080].
     #[arg(long)]
     http_listen: Option<String>,
+    /// Git over SSH listen address [default: 127.0.0.1:2222].
+    #[arg(long)]
+    ssh_listen: Option<String>,
     /// Shard threads [default: one per CPU].
     #[arg(long)]
     shards: Option<usize>,
     /// Use the epoll driver even where io_uring works.
     #[arg(long)]
     force_epoll: bool,
+    /// gRPC repository API listen address (HTTP/2 cleartext) [default: 127.0.0.1:9090].
+    #[arg(long)]
+    rpc_listen: Option<String>,
+    /// RabbitMQ URL for the hook workers [default: none, the embedded queue].
+    #[arg(long)]
+    amqp_url: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -61,6 +97,14 @@ enum UserCommand {
         #[arg(long, required = true)]
         password_stdin: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Register the public key in FILE.pub (one OpenSSH key line) for USER.
+    Add { user: String, file: PathBuf },
+    /// List USER's keys with their SHA-256 fingerprints.
+    List { user: String },
 }
 
 #[derive(Subcommand)]
@@ -115,6 +159,36 @@ fn main() -> anyhow::Result<()> {
             println!("repository {name} created at {}", path.display());
             Ok(())
         }
+        Command::Hook(HookCommand::PostReceive) => {
+            // git shows the hook's stderr to the pusher; a failure must be loud there.
+            if let Err(e) = gitplane::hooks::capture::post_receive(&data_dir(), std::io::stdin().lock()) {
+                eprintln!("gitplane: the push was received but its event was NOT recorded: {e}");
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Command::Webhook(WebhookCommand::Add { repo, url, .. }) => {
+            let secret = admin::read_password(std::io::stdin().lock())
+                .context("reading the webhook secret from stdin")?;
+            let id = gitplane::hooks::add_webhook(&data_dir(), &repo, &url, &secret)
+                .with_context(|| format!("adding a webhook to {repo}"))?;
+            println!("webhook {id} added to {repo}: {url}");
+            Ok(())
+        }
+        Command::Key(KeyCommand::Add { user, file }) => {
+            let key = gitplane::ssh::keys::key_add(&data_dir(), &user, &file)
+                .with_context(|| format!("adding {} for {user}", file.display()))?;
+            println!("key {} ({}) added for {user}", key.fingerprint, key.algorithm);
+            Ok(())
+        }
+        Command::Key(KeyCommand::List { user }) => {
+            let keys = gitplane::ssh::keys::key_list(&data_dir(), &user)
+                .with_context(|| format!("listing keys of {user}"))?;
+            for k in keys {
+                println!("{} {} {}", k.fingerprint, k.algorithm, k.comment);
+            }
+            Ok(())
+        }
         Command::Repo(RepoCommand::Grant { repo, user, access }) => {
             admin::repo_grant(&data_dir(), &repo, &user, access)
                 .with_context(|| format!("granting {user} on {repo}"))?;
@@ -136,6 +210,9 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<()> {
             http_listen: args.http_listen,
             shards: args.shards,
             force_epoll: args.force_epoll,
+            amqp_url: args.amqp_url,
+            rpc_listen: args.rpc_listen,
+            ssh_listen: args.ssh_listen,
         },
     )?;
     let data_dir = config.data_dir.clone();

@@ -1,20 +1,18 @@
-//! Git smart HTTP (protocol v0, v1 and v2) on the shard's HTTP server, plus `/healthz` and
-//! `/metrics`.
+//! Git smart HTTP (protocol v0, v1 and v2) on the shard's HTTP server.
 //!
 //! - `GET  /OWNER/NAME[.git]/info/refs?service=git-upload-pack|git-receive-pack`
 //! - `POST /OWNER/NAME[.git]/git-upload-pack` and `.../git-receive-pack`
 //!
-//! Each request authenticates (HTTP Basic, or anonymous for public reads), resolves the repository
+//! Each request authenticates ([`crate::access`]: HTTP Basic, or anonymous for public reads), resolves the repository
 //! under the data dir, takes a pack slot, spawns git, streams the request body into git's stdin
 //! and git's stdout to the socket with splice. Dumb HTTP is refused.
 
-use std::cell::RefCell;
 use std::io;
-use std::path::PathBuf;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::auth::{decide, parse_basic, BasicCredentials, CredentialCache, Decision};
+use crate::access::{HttpAuth, Principal, Refusal};
 use crate::config::ServeConfig;
 use crate::git::limiter::{PackLimiter, PackPermit};
 use crate::git::process::{sanitize_git_protocol, GitCommand, Mode, Service};
@@ -23,22 +21,20 @@ use crate::git::repo_name::RepoName;
 use crate::git::stream::{Framing, RunningGit, StreamError};
 use crate::http::body::BodyReader;
 use crate::http::conn::Conn;
-use crate::http::head::{Method, RequestHead};
+use crate::http::query_param;
+use crate::http::head::RequestHead;
 use crate::http::response::{encode_head, BodyLength, NO_CACHE};
-use crate::http::server::{Handler, Reuse};
-use crate::lifecycle::ShutdownSignal;
+use crate::http::server::Reuse;
 use crate::metrics::{Route, METRICS};
-use crate::store::{Access, RepoAccess, Store, StoreError};
+use crate::store::Access;
 
 /// Largest inflated gzip request body (git gzips upload-pack negotiation requests; git's own
 /// http-backend caps them at 10 MB by default).
 const MAX_INFLATED_REQUEST: u64 = 64 << 20;
-const WWW_AUTHENTICATE: (&str, &str) = (
+pub const WWW_AUTHENTICATE: (&str, &str) = (
     "WWW-Authenticate",
     "Basic realm=\"gitplane\", charset=\"UTF-8\"",
 );
-/// How long a verified password is trusted without re-hashing it.
-const CREDENTIAL_TTL: Duration = Duration::from_secs(60);
 
 /// State shared by all shards.
 pub struct AppState {
@@ -58,184 +54,31 @@ impl AppState {
     }
 }
 
-/// What a request path asks for.
-#[derive(Debug, PartialEq, Eq)]
-enum Target<'a> {
-    Health,
-    Metrics,
-    InfoRefs(&'a str),
-    Rpc(&'a str, Service),
-    /// A dumb-HTTP path inside a repository (objects/, HEAD, ...).
-    Dumb,
-    Unknown,
-}
-
-fn classify(path: &str) -> Target<'_> {
-    match path {
-        "/healthz" => return Target::Health,
-        "/metrics" => return Target::Metrics,
-        _ => {}
-    }
-    let Some(rest) = path.strip_prefix('/') else {
-        return Target::Unknown;
-    };
-    if let Some(repo) = rest.strip_suffix("/info/refs") {
-        return Target::InfoRefs(repo);
-    }
-    for service in [Service::UploadPack, Service::ReceivePack] {
-        if let Some(repo) = rest
-            .strip_suffix(service.wire_name())
-            .and_then(|r| r.strip_suffix('/'))
-        {
-            return Target::Rpc(repo, service);
-        }
-    }
-    const DUMB: [&str; 4] = ["/HEAD", "/objects/", "/info/packs", "/info/alternates"];
-    if DUMB.iter().any(|d| rest.contains(d)) {
-        return Target::Dumb;
-    }
-    Target::Unknown
-}
-
-fn query_param<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
-    query?
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .find_map(|(k, v)| (k == key).then_some(v))
-}
-
-/// Runs a store call on the blocking pool, with one connection per pool thread.
-async fn with_store<R: Send + 'static>(
-    data_dir: PathBuf,
-    f: impl FnOnce(&Store) -> Result<R, StoreError> + Send + 'static,
-) -> Result<R, StoreError> {
-    thread_local! {
-        static STORE: RefCell<Option<Store>> = const { RefCell::new(None) };
-    }
-    let job = move || {
-        STORE.with(|cell| {
-            let mut slot = cell.borrow_mut();
-            if slot.is_none() {
-                *slot = Some(Store::open(&data_dir)?);
-            }
-            match slot.as_ref() {
-                Some(store) => f(store),
-                None => Err(StoreError::NoSuchRepo(String::new())),
-            }
-        })
-    };
-    match monoio::spawn_blocking(job).await {
-        Ok(r) => r,
-        Err(_) => Err(StoreError::Hash("blocking pool task failed".into())),
-    }
-}
-
-/// Who the client is and what it may do to the repository.
-struct Authorized {
-    user: Option<String>,
-}
-
-/// One shard's request handler.
+/// One shard's Git smart-HTTP handler.
 pub struct SmartHttp {
     state: Arc<AppState>,
-    credentials: RefCell<CredentialCache>,
-    shutdown: std::rc::Rc<ShutdownSignal>,
+    auth: Rc<HttpAuth>,
+}
+
+/// Answers a refused request as git expects: text, with a Basic challenge on 401.
+pub async fn respond_refusal(conn: &mut Conn, refusal: &Refusal) -> io::Result<Reuse> {
+    let challenge: &[(&str, &str)] = if refusal.status() == 401 {
+        &[WWW_AUTHENTICATE]
+    } else {
+        &[]
+    };
+    conn.respond_text(refusal.status(), challenge, &format!("{}\n", refusal.message()))
+        .await?;
+    Ok(if refusal.status() >= 500 {
+        Reuse::Close
+    } else {
+        Reuse::KeepAlive
+    })
 }
 
 impl SmartHttp {
-    pub fn new(state: Arc<AppState>, shutdown: std::rc::Rc<ShutdownSignal>) -> Self {
-        Self {
-            state,
-            credentials: RefCell::new(CredentialCache::new(CREDENTIAL_TTL, 10_000)),
-            shutdown,
-        }
-    }
-
-    /// Authenticates and authorises; on refusal the response has been sent and Err carries
-    /// the connection's fate.
-    async fn authorize(
-        &self,
-        head: &RequestHead,
-        conn: &mut Conn,
-        repo: &RepoName,
-        need: Access,
-    ) -> io::Result<Result<Authorized, Reuse>> {
-        let creds: Option<BasicCredentials> = match head.authorization.as_deref().map(parse_basic) {
-            None => None,
-            Some(Ok(c)) => Some(c),
-            Some(Err(e)) => {
-                conn.respond_text(401, &[WWW_AUTHENTICATE], &format!("{e}\n"))
-                    .await?;
-                return Ok(Err(Reuse::KeepAlive));
-            }
-        };
-        let cached = creds
-            .as_ref()
-            .is_some_and(|c| self.credentials.borrow().is_verified(c, Instant::now()));
-        let lookup_repo = repo.clone();
-        let lookup_creds = creds.clone();
-        let result = with_store(self.state.config.data_dir.clone(), move |store| {
-            let verified = match &lookup_creds {
-                Some(c) if !cached => store.verify_password(&c.user, &c.password)?,
-                _ => true,
-            };
-            let user = lookup_creds
-                .as_ref()
-                .filter(|_| verified)
-                .map(|c| c.user.as_str());
-            let access: Option<RepoAccess> = store.repo_access(&lookup_repo, user)?;
-            Ok((verified, access))
-        })
-        .await;
-        let (verified, access) = match result {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!(error = %e, "store lookup failed");
-                conn.respond_text(500, &[], "internal error\n").await?;
-                return Ok(Err(Reuse::Close));
-            }
-        };
-        if let Some(c) = creds.as_ref() {
-            if !verified {
-                conn.respond_text(401, &[WWW_AUTHENTICATE], "invalid credentials\n")
-                    .await?;
-                return Ok(Err(Reuse::KeepAlive));
-            }
-            if !cached {
-                self.credentials.borrow_mut().remember(c, Instant::now());
-            }
-        }
-        match decide(access, creds.is_some(), need) {
-            Decision::Allow => Ok(Ok(Authorized {
-                user: creds.map(|c| c.user),
-            })),
-            Decision::Unauthorized => {
-                conn.respond_text(401, &[WWW_AUTHENTICATE], "authentication required\n")
-                    .await?;
-                Ok(Err(Reuse::KeepAlive))
-            }
-            Decision::Forbidden => {
-                conn.respond_text(
-                    403,
-                    &[],
-                    &format!(
-                        "you may not {} {repo}\n",
-                        if need >= Access::Write {
-                            "push to"
-                        } else {
-                            "read"
-                        }
-                    ),
-                )
-                .await?;
-                Ok(Err(Reuse::KeepAlive))
-            }
-            Decision::NotFound => {
-                conn.respond_text(404, &[], &format!("repository {repo} not found\n"))
-                    .await?;
-                Ok(Err(Reuse::KeepAlive))
-            }
-        }
+    pub fn new(state: Arc<AppState>, auth: Rc<HttpAuth>) -> Self {
+        Self { state, auth }
     }
 
     /// Waits for a pack slot, bounded in queue length and time.
@@ -271,7 +114,7 @@ impl SmartHttp {
         repo: &RepoName,
         service: Service,
         mode: Mode,
-        who: &Authorized,
+        who: &Principal,
     ) -> Result<RunningGit, String> {
         let dir = self.state.repos.path_of(repo);
         let peer = conn.peer.ip().to_string();
@@ -294,7 +137,7 @@ impl SmartHttp {
         RunningGit::start(spawned).map_err(|e| format!("cannot drive git child: {e}"))
     }
 
-    async fn info_refs(
+    pub async fn info_refs(
         &self,
         head: &RequestHead,
         conn: &mut Conn,
@@ -325,9 +168,13 @@ impl SmartHttp {
         } else {
             Access::Read
         };
-        let who = match self.authorize(head, conn, &repo, need).await? {
+        let who = match self
+            .auth
+            .authorize(head.authorization.as_deref(), &repo, need, false)
+            .await
+        {
             Ok(w) => w,
-            Err(reuse) => return Ok(reuse),
+            Err(refusal) => return respond_refusal(conn, &refusal).await,
         };
         let mut git = match self.spawn_git(head, conn, &repo, service, Mode::AdvertiseRefs, &who) {
             Ok(g) => g,
@@ -356,7 +203,7 @@ impl SmartHttp {
         Ok(Reuse::KeepAlive)
     }
 
-    async fn rpc(
+    pub async fn rpc(
         &self,
         head: &RequestHead,
         conn: &mut Conn,
@@ -383,9 +230,13 @@ impl SmartHttp {
         } else {
             Access::Read
         };
-        let who = match self.authorize(head, conn, &repo, need).await? {
+        let who = match self
+            .auth
+            .authorize(head.authorization.as_deref(), &repo, need, false)
+            .await
+        {
             Ok(w) => w,
-            Err(reuse) => return Ok(reuse),
+            Err(refusal) => return respond_refusal(conn, &refusal).await,
         };
         let Some(_permit) = self.pack_slot(&repo.to_string()).await else {
             conn.respond_text(
@@ -509,87 +360,3 @@ fn log_exit(repo: &RepoName, service: Service, exit: &crate::git::stream::ExitIn
     }
 }
 
-impl Handler for SmartHttp {
-    async fn handle(&self, head: RequestHead, conn: &mut Conn) -> io::Result<Reuse> {
-        match (head.method, classify(&head.path)) {
-            (Method::Get | Method::Head, Target::Health) => {
-                METRICS.request(Route::Health);
-                if self.shutdown.is_triggered() {
-                    conn.respond_text(503, &[], "shutting down\n").await?;
-                } else {
-                    conn.respond_text(200, &[], "ok\n").await?;
-                }
-                Ok(Reuse::KeepAlive)
-            }
-            (Method::Get, Target::Metrics) => {
-                METRICS.request(Route::Metrics);
-                let text = METRICS.render();
-                conn.respond(
-                    200,
-                    &[("Content-Type", "text/plain; version=0.0.4")],
-                    text.as_bytes(),
-                )
-                .await?;
-                Ok(Reuse::KeepAlive)
-            }
-            (Method::Get, Target::InfoRefs(repo)) => self.info_refs(&head, conn, repo).await,
-            (Method::Post, Target::Rpc(repo, service)) => {
-                self.rpc(&head, conn, repo, service).await
-            }
-            (_, Target::InfoRefs(_)) => method_not_allowed(conn, "GET").await,
-            (_, Target::Rpc(..)) => method_not_allowed(conn, "POST").await,
-            (_, Target::Dumb) => {
-                METRICS.request(Route::Other);
-                conn.respond_text(404, &[], "dumb HTTP protocol is not supported; use a git client that speaks smart HTTP\n").await?;
-                Ok(Reuse::KeepAlive)
-            }
-            _ => {
-                METRICS.request(Route::Other);
-                conn.respond_text(404, &[], "not found\n").await?;
-                Ok(Reuse::KeepAlive)
-            }
-        }
-    }
-}
-
-async fn method_not_allowed(conn: &mut Conn, allow: &str) -> io::Result<Reuse> {
-    METRICS.request(Route::Other);
-    conn.close_after_response();
-    conn.respond_text(405, &[("Allow", allow)], "method not allowed\n")
-        .await?;
-    Ok(Reuse::Close)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn classifies_paths() {
-        assert_eq!(classify("/healthz"), Target::Health);
-        assert_eq!(classify("/a/b.git/info/refs"), Target::InfoRefs("a/b.git"));
-        assert_eq!(
-            classify("/a/b/git-upload-pack"),
-            Target::Rpc("a/b", Service::UploadPack)
-        );
-        assert_eq!(
-            classify("/a/b.git/git-receive-pack"),
-            Target::Rpc("a/b.git", Service::ReceivePack)
-        );
-        assert_eq!(classify("/a/b.git/objects/12/3456"), Target::Dumb);
-        assert_eq!(classify("/a/b.git/HEAD"), Target::Dumb);
-        assert_eq!(classify("/"), Target::Unknown);
-        assert_eq!(classify("/git-upload-pack"), Target::Unknown);
-    }
-
-    #[test]
-    fn query_params() {
-        assert_eq!(
-            query_param(Some("service=git-upload-pack"), "service"),
-            Some("git-upload-pack")
-        );
-        assert_eq!(query_param(Some("a=1&service=x"), "service"), Some("x"));
-        assert_eq!(query_param(Some("services=x"), "service"), None);
-        assert_eq!(query_param(None, "service"), None);
-    }
-}

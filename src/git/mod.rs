@@ -8,3 +8,4 @@ pub mod process;
 pub mod repo;
 pub mod repo_name;
 pub mod stream;
+pub mod tokio_child;

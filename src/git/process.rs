@@ -82,6 +82,20 @@ const GIT_SETTINGS: &[(&str, &str)] = &[
     ("safe.directory", "*"),
 ];
 
+/// Where receive-pack finds gitplane's hooks (`core.hooksPath`, e.g. `DATA/hooks`), set once at
+/// server start by the hook workers; None leaves repositories' own hooks directories in use.
+static HOOKS_PATH: std::sync::RwLock<Option<PathBuf>> = std::sync::RwLock::new(None);
+
+/// Makes every receive-pack spawned from now on run the hooks in `dir` (issue #6: post-receive
+/// records the push in the hook outbox before receive-pack reports success).
+pub fn set_hooks_path(dir: &Path) {
+    *HOOKS_PATH.write().unwrap_or_else(|p| p.into_inner()) = Some(dir.to_owned());
+}
+
+fn hooks_path() -> Option<PathBuf> {
+    HOOKS_PATH.read().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
 /// Accepts `GIT_PROTOCOL` values like `version=2` or `version=2:object-format=sha1`; anything
 /// else is dropped rather than passed to git.
 pub fn sanitize_git_protocol(value: &str) -> Option<&str> {
@@ -205,12 +219,18 @@ impl GitCommand<'_> {
             )
             .env("GIT_CONFIG_NOSYSTEM", "1")
             .env("GIT_CONFIG_GLOBAL", "/dev/null")
-            .env("HOME", self.repo_dir)
-            .env("GIT_CONFIG_COUNT", GIT_SETTINGS.len().to_string());
+            .env("HOME", self.repo_dir);
         for (i, (k, v)) in GIT_SETTINGS.iter().enumerate() {
             cmd.env(format!("GIT_CONFIG_KEY_{i}"), k)
                 .env(format!("GIT_CONFIG_VALUE_{i}"), v);
         }
+        let mut config_count = GIT_SETTINGS.len();
+        if let Some(hooks) = hooks_path().filter(|_| self.service == Service::ReceivePack) {
+            cmd.env(format!("GIT_CONFIG_KEY_{config_count}"), "core.hooksPath")
+                .env(format!("GIT_CONFIG_VALUE_{config_count}"), hooks);
+            config_count += 1;
+        }
+        cmd.env("GIT_CONFIG_COUNT", config_count.to_string());
         if let Some(p) = self.protocol {
             cmd.env("GIT_PROTOCOL", p);
         }

@@ -19,6 +19,9 @@ use crate::metrics::METRICS;
 const INITIAL_BUF: usize = 4 * 1024;
 /// Read buffer for request bodies.
 const BODY_BUF: usize = 64 * 1024;
+/// Lingering close: at most this long and this much of an unread body is drained.
+const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(2);
+const LINGER_BYTES: usize = 4 << 20;
 
 pub struct Conn {
     stream: TcpStream,
@@ -73,7 +76,8 @@ impl Conn {
         self.body_pending = has_body;
     }
 
-    pub(super) fn body_finished(&mut self) {
+    /// Records that the request body has been read to its end.
+    pub fn body_finished(&mut self) {
         self.body_pending = false;
     }
 
@@ -163,7 +167,25 @@ impl Conn {
         self.respond(status, &headers, text.as_bytes()).await
     }
 
+    /// Ends the connection. When the client may still be sending a body we refused to read,
+    /// drain a bounded amount first: closing with unread bytes makes the kernel send a reset,
+    /// which can destroy the error response before the client reads it.
     pub async fn shutdown(&mut self) {
         let _ = self.stream.shutdown().await;
+        if self.body_pending {
+            let deadline = monoio::time::Instant::now() + LINGER_TIME;
+            let mut drained = 0;
+            let mut buf = vec![0u8; 16 * 1024];
+            while drained < LINGER_BYTES {
+                let left = deadline.saturating_duration_since(monoio::time::Instant::now());
+                match monoio::time::timeout(left, self.stream.read(buf)).await {
+                    Ok((Ok(n), b)) if n > 0 => {
+                        drained += n;
+                        buf = b;
+                    }
+                    _ => break,
+                }
+            }
+        }
     }
 }

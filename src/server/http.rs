@@ -1,23 +1,148 @@
-//! The HTTP front end on the shards: Git smart HTTP, `/healthz` and `/metrics`.
+//! The HTTP front end on the shards: routes each request to Git smart HTTP, Git LFS,
+//! `/healthz` or `/metrics`.
 
 use std::future::Future;
+use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 
 use super::shard::{accept_loop, AcceptOptions, ListenerSet, ShardContext, ShardService};
+use crate::access::HttpAuth;
+use crate::git::process::Service;
 use crate::http::conn::Conn;
-use crate::http::server::serve_connection;
+use crate::http::head::{Method, RequestHead};
+use crate::http::server::{serve_connection, Handler, Reuse};
+use crate::lfs::http::LfsHttp;
+use crate::lifecycle::ShutdownSignal;
+use crate::metrics::{Route, METRICS};
 use crate::smart_http::{AppState, SmartHttp};
+use crate::token::TokenSecret;
+
+/// What a request path asks for.
+#[derive(Debug, PartialEq, Eq)]
+enum Target<'a> {
+    Health,
+    Metrics,
+    InfoRefs(&'a str),
+    Rpc(&'a str, Service),
+    /// (repository, path below `info/lfs/`)
+    Lfs(&'a str, &'a str),
+    /// A dumb-HTTP path inside a repository (objects/, HEAD, ...).
+    Dumb,
+    Unknown,
+}
+
+fn classify(path: &str) -> Target<'_> {
+    match path {
+        "/healthz" => return Target::Health,
+        "/metrics" => return Target::Metrics,
+        _ => {}
+    }
+    let Some(rest) = path.strip_prefix('/') else {
+        return Target::Unknown;
+    };
+    if let Some((repo, lfs)) = rest.split_once("/info/lfs/") {
+        return Target::Lfs(repo, lfs);
+    }
+    if let Some(repo) = rest.strip_suffix("/info/refs") {
+        return Target::InfoRefs(repo);
+    }
+    for service in [Service::UploadPack, Service::ReceivePack] {
+        if let Some(repo) = rest
+            .strip_suffix(service.wire_name())
+            .and_then(|r| r.strip_suffix('/'))
+        {
+            return Target::Rpc(repo, service);
+        }
+    }
+    const DUMB: [&str; 4] = ["/HEAD", "/objects/", "/info/packs", "/info/alternates"];
+    if DUMB.iter().any(|d| rest.contains(d)) {
+        return Target::Dumb;
+    }
+    Target::Unknown
+}
+
+/// One shard's HTTP request router.
+struct Router {
+    git: SmartHttp,
+    lfs: LfsHttp,
+    shutdown: Rc<ShutdownSignal>,
+}
+
+impl Handler for Router {
+    async fn handle(&self, head: RequestHead, conn: &mut Conn) -> io::Result<Reuse> {
+        match (head.method, classify(&head.path)) {
+            (Method::Get | Method::Head, Target::Health) => {
+                METRICS.request(Route::Health);
+                if self.shutdown.is_triggered() {
+                    conn.respond_text(503, &[], "shutting down\n").await?;
+                } else {
+                    conn.respond_text(200, &[], "ok\n").await?;
+                }
+                Ok(Reuse::KeepAlive)
+            }
+            (Method::Get, Target::Metrics) => {
+                METRICS.request(Route::Metrics);
+                let text = METRICS.render();
+                conn.respond(
+                    200,
+                    &[("Content-Type", "text/plain; version=0.0.4")],
+                    text.as_bytes(),
+                )
+                .await?;
+                Ok(Reuse::KeepAlive)
+            }
+            (Method::Get, Target::InfoRefs(repo)) => self.git.info_refs(&head, conn, repo).await,
+            (Method::Post, Target::Rpc(repo, service)) => {
+                self.git.rpc(&head, conn, repo, service).await
+            }
+            (_, Target::Lfs(repo, path)) => {
+                METRICS.request(Route::Lfs);
+                self.lfs.handle(&head, conn, repo, path).await
+            }
+            (_, Target::InfoRefs(_)) => method_not_allowed(conn, "GET").await,
+            (_, Target::Rpc(..)) => method_not_allowed(conn, "POST").await,
+            (_, Target::Dumb) => {
+                METRICS.request(Route::Other);
+                conn.respond_text(
+                    404,
+                    &[],
+                    "dumb HTTP protocol is not supported; use a git client that speaks smart HTTP\n",
+                )
+                .await?;
+                Ok(Reuse::KeepAlive)
+            }
+            _ => {
+                METRICS.request(Route::Other);
+                conn.respond_text(404, &[], "not found\n").await?;
+                Ok(Reuse::KeepAlive)
+            }
+        }
+    }
+}
+
+async fn method_not_allowed(conn: &mut Conn, allow: &str) -> io::Result<Reuse> {
+    METRICS.request(Route::Other);
+    conn.close_after_response();
+    conn.respond_text(405, &[("Allow", allow)], "method not allowed\n")
+        .await?;
+    Ok(Reuse::Close)
+}
 
 pub struct HttpService {
     listeners: ListenerSet,
     state: Arc<AppState>,
+    token_secret: TokenSecret,
 }
 
 impl HttpService {
-    pub fn new(listeners: ListenerSet, state: Arc<AppState>) -> Self {
-        Self { listeners, state }
+    pub fn new(listeners: ListenerSet, state: Arc<AppState>, token_secret: TokenSecret) -> Self {
+        Self {
+            listeners,
+            state,
+            token_secret,
+        }
     }
 }
 
@@ -25,22 +150,28 @@ impl ShardService for HttpService {
     fn serve(&self, ctx: ShardContext) -> Pin<Box<dyn Future<Output = ()>>> {
         let listener = self.listeners.take(ctx.shard);
         let state = Arc::clone(&self.state);
+        let secret = self.token_secret.clone();
         Box::pin(async move {
             let Some(listener) = listener else { return };
-            let handler = Rc::new(SmartHttp::new(Arc::clone(&state), Rc::clone(&ctx.shutdown)));
             let config = Arc::clone(&state.config);
+            let auth = Rc::new(HttpAuth::new(config.data_dir.clone(), secret));
+            let router = Rc::new(Router {
+                git: SmartHttp::new(Arc::clone(&state), Rc::clone(&auth)),
+                lfs: LfsHttp::new(&config, auth),
+                shutdown: Rc::clone(&ctx.shutdown),
+            });
             let opts = AcceptOptions {
                 name: "http",
                 max_connections: config.http.max_connections_per_shard,
                 tcp: &config.tcp,
             };
             let serve = |stream, peer| {
-                let handler = Rc::clone(&handler);
+                let router = Rc::clone(&router);
                 let shutdown = Rc::clone(&ctx.shutdown);
                 let config = Arc::clone(&config);
                 async move {
                     let mut conn = Conn::new(stream, peer);
-                    serve_connection(&*handler, &mut conn, &config.http, &shutdown).await;
+                    serve_connection(&*router, &mut conn, &config.http, &shutdown).await;
                 }
             };
             let reject = |stream, peer| async move {
@@ -53,5 +184,23 @@ impl ShardService for HttpService {
             };
             accept_loop(listener, &ctx, opts, serve, reject).await;
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_paths() {
+        assert_eq!(classify("/healthz"), Target::Health);
+        assert_eq!(classify("/a/b.git/info/refs"), Target::InfoRefs("a/b.git"));
+        assert_eq!(classify("/a/b/git-upload-pack"), Target::Rpc("a/b", Service::UploadPack));
+        assert_eq!(classify("/a/b.git/git-receive-pack"), Target::Rpc("a/b.git", Service::ReceivePack));
+        assert_eq!(classify("/a/b.git/info/lfs/objects/batch"), Target::Lfs("a/b.git", "objects/batch"));
+        assert_eq!(classify("/a/b.git/objects/12/3456"), Target::Dumb);
+        assert_eq!(classify("/a/b.git/HEAD"), Target::Dumb);
+        assert_eq!(classify("/"), Target::Unknown);
+        assert_eq!(classify("/git-upload-pack"), Target::Unknown);
     }
 }

@@ -35,6 +35,16 @@ pub enum ServeError {
     Thread { name: String, source: io::Error },
     #[error("cannot set up signal handling: {0}")]
     Signals(io::Error),
+    #[error("cannot start the SSH service: {0}")]
+    Ssh(#[from] crate::ssh::SshError),
+    #[error("cannot start the hook workers: {0}")]
+    Hooks(#[from] crate::hooks::HookError),
+    #[error("cannot start the gRPC API: {0}")]
+    Rpc(#[from] crate::rpc::RpcError),
+    #[error("cannot load the LFS token secret: {0}")]
+    TokenSecret(#[from] crate::token::SecretError),
+    #[error("cannot prepare LFS storage under {path}: {source}")]
+    LfsStorage { path: std::path::PathBuf, source: io::Error },
 }
 
 /// The services a server runs, and where they listen.
@@ -73,9 +83,37 @@ fn build_frontends(config: &Arc<ServeConfig>) -> Result<Frontends, ServeError> {
     let cores = config.shards.get();
     let mut f = Frontends::default();
     let state = Arc::new(AppState::new(Arc::clone(config)));
+    let token_secret = crate::token::TokenSecret::load_or_create(&config.data_dir)?;
+    crate::lfs::storage::DiskStore::new(&config.data_dir)
+        .prepare()
+        .map_err(|source| ServeError::LfsStorage { path: config.data_dir.join("lfs"), source })?;
     let http_listeners = f.listen("http", config.http_listen, cores)?;
+    let (packs, ssh_tokens) = (Arc::clone(&state.limiter), token_secret.clone());
+    f.shard.push(Arc::new(http::HttpService::new(
+        http_listeners,
+        state,
+        token_secret,
+    )));
+    // Git over SSH (issue #3) on every sidecar; LFS hrefs point at the bound HTTP address.
+    let http_addr = f
+        .bound
+        .iter()
+        .find(|(service, _)| *service == "http")
+        .map_or(config.http_listen, |(_, addr)| *addr);
+    let ssh_listeners = f.listen("ssh", config.ssh_listen, cores)?;
+    f.sidecar.push(Arc::new(crate::ssh::SshService::new(
+        ssh_listeners,
+        Arc::clone(config),
+        packs,
+        http_addr,
+        ssh_tokens,
+    )?));
+    let rpc_listeners = f.listen("rpc", config.rpc_listen, cores)?;
     f.shard
-        .push(Arc::new(http::HttpService::new(http_listeners, state)));
+        .push(Arc::new(crate::rpc::RpcService::new(rpc_listeners, config)?));
+    // Hook workers (issue #6): consumers/relay, or the embedded outbox queue, on every sidecar.
+    f.sidecar
+        .push(Arc::new(crate::hooks::HooksService::new(config)?));
     Ok(f)
 }
 

@@ -11,6 +11,11 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::git::repo_name::RepoName;
 
+mod hooks;
+mod lfs;
+pub use lfs::{LockQuery, LockRecord, ObjectState};
+pub use hooks::{CommitRecord, DeliveryRecord, JobRecord, OutboxRow, Webhook};
+
 pub const DB_FILE: &str = "gitplane.db";
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +44,10 @@ pub enum StoreError {
     BadUserName(String),
     #[error("password hashing failed: {0}")]
     Hash(String),
+    #[error("{0}")]
+    Internal(String),
+    #[error("SSH key {0} is already registered")]
+    SshKeyExists(String),
 }
 
 /// A user's level of access to one repository; higher levels include the lower ones.
@@ -106,7 +115,28 @@ CREATE TABLE IF NOT EXISTS grants (
     access INTEGER NOT NULL,
     PRIMARY KEY (repo_id, user_id)
 );
+CREATE TABLE IF NOT EXISTS ssh_keys (
+    id INTEGER PRIMARY KEY,
+    user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    fingerprint TEXT NOT NULL UNIQUE,
+    algorithm TEXT NOT NULL,
+    public_key TEXT NOT NULL,
+    comment TEXT NOT NULL DEFAULT '',
+    created_at INTEGER NOT NULL DEFAULT (unixepoch())
+);
+CREATE INDEX IF NOT EXISTS ssh_keys_user ON ssh_keys (user_id);
 ";
+
+/// A registered SSH public key (see [`Store::add_ssh_key`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshKeyRecord {
+    /// `SHA256:...`, as OpenSSH prints it.
+    pub fingerprint: String,
+    pub algorithm: String,
+    pub comment: String,
+    /// Unix seconds.
+    pub created_at: i64,
+}
 
 fn valid_user_name(name: &str) -> bool {
     !name.is_empty()
@@ -137,6 +167,8 @@ impl Store {
         )
         .map_err(db)?;
         conn.execute_batch(SCHEMA).map_err(db)?;
+        conn.execute_batch(hooks::HOOK_SCHEMA).map_err(db)?;
+        conn.execute_batch(lfs::LFS_SCHEMA).map_err(db)?;
         Ok(Self { conn, path })
     }
 
@@ -248,6 +280,76 @@ impl Store {
             .map_err(|e| self.db(e))
     }
 
+    /// Registers a public key for `user`. A key (by fingerprint) identifies exactly one user, so
+    /// registering it twice, for anyone, is refused. The caller validates and fingerprints it.
+    pub fn add_ssh_key(
+        &self,
+        user: &str,
+        fingerprint: &str,
+        algorithm: &str,
+        public_key: &str,
+        comment: &str,
+    ) -> Result<(), StoreError> {
+        let user_id: Option<i64> = self
+            .conn
+            .query_row("SELECT id FROM users WHERE name = ?1", [user], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.db(e))?;
+        let user_id = user_id.ok_or_else(|| StoreError::NoSuchUser(user.to_owned()))?;
+        match self.conn.execute(
+            "INSERT INTO ssh_keys (user_id, fingerprint, algorithm, public_key, comment)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![user_id, fingerprint, algorithm, public_key, comment],
+        ) {
+            Ok(_) => Ok(()),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                Err(StoreError::SshKeyExists(fingerprint.to_owned()))
+            }
+            Err(e) => Err(self.db(e)),
+        }
+    }
+
+    /// The keys of `user`, oldest first.
+    pub fn ssh_keys(&self, user: &str) -> Result<Vec<SshKeyRecord>, StoreError> {
+        let exists: Option<i64> = self
+            .conn
+            .query_row("SELECT id FROM users WHERE name = ?1", [user], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.db(e))?;
+        let user_id = exists.ok_or_else(|| StoreError::NoSuchUser(user.to_owned()))?;
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT fingerprint, algorithm, comment, created_at FROM ssh_keys
+                 WHERE user_id = ?1 ORDER BY id",
+            )
+            .map_err(|e| self.db(e))?;
+        let rows = stmt
+            .query_map([user_id], |r| {
+                Ok(SshKeyRecord {
+                    fingerprint: r.get(0)?,
+                    algorithm: r.get(1)?,
+                    comment: r.get(2)?,
+                    created_at: r.get(3)?,
+                })
+            })
+            .map_err(|e| self.db(e))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.db(e))
+    }
+
+    /// The user a key fingerprint belongs to, if it is registered.
+    pub fn user_for_ssh_key(&self, fingerprint: &str) -> Result<Option<String>, StoreError> {
+        self.conn
+            .prepare_cached(
+                "SELECT u.name FROM ssh_keys k JOIN users u ON u.id = k.user_id
+                 WHERE k.fingerprint = ?1",
+            )
+            .and_then(|mut s| s.query_row([fingerprint], |r| r.get(0)).optional())
+            .map_err(|e| self.db(e))
+    }
+
     /// None when the repository does not exist. `user` is an authenticated user name.
     pub fn repo_access(
         &self,
@@ -348,6 +450,44 @@ mod tests {
         assert!(matches!(
             store.grant(&repo("x/y"), "bob", Access::Read),
             Err(StoreError::NoSuchRepo(_))
+        ));
+    }
+
+    #[test]
+    fn ssh_keys_identify_one_user() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.add_user("alice", "pw").unwrap();
+        store.add_user("bob", "pw").unwrap();
+        store
+            .add_ssh_key(
+                "alice",
+                "SHA256:aaa",
+                "ssh-ed25519",
+                "ssh-ed25519 AAAA a",
+                "laptop",
+            )
+            .unwrap();
+        assert!(matches!(
+            store.add_ssh_key("bob", "SHA256:aaa", "ssh-ed25519", "ssh-ed25519 AAAA a", ""),
+            Err(StoreError::SshKeyExists(_))
+        ));
+        assert!(matches!(
+            store.add_ssh_key("carol", "SHA256:bbb", "ssh-ed25519", "x", ""),
+            Err(StoreError::NoSuchUser(_))
+        ));
+        assert_eq!(
+            store.user_for_ssh_key("SHA256:aaa").unwrap().as_deref(),
+            Some("alice")
+        );
+        assert_eq!(store.user_for_ssh_key("SHA256:zzz").unwrap(), None);
+        let keys = store.ssh_keys("alice").unwrap();
+        assert_eq!(keys.len(), 1);
+        assert_eq!(keys[0].comment, "laptop");
+        assert!(store.ssh_keys("bob").unwrap().is_empty());
+        assert!(matches!(
+            store.ssh_keys("carol"),
+            Err(StoreError::NoSuchUser(_))
         ));
     }
 }

@@ -1,0 +1,196 @@
+//! Request authorisation for the HTTP front ends (Git smart HTTP and LFS): who the client is
+//! (HTTP Basic against the store, or an LFS token minted by `git-lfs-authenticate` over SSH)
+//! and whether it may read or write the repository. Store calls run on the blocking pool.
+//!
+//! The decisions themselves are pure and live in [`crate::auth`]; this module adds the I/O and
+//! the per-shard cache of verified passwords.
+
+use std::cell::RefCell;
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::auth::{decide, parse_basic, BasicCredentials, CredentialCache, Decision};
+use crate::git::repo_name::RepoName;
+use crate::store::{Access, RepoAccess, Store, StoreError};
+use crate::token::{self, TokenSecret};
+
+/// How long a verified password is trusted without re-hashing it.
+const CREDENTIAL_TTL: Duration = Duration::from_secs(60);
+const CREDENTIAL_CACHE_ENTRIES: usize = 10_000;
+
+/// Runs a store call on the blocking pool, with one database connection per pool thread.
+pub async fn with_store<R: Send + 'static>(
+    data_dir: PathBuf,
+    f: impl FnOnce(&Store) -> Result<R, StoreError> + Send + 'static,
+) -> Result<R, StoreError> {
+    thread_local! {
+        static STORE: RefCell<Option<Store>> = const { RefCell::new(None) };
+    }
+    let job = move || {
+        STORE.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            let store = match slot.take() {
+                Some(s) => s,
+                None => Store::open(&data_dir)?,
+            };
+            let result = f(&store);
+            *slot = Some(store);
+            result
+        })
+    };
+    monoio::spawn_blocking(job)
+        .await
+        .unwrap_or_else(|_| Err(StoreError::Internal("blocking pool task panicked".into())))
+}
+
+/// An authorised client.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    /// None for anonymous access to a public repository.
+    pub user: Option<String>,
+}
+
+/// Why a request was refused, in HTTP terms.
+#[derive(Debug)]
+pub enum Refusal {
+    /// 401 with a challenge.
+    Unauthorized(String),
+    /// 403.
+    Forbidden(String),
+    /// 404.
+    NotFound(String),
+    /// 500: the store failed.
+    Internal(String),
+}
+
+impl Refusal {
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::Unauthorized(_) => 401,
+            Self::Forbidden(_) => 403,
+            Self::NotFound(_) => 404,
+            Self::Internal(_) => 500,
+        }
+    }
+
+    pub fn message(&self) -> &str {
+        match self {
+            Self::Unauthorized(m) | Self::Forbidden(m) | Self::NotFound(m) | Self::Internal(m) => m,
+        }
+    }
+}
+
+enum Presented {
+    Anonymous,
+    Basic(BasicCredentials),
+    Token(String),
+}
+
+/// One shard's authoriser.
+pub struct HttpAuth {
+    data_dir: PathBuf,
+    secret: TokenSecret,
+    credentials: RefCell<CredentialCache>,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl HttpAuth {
+    pub fn new(data_dir: PathBuf, secret: TokenSecret) -> Self {
+        Self {
+            data_dir,
+            secret,
+            credentials: RefCell::new(CredentialCache::new(
+                CREDENTIAL_TTL,
+                CREDENTIAL_CACHE_ENTRIES,
+            )),
+        }
+    }
+
+    /// Authenticates the `Authorization` header and decides `need` on `repo`. LFS tokens are
+    /// only honoured where `accept_token` is set (the LFS endpoints they are minted for).
+    pub async fn authorize(
+        &self,
+        authorization: Option<&str>,
+        repo: &RepoName,
+        need: Access,
+        accept_token: bool,
+    ) -> Result<Principal, Refusal> {
+        let presented = match authorization {
+            None => Presented::Anonymous,
+            Some(h) if accept_token && h.trim_start().starts_with("Bearer ") => {
+                Presented::Token(h.trim_start()["Bearer ".len()..].trim().to_owned())
+            }
+            Some(h) => match parse_basic(h) {
+                Ok(c) => Presented::Basic(c),
+                Err(e) => return Err(Refusal::Unauthorized(e.to_string())),
+            },
+        };
+        let (user, verified_here) = match &presented {
+            Presented::Anonymous => (None, false),
+            Presented::Basic(c) => {
+                let cached = self
+                    .credentials
+                    .borrow()
+                    .is_verified(c, Instant::now());
+                (Some(c.user.clone()), !cached)
+            }
+            Presented::Token(t) => {
+                let op = if need >= Access::Write {
+                    token::Operation::Upload
+                } else {
+                    token::Operation::Download
+                };
+                match token::verify(&self.secret, t, repo, op, unix_now()) {
+                    Ok(claims) => (Some(claims.user), false),
+                    Err(e) => return Err(Refusal::Unauthorized(format!("LFS token refused: {e}"))),
+                }
+            }
+        };
+        let password = match &presented {
+            Presented::Basic(c) if verified_here => Some(c.password.clone()),
+            _ => None,
+        };
+        let lookup_repo = repo.clone();
+        let lookup_user = user.clone();
+        let result = with_store(self.data_dir.clone(), move |store| {
+            if let (Some(u), Some(p)) = (&lookup_user, &password) {
+                if !store.verify_password(u, p)? {
+                    return Ok((false, None));
+                }
+            }
+            let access: Option<RepoAccess> = store.repo_access(&lookup_repo, lookup_user.as_deref())?;
+            Ok((true, access))
+        })
+        .await;
+        let (verified, access) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "store lookup failed");
+                return Err(Refusal::Internal("internal error".into()));
+            }
+        };
+        if !verified {
+            return Err(Refusal::Unauthorized("invalid credentials".into()));
+        }
+        if let Presented::Basic(c) = &presented {
+            if verified_here {
+                self.credentials.borrow_mut().remember(c, Instant::now());
+            }
+        }
+        match decide(access, user.is_some(), need) {
+            Decision::Allow => Ok(Principal { user }),
+            Decision::Unauthorized => Err(Refusal::Unauthorized("authentication required".into())),
+            Decision::Forbidden => Err(Refusal::Forbidden(format!(
+                "you may not {} {repo}",
+                if need >= Access::Write { "write to" } else { "read" }
+            ))),
+            Decision::NotFound => Err(Refusal::NotFound(format!("repository {repo} not found"))),
+        }
+    }
+}

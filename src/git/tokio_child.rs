@@ -1,0 +1,277 @@
+//! A running git child driven by tokio (the sidecar runtimes: SSH), the counterpart of
+//! [`super::stream::RunningGit`] on the monoio shards.
+//!
+//! [`super::process::GitCommand::spawn`] hands back raw ends; here they become tokio I/O:
+//! - stdout (a non-blocking pipe) as [`tokio::net::unix::pipe::Receiver`];
+//! - stdin and stderr (socketpairs) as [`tokio::net::UnixStream`];
+//! - the exit through the pidfd, which becomes readable when the child exits, so waiting never
+//!   blocks the runtime thread and needs no SIGCHLD handler.
+//!
+//! Children are never left behind: dropping a [`TokioGit`] that was not waited for SIGKILLs its
+//! process group (so `pack-objects` dies too) and reaps it, on the runtime when one is running,
+//! else synchronously (a SIGKILLed process exits at once), so no zombie survives a cut session.
+
+use std::io;
+use std::os::fd::OwnedFd;
+use std::time::Duration;
+
+use tokio::io::unix::AsyncFd;
+use tokio::net::unix::pipe;
+use tokio::net::UnixStream;
+
+use super::process::{kill_group, try_reap, SpawnedGit};
+use crate::metrics::METRICS;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChildError {
+    #[error("cannot register git's {what} with the runtime: {source}")]
+    Register {
+        what: &'static str,
+        source: io::Error,
+    },
+}
+
+/// A git child whose pipes are tokio I/O objects. Take the pipes, drive them, then [`wait`].
+///
+/// [`wait`]: TokioGit::wait
+pub struct TokioGit {
+    pid: libc::pid_t,
+    pidfd: Option<AsyncFd<OwnedFd>>,
+    reaped: bool,
+    pub stdin: Option<UnixStream>,
+    pub stdout: Option<pipe::Receiver>,
+    pub stderr: Option<UnixStream>,
+}
+
+impl TokioGit {
+    /// Takes over a spawned child. Must run inside a tokio runtime with I/O enabled. On error
+    /// the child has been killed and reaped.
+    pub fn start(child: SpawnedGit) -> Result<Self, ChildError> {
+        let mut git = Self {
+            pid: child.pid,
+            pidfd: None,
+            reaped: false,
+            stdin: None,
+            stdout: None,
+            stderr: None,
+        };
+        // From here on, Drop kills and reaps the child whatever fails below.
+        METRICS.git_processes.inc();
+        let reg = |what| move |source| ChildError::Register { what, source };
+        // SAFETY: an OwnedFd stays open and keeps its number until the AsyncFd drops it.
+        let pidfd =
+            unsafe { AsyncFd::register_with_interest(child.pidfd, tokio::io::Interest::READABLE) };
+        git.pidfd = Some(pidfd.map_err(|e| reg("pidfd")(io::Error::from(e)))?);
+        git.stdout = Some(pipe::Receiver::from_owned_fd(child.stdout).map_err(reg("stdout pipe"))?);
+        git.stderr = Some(stream(child.stderr).map_err(reg("stderr"))?);
+        if let Some(stdin) = child.stdin {
+            git.stdin = Some(stream(stdin).map_err(reg("stdin"))?);
+        }
+        Ok(git)
+    }
+
+    pub fn pid(&self) -> libc::pid_t {
+        self.pid
+    }
+
+    /// Waits for the child to exit and reaps it: its exit code, or 128 + signal number.
+    /// Closes stdin first, so a child still reading it sees EOF.
+    pub async fn wait(&mut self) -> i32 {
+        self.stdin = None;
+        loop {
+            if let Some(code) = self.reap_now() {
+                return code;
+            }
+            match self.pidfd.as_ref() {
+                Some(fd) => match fd.readable().await {
+                    // The pidfd stays readable once the child has exited; the next try_reap
+                    // succeeds, so clearing readiness is only needed for a spurious wake.
+                    Ok(mut guard) => guard.clear_ready(),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+                },
+                None => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    }
+
+    fn reap_now(&mut self) -> Option<i32> {
+        if self.reaped {
+            return Some(-1);
+        }
+        let code = try_reap(self.pid)?;
+        self.reaped = true;
+        METRICS.git_processes.dec();
+        Some(code)
+    }
+}
+
+fn stream(s: std::os::unix::net::UnixStream) -> io::Result<UnixStream> {
+    s.set_nonblocking(true)?;
+    UnixStream::from_std(s)
+}
+
+impl Drop for TokioGit {
+    fn drop(&mut self) {
+        if self.reaped {
+            return;
+        }
+        METRICS.git_processes.dec();
+        METRICS.git_killed.inc();
+        kill_group(self.pid);
+        if try_reap(self.pid).is_some() {
+            return;
+        }
+        let reaper = Reaper {
+            pid: self.pid,
+            pidfd: self.pidfd.take(),
+            done: false,
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn(reaper.run());
+            }
+            // Not on a runtime: the Reaper's Drop waits synchronously.
+            Err(_) => drop(reaper),
+        }
+    }
+}
+
+/// Reaps one SIGKILLed child. If the runtime drops it before it ran (shutdown), Drop waits
+/// synchronously: the child was SIGKILLed, so that wait is short.
+struct Reaper {
+    pid: libc::pid_t,
+    pidfd: Option<AsyncFd<OwnedFd>>,
+    done: bool,
+}
+
+impl Reaper {
+    async fn run(mut self) {
+        for _ in 0..2000 {
+            if try_reap(self.pid).is_some() {
+                self.done = true;
+                return;
+            }
+            match self.pidfd.as_ref() {
+                Some(fd) => {
+                    match tokio::time::timeout(Duration::from_millis(50), fd.readable()).await {
+                        Ok(Ok(mut guard)) => guard.clear_ready(),
+                        Ok(Err(_)) | Err(_) => {}
+                    }
+                }
+                None => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+        // Still not gone after ~100 s of SIGKILL (uninterruptible I/O): Drop blocks for it.
+    }
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        // Deregister before closing: the pidfd must not be closed under the reactor.
+        if let Some(fd) = self.pidfd.take() {
+            drop(fd.into_inner());
+        }
+        // SAFETY: waiting for our own SIGKILLed child.
+        unsafe { libc::waitpid(self.pid, std::ptr::null_mut(), 0) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::git::process::{GitCommand, Mode, Service};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    fn bare_repo(dir: &std::path::Path) -> std::path::PathBuf {
+        let repo = dir.join("r.git");
+        let ok = std::process::Command::new("git")
+            .args(["init", "-q", "--bare"])
+            .arg(&repo)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+        repo
+    }
+
+    fn alive(pid: libc::pid_t) -> bool {
+        // A zombie still has /proc/PID; check its state instead.
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(stat) => !stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+            Err(_) => false,
+        }
+    }
+
+    #[test]
+    fn runs_upload_pack_and_reports_exit() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = bare_repo(dir.path());
+        runtime().block_on(async {
+            let cmd = GitCommand {
+                git: std::path::Path::new("git"),
+                service: Service::UploadPack,
+                repo_dir: &repo,
+                mode: Mode::Interactive,
+                protocol: Some("version=2"),
+                env: &[],
+            };
+            let mut git = TokioGit::start(cmd.spawn().unwrap()).unwrap();
+            let mut stdout = git.stdout.take().unwrap();
+            let mut stdin = git.stdin.take().unwrap();
+            // v2 advertises capabilities first; a flush-pkt then ends the session.
+            let mut buf = vec![0u8; 4096];
+            let n = stdout.read(&mut buf).await.unwrap();
+            assert!(String::from_utf8_lossy(&buf[..n]).contains("version 2"));
+            stdin.write_all(b"0000").await.unwrap();
+            drop(stdin);
+            let mut rest = Vec::new();
+            stdout.read_to_end(&mut rest).await.unwrap();
+            assert_eq!(git.wait().await, 0);
+        });
+    }
+
+    #[test]
+    fn drop_kills_and_reaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = bare_repo(dir.path());
+        let pid = runtime().block_on(async {
+            let cmd = GitCommand {
+                git: std::path::Path::new("git"),
+                service: Service::ReceivePack,
+                repo_dir: &repo,
+                mode: Mode::Interactive,
+                protocol: None,
+                env: &[],
+            };
+            let git = TokioGit::start(cmd.spawn().unwrap()).unwrap();
+            let pid = git.pid();
+            assert!(alive(pid));
+            drop(git);
+            // Let the reaper task run.
+            for _ in 0..200 {
+                if !alive(pid) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            pid
+        });
+        assert!(!alive(pid), "git {pid} survived its TokioGit");
+        assert!(
+            std::fs::metadata(format!("/proc/{pid}")).is_err(),
+            "zombie left"
+        );
+    }
+}

@@ -1,0 +1,573 @@
+//! The LFS HTTP handlers: batch, basic upload/download, verify, locks.
+//!
+//! Object bytes only ever sit in pinned pool buffers: an upload reads from the socket into a
+//! pool buffer, hashes it and writes it to the staging file; a download reads the file into a
+//! pool buffer and writes it to the socket. A buffer is taken per chunk and returned at once,
+//! so buffers circulate between transfers and a shard's transfer memory is the pool's size,
+//! whatever the object sizes and concurrency.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use monoio::buf::IoBufMut;
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use super::api::{self, ActionContext, BatchRequest, Known, Lock, Operation, CONTENT_TYPE};
+use super::pool::BufferPool;
+use super::storage::DiskStore;
+use crate::access::{with_store, HttpAuth, Principal, Refusal};
+use crate::config::{LfsLimits, ServeConfig};
+use crate::git::repo_name::RepoName;
+use crate::http::body::BodyReader;
+use crate::http::conn::Conn;
+use crate::http::head::{BodyFraming, Method, RequestHead};
+use crate::http::query_param;
+use crate::http::response::{encode_head, BodyLength};
+use crate::http::server::Reuse;
+use crate::metrics::METRICS;
+use crate::store::{Access, LockQuery, LockRecord};
+
+/// Largest JSON request body (batch, locks) accepted.
+const MAX_JSON_BODY: u64 = 1 << 20;
+const DEFAULT_LOCK_PAGE: usize = 100;
+const MAX_LOCK_PAGE: usize = 1000;
+
+/// An LFS request that cannot proceed: answered as `{"message": ...}`.
+struct Failure {
+    status: u16,
+    message: String,
+}
+
+fn fail(status: u16, message: impl Into<String>) -> Failure {
+    Failure {
+        status,
+        message: message.into(),
+    }
+}
+
+impl From<Refusal> for Failure {
+    fn from(r: Refusal) -> Self {
+        fail(r.status(), r.message())
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn lock_json(l: &LockRecord) -> Lock {
+    Lock {
+        id: l.id.to_string(),
+        path: l.path.clone(),
+        locked_at: api::rfc3339(u64::try_from(l.locked_at).unwrap_or(0)),
+        owner: api::Owner {
+            name: l.owner.clone(),
+        },
+    }
+}
+
+/// Parses `bytes=START-END`, `bytes=START-` or `bytes=-SUFFIX` against `size`; None when the
+/// range cannot be satisfied. Multiple ranges are not supported (git-lfs sends one).
+pub fn parse_range(header: &str, size: u64) -> Option<(u64, u64)> {
+    let spec = header.trim().strip_prefix("bytes=")?;
+    if spec.contains(',') || size == 0 {
+        return None;
+    }
+    let (a, b) = spec.split_once('-')?;
+    let (start, end) = match (a.trim(), b.trim()) {
+        ("", suffix) => {
+            let n: u64 = suffix.parse().ok()?;
+            (size.saturating_sub(n), size - 1)
+        }
+        (s, "") => (s.parse().ok()?, size - 1),
+        (s, e) => (s.parse().ok()?, e.parse::<u64>().ok()?.min(size - 1)),
+    };
+    (start <= end && start < size).then_some((start, end))
+}
+
+/// One shard's LFS handler.
+pub struct LfsHttp {
+    data_dir: PathBuf,
+    auth: Rc<HttpAuth>,
+    pool: BufferPool,
+    disk: DiskStore,
+    limits: LfsLimits,
+    fallback_host: String,
+}
+
+impl LfsHttp {
+    pub fn new(config: &ServeConfig, auth: Rc<HttpAuth>) -> Self {
+        Self {
+            data_dir: config.data_dir.clone(),
+            auth,
+            pool: BufferPool::new(config.lfs.buffer_size, config.lfs.buffers_per_shard),
+            disk: DiskStore::new(&config.data_dir),
+            limits: config.lfs.clone(),
+            fallback_host: config.http_listen.to_string(),
+        }
+    }
+
+    pub async fn handle(
+        &self,
+        head: &RequestHead,
+        conn: &mut Conn,
+        repo: &str,
+        path: &str,
+    ) -> io::Result<Reuse> {
+        let result = match RepoName::parse(repo) {
+            Ok(repo) => self.route(head, conn, &repo, path).await,
+            Err(e) => Err(fail(400, format!("invalid repository name: {e}"))),
+        };
+        match result {
+            Ok(reuse) => Ok(reuse),
+            Err(f) => {
+                let challenge: &[(&str, &str)] = if f.status == 401 {
+                    &[
+                        crate::smart_http::WWW_AUTHENTICATE,
+                        ("LFS-Authenticate", "Basic realm=\"gitplane\""),
+                    ]
+                } else {
+                    &[]
+                };
+                respond_json(conn, f.status, &api::ErrorBody { message: &f.message }, challenge).await?;
+                Ok(Reuse::KeepAlive)
+            }
+        }
+    }
+
+    async fn route(
+        &self,
+        head: &RequestHead,
+        conn: &mut Conn,
+        repo: &RepoName,
+        path: &str,
+    ) -> Result<Reuse, Failure> {
+        let r = match (head.method, path) {
+            (Method::Post, "objects/batch") => self.batch(head, conn, repo).await?,
+            (Method::Put, p) if p.starts_with("objects/") => {
+                self.upload(head, conn, repo, &p["objects/".len()..]).await?
+            }
+            (Method::Get, p) if p.starts_with("objects/") => {
+                self.download(head, conn, repo, &p["objects/".len()..]).await?
+            }
+            (Method::Post, "verify") => self.verify(head, conn, repo).await?,
+            (Method::Post, "locks") => self.create_lock(head, conn, repo).await?,
+            (Method::Get, "locks") => self.list_locks(head, conn, repo).await?,
+            (Method::Post, "locks/verify") => self.verify_locks(head, conn, repo).await?,
+            (Method::Post, p) if p.starts_with("locks/") && p.ends_with("/unlock") => {
+                let id = &p["locks/".len()..p.len() - "/unlock".len()];
+                self.unlock(head, conn, repo, id).await?
+            }
+            _ => return Err(fail(404, "no such LFS endpoint")),
+        };
+        Ok(r)
+    }
+
+    async fn authorize(
+        &self,
+        head: &RequestHead,
+        repo: &RepoName,
+        need: Access,
+    ) -> Result<Principal, Failure> {
+        Ok(self
+            .auth
+            .authorize(head.authorization.as_deref(), repo, need, true)
+            .await?)
+    }
+
+    async fn store<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&crate::store::Store) -> Result<R, crate::store::StoreError> + Send + 'static,
+    ) -> Result<R, Failure> {
+        with_store(self.data_dir.clone(), f).await.map_err(|e| {
+            tracing::error!(error = %e, "LFS store call failed");
+            fail(500, "internal error")
+        })
+    }
+
+    async fn batch(&self, head: &RequestHead, conn: &mut Conn, repo: &RepoName) -> Result<Reuse, Failure> {
+        METRICS.lfs.batch_requests.inc();
+        let req: BatchRequest = read_json(head, conn).await?;
+        let need = match req.operation {
+            Operation::Upload => Access::Write,
+            Operation::Download => Access::Read,
+        };
+        self.authorize(head, repo, need).await?;
+        api::check_request(&req, self.limits.max_batch_objects).map_err(|e| fail(e.status(), e.to_string()))?;
+        let repo_key = repo.to_string();
+        let oids: Vec<String> = req.objects.iter().map(|o| o.oid.clone()).collect();
+        let known: Vec<Known> = self
+            .store(move |s| {
+                oids.iter()
+                    .map(|oid| {
+                        if !api::valid_oid(oid) {
+                            return Ok(Known { stored_size: None, linked: false });
+                        }
+                        let st = s.lfs_object_state(&repo_key, oid)?;
+                        Ok(Known { stored_size: st.stored_size, linked: st.linked })
+                    })
+                    .collect()
+            })
+            .await?;
+        let host = head.host.as_deref().unwrap_or(&self.fallback_host);
+        let base = format!("http://{host}/{repo}.git/info/lfs");
+        let mut header = BTreeMap::new();
+        if let Some(a) = head.authorization.as_deref() {
+            header.insert("Authorization".to_owned(), a.to_owned());
+        }
+        let expires_in = self.limits.action_expiry.as_secs();
+        let expires_at = api::rfc3339(unix_now() + expires_in);
+        let ctx = ActionContext {
+            base: &base,
+            header: &header,
+            expires_in,
+            expires_at: &expires_at,
+            max_object_size: self.limits.max_object_size,
+        };
+        let objects = req
+            .objects
+            .iter()
+            .zip(known)
+            .map(|(spec, k)| api::answer(req.operation, spec, k, &ctx))
+            .collect();
+        let body = api::BatchResponse {
+            transfer: "basic",
+            objects,
+            hash_algo: "sha256",
+        };
+        respond_json(conn, 200, &body, &[]).await.map_err(io_failure)?;
+        Ok(Reuse::KeepAlive)
+    }
+
+    async fn upload(&self, head: &RequestHead, conn: &mut Conn, repo: &RepoName, oid: &str) -> Result<Reuse, Failure> {
+        if !api::valid_oid(oid) {
+            return Err(fail(422, "invalid object id"));
+        }
+        self.authorize(head, repo, Access::Write).await?;
+        let size = match head.framing {
+            BodyFraming::Length(n) => n,
+            BodyFraming::None => 0,
+            BodyFraming::Chunked => return Err(fail(411, "uploads need a Content-Length")),
+        };
+        if size > self.limits.max_object_size {
+            return Err(fail(413, format!("object larger than {} bytes", self.limits.max_object_size)));
+        }
+        if head.expect_continue {
+            let (res, _) = conn.write_all(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec()).await;
+            res.map_err(io_failure)?;
+        }
+        METRICS.lfs.active_transfers.inc();
+        let staged = self.disk.staging_path(oid);
+        let outcome = self.receive(conn, &staged, size).await;
+        METRICS.lfs.active_transfers.dec();
+        let digest = match outcome {
+            Ok(d) => d,
+            Err(f) => {
+                let _ = std::fs::remove_file(&staged);
+                conn.close_after_response();
+                return Err(f);
+            }
+        };
+        if hex::encode(digest) != oid {
+            let _ = std::fs::remove_file(&staged);
+            METRICS.lfs.verify_failures.inc();
+            return Err(fail(422, "content does not match the object id (SHA-256)"));
+        }
+        let (disk, oid_owned, repo_key) = (self.disk.clone(), oid.to_owned(), repo.to_string());
+        self.store(move |s| {
+            disk.publish(&staged, &oid_owned).map_err(|e| crate::store::StoreError::Internal(format!("publishing LFS object: {e}")))?;
+            s.lfs_record_object(&repo_key, &oid_owned, size)
+        })
+        .await?;
+        respond_json(conn, 200, &serde_json::json!({}), &[]).await.map_err(io_failure)?;
+        Ok(Reuse::KeepAlive)
+    }
+
+    /// Streams `size` body bytes into `staged` through pool buffers; returns the SHA-256.
+    async fn receive(&self, conn: &mut Conn, staged: &std::path::Path, size: u64) -> Result<[u8; 32], Failure> {
+        let file = monoio::fs::File::create(staged).await.map_err(|e| {
+            tracing::error!(path = %staged.display(), error = %e, "cannot create LFS staging file");
+            fail(500, "internal error")
+        })?;
+        let mut hasher = Sha256::new();
+        let mut offset = 0u64;
+        while offset < size {
+            let mut buf = self.pool.acquire().await;
+            let want = usize::try_from(size - offset).unwrap_or(usize::MAX).min(buf.capacity());
+            let buffered = conn.buffered();
+            if !buffered.is_empty() {
+                let take = buffered.len().min(want);
+                buf.fill_from(buffered.get(..take).unwrap_or_default());
+                conn.consume(take);
+            } else {
+                let (res, slice) = conn.stream().read(buf.slice_mut(0..want)).await;
+                buf = slice.into_inner();
+                match res {
+                    Ok(0) => return Err(fail(400, format!("body ended after {offset} of {size} bytes"))),
+                    Ok(_) => {}
+                    Err(e) => return Err(io_failure(e)),
+                }
+            }
+            let n = buf.filled().len();
+            hasher.update(buf.filled());
+            METRICS.lfs.bytes_in.add(n as u64);
+            let (res, _buf) = file.write_all_at(buf, offset).await;
+            res.map_err(|e| {
+                tracing::error!(error = %e, "writing LFS staging file");
+                fail(507, "cannot store the object")
+            })?;
+            offset += n as u64;
+        }
+        conn.body_finished();
+        file.sync_all().await.map_err(|e| {
+            tracing::error!(error = %e, "fsync of LFS staging file");
+            fail(507, "cannot store the object")
+        })?;
+        let _ = file.close().await;
+        Ok(hasher.finalize().into())
+    }
+
+    async fn download(&self, head: &RequestHead, conn: &mut Conn, repo: &RepoName, oid: &str) -> Result<Reuse, Failure> {
+        if !api::valid_oid(oid) {
+            return Err(fail(404, "object not found"));
+        }
+        self.authorize(head, repo, Access::Read).await?;
+        let (repo_key, oid_owned) = (repo.to_string(), oid.to_owned());
+        let state = self.store(move |s| s.lfs_object_state(&repo_key, &oid_owned)).await?;
+        let size = match state {
+            crate::store::ObjectState { stored_size: Some(s), linked: true } => s,
+            _ => return Err(fail(404, "object not found")),
+        };
+        let (status, start, end) = match head.range.as_deref() {
+            None => (200, 0, size.saturating_sub(1)),
+            Some(r) => match parse_range(r, size) {
+                Some((s, e)) => (206, s, e),
+                None => {
+                    let cr = format!("bytes */{size}");
+                    conn.respond(416, &[("Content-Range", &cr)], b"").await.map_err(io_failure)?;
+                    return Ok(Reuse::KeepAlive);
+                }
+            },
+        };
+        let len = if size == 0 { 0 } else { end - start + 1 };
+        let file = monoio::fs::File::open(self.disk.object_path(oid)).await.map_err(|e| {
+            tracing::error!(%oid, error = %e, "LFS object recorded but unreadable");
+            fail(500, "internal error")
+        })?;
+        let content_range = format!("bytes {start}-{end}/{size}");
+        let mut headers = vec![("Content-Type", "application/octet-stream"), ("Accept-Ranges", "bytes")];
+        if status == 206 {
+            headers.push(("Content-Range", &content_range));
+        }
+        let mut out = Vec::with_capacity(256);
+        encode_head(&mut out, status, &headers, BodyLength::Fixed(len), conn.reusable());
+        METRICS.response(status);
+        let (res, _) = conn.write_all(out).await;
+        res.map_err(io_failure)?;
+        METRICS.lfs.active_transfers.inc();
+        let sent = self.send_file(conn, &file, start, len).await;
+        METRICS.lfs.active_transfers.dec();
+        let _ = file.close().await;
+        sent?;
+        Ok(Reuse::KeepAlive)
+    }
+
+    async fn send_file(&self, conn: &mut Conn, file: &monoio::fs::File, start: u64, len: u64) -> Result<(), Failure> {
+        let mut done = 0u64;
+        while done < len {
+            let buf = self.pool.acquire().await;
+            let want = usize::try_from(len - done).unwrap_or(usize::MAX).min(buf.capacity());
+            let (res, slice) = file.read_at(buf.slice_mut(0..want), start + done).await;
+            let buf = slice.into_inner();
+            match res {
+                Ok(0) => return Err(fail(500, "object shorter than recorded")),
+                Ok(_) => {}
+                Err(e) => return Err(io_failure(e)),
+            }
+            let n = buf.filled().len() as u64;
+            let (res, _buf) = conn.stream().write_all(buf).await;
+            res.map_err(io_failure)?;
+            METRICS.lfs.bytes_out.add(n);
+            done += n;
+        }
+        Ok(())
+    }
+
+    async fn verify(&self, head: &RequestHead, conn: &mut Conn, repo: &RepoName) -> Result<Reuse, Failure> {
+        let v: api::VerifyObject = read_json(head, conn).await?;
+        self.authorize(head, repo, Access::Write).await?;
+        if !api::valid_oid(&v.oid) {
+            return Err(fail(422, "invalid object id"));
+        }
+        let (repo_key, oid) = (repo.to_string(), v.oid.clone());
+        let state = self.store(move |s| s.lfs_object_state(&repo_key, &oid)).await?;
+        match (state.stored_size, state.linked) {
+            (Some(s), true) if i64::try_from(s).ok() == Some(v.size) => {
+                respond_json(conn, 200, &serde_json::json!({}), &[]).await.map_err(io_failure)?;
+                Ok(Reuse::KeepAlive)
+            }
+            (Some(s), true) => Err(fail(422, format!("object size is {s}, not {}", v.size))),
+            _ => Err(fail(404, "object not found")),
+        }
+    }
+
+    async fn create_lock(&self, head: &RequestHead, conn: &mut Conn, repo: &RepoName) -> Result<Reuse, Failure> {
+        let req: api::CreateLock = read_json(head, conn).await?;
+        let who = self.authorize(head, repo, Access::Write).await?;
+        let user = who.user.ok_or_else(|| fail(401, "locks need an authenticated user"))?;
+        if req.path.is_empty() || req.path.len() > 4096 {
+            return Err(fail(422, "invalid lock path"));
+        }
+        let repo_key = repo.to_string();
+        let created = self.store(move |s| s.lfs_create_lock(&repo_key, &req.path, &user)).await?;
+        match created {
+            Ok(lock) => respond_json(conn, 201, &api::LockBody { lock: lock_json(&lock) }, &[]).await,
+            Err(existing) => {
+                let body = api::LockConflict {
+                    lock: lock_json(&existing),
+                    message: format!("already locked by {}", existing.owner),
+                };
+                respond_json(conn, 409, &body, &[]).await
+            }
+        }
+        .map_err(io_failure)?;
+        Ok(Reuse::KeepAlive)
+    }
+
+    fn lock_query(head: &RequestHead, cursor: Option<&str>, limit: Option<usize>) -> Result<LockQuery, Failure> {
+        let parse_id = |s: &str| s.parse::<i64>().map_err(|_| fail(422, format!("invalid id or cursor `{s}`")));
+        let q = head.query.as_deref();
+        let limit = match (limit, query_param(q, "limit")) {
+            (Some(l), _) => l,
+            (None, Some(l)) => l.parse().map_err(|_| fail(422, "invalid limit"))?,
+            (None, None) => DEFAULT_LOCK_PAGE,
+        };
+        Ok(LockQuery {
+            path: query_param(q, "path").map(|p| p.replace("%2F", "/").replace("%2f", "/")),
+            id: query_param(q, "id").map(parse_id).transpose()?,
+            after_id: cursor.or(query_param(q, "cursor")).map(parse_id).transpose()?,
+            limit: limit.clamp(1, MAX_LOCK_PAGE),
+        })
+    }
+
+    async fn list_locks(&self, head: &RequestHead, conn: &mut Conn, repo: &RepoName) -> Result<Reuse, Failure> {
+        self.authorize(head, repo, Access::Read).await?;
+        let query = Self::lock_query(head, None, None)?;
+        let repo_key = repo.to_string();
+        let (locks, more) = self.store(move |s| s.lfs_list_locks(&repo_key, &query)).await?;
+        let body = api::LockList {
+            next_cursor: more.then(|| locks.last().map(|l| l.id.to_string())).flatten(),
+            locks: locks.iter().map(lock_json).collect(),
+        };
+        respond_json(conn, 200, &body, &[]).await.map_err(io_failure)?;
+        Ok(Reuse::KeepAlive)
+    }
+
+    async fn verify_locks(&self, head: &RequestHead, conn: &mut Conn, repo: &RepoName) -> Result<Reuse, Failure> {
+        let req: api::VerifyLocks = read_json(head, conn).await?;
+        let who = self.authorize(head, repo, Access::Write).await?;
+        let user = who.user.ok_or_else(|| fail(401, "locks need an authenticated user"))?;
+        let query = Self::lock_query(head, req.cursor.as_deref(), req.limit)?;
+        let repo_key = repo.to_string();
+        let (locks, more) = self.store(move |s| s.lfs_list_locks(&repo_key, &query)).await?;
+        let (ours, theirs): (Vec<_>, Vec<_>) = locks.iter().partition(|l| l.owner == user);
+        let body = api::VerifyLocksBody {
+            ours: ours.into_iter().map(lock_json).collect(),
+            theirs: theirs.into_iter().map(lock_json).collect(),
+            next_cursor: more.then(|| locks.last().map(|l| l.id.to_string())).flatten(),
+        };
+        respond_json(conn, 200, &body, &[]).await.map_err(io_failure)?;
+        Ok(Reuse::KeepAlive)
+    }
+
+    async fn unlock(&self, head: &RequestHead, conn: &mut Conn, repo: &RepoName, id: &str) -> Result<Reuse, Failure> {
+        let req: api::Unlock = read_json(head, conn).await.or_else(|f| if f.status == 422 { Ok(api::Unlock::default()) } else { Err(f) })?;
+        let id: i64 = id.parse().map_err(|_| fail(404, "lock not found"))?;
+        let who = self.authorize(head, repo, Access::Write).await?;
+        let user = who.user.ok_or_else(|| fail(401, "locks need an authenticated user"))?;
+        let repo_key = repo.to_string();
+        let query = LockQuery { id: Some(id), limit: 1, ..LockQuery::default() };
+        let (found, _) = self.store(move |s| s.lfs_list_locks(&repo_key, &query)).await?;
+        let lock = found.into_iter().next().ok_or_else(|| fail(404, "lock not found"))?;
+        if lock.owner != user {
+            if !req.force {
+                return Err(fail(403, format!("locked by {}; unlock with --force if you are an admin", lock.owner)));
+            }
+            // Breaking someone else's lock is an admin's right.
+            self.authorize(head, repo, Access::Admin)
+                .await
+                .map_err(|_| fail(403, "only a repository admin may force-unlock another user's lock"))?;
+        }
+        let repo_key = repo.to_string();
+        let removed = self.store(move |s| s.lfs_delete_lock(&repo_key, id)).await?;
+        let removed = removed.ok_or_else(|| fail(404, "lock not found"))?;
+        respond_json(conn, 200, &api::LockBody { lock: lock_json(&removed) }, &[]).await.map_err(io_failure)?;
+        Ok(Reuse::KeepAlive)
+    }
+}
+
+fn io_failure(e: io::Error) -> Failure {
+    tracing::debug!(error = %e, "LFS connection failed");
+    fail(499, "connection failed")
+}
+
+async fn respond_json<T: Serialize>(conn: &mut Conn, status: u16, body: &T, extra: &[(&str, &str)]) -> io::Result<()> {
+    let json = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
+    let mut headers = Vec::with_capacity(extra.len() + 1);
+    headers.push(("Content-Type", CONTENT_TYPE));
+    headers.extend_from_slice(extra);
+    conn.respond(status, &headers, &json).await
+}
+
+/// Reads a bounded JSON request body.
+async fn read_json<T: DeserializeOwned>(head: &RequestHead, conn: &mut Conn) -> Result<T, Failure> {
+    if let BodyFraming::Length(n) = head.framing {
+        if n > MAX_JSON_BODY {
+            conn.close_after_response();
+            return Err(fail(413, "request body too large"));
+        }
+    }
+    let mut reader = BodyReader::new(head, MAX_JSON_BODY);
+    let mut body = Vec::new();
+    loop {
+        let more = reader.read(conn, &mut body).await.map_err(|e| {
+            conn.close_after_response();
+            fail(e.status(), e.to_string())
+        })?;
+        if body.len() as u64 > MAX_JSON_BODY {
+            conn.close_after_response();
+            return Err(fail(413, "request body too large"));
+        }
+        if !more {
+            break;
+        }
+    }
+    serde_json::from_slice(&body).map_err(|e| fail(422, format!("invalid JSON: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_range;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=0-99", 1000), Some((0, 99)));
+        assert_eq!(parse_range("bytes=900-", 1000), Some((900, 999)));
+        assert_eq!(parse_range("bytes=-100", 1000), Some((900, 999)));
+        assert_eq!(parse_range("bytes=990-2000", 1000), Some((990, 999)));
+        assert_eq!(parse_range("bytes=1000-", 1000), None);
+        assert_eq!(parse_range("bytes=5-1", 1000), None);
+        assert_eq!(parse_range("bytes=0-1,5-6", 1000), None);
+        assert_eq!(parse_range("items=0-1", 1000), None);
+        assert_eq!(parse_range("bytes=0-0", 0), None);
+    }
+}

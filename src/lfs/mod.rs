@@ -1,0 +1,12 @@
+//! Git LFS: the Batch API, basic transfers (PUT/GET with Range), verify, and the Locking API,
+//! on the shard's HTTP server at `/OWNER/NAME.git/info/lfs/...`.
+//!
+//! - [`api`]: the JSON and the batch decision (no I/O);
+//! - [`pool`]: the per-shard pool of pinned, page-aligned transfer buffers that bounds memory;
+//! - [`storage`]: verified objects on local disk;
+//! - [`http`]: the request handlers.
+
+pub mod api;
+pub mod http;
+pub mod pool;
+pub mod storage;

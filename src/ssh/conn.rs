@@ -1,0 +1,232 @@
+//! One SSH connection from accept to close, supervised from outside the russh session.
+//!
+//! Why supervise from outside: russh runs each session as its own task and a stalled peer can
+//! park that task at any await (the version line, key exchange, auth). Backlog's SSH service
+//! leaked exactly such connections. So the supervisor keeps a `dup` of the socket ([`Cutter`])
+//! and, whatever the session is doing:
+//! - closes it when authentication has not succeeded by the handshake deadline (one deadline
+//!   for the whole pre-auth phase, starting at accept);
+//! - closes it when the peer is gone while git runs (the session task may be blocked handing
+//!   client data to a git that is not reading, and would not notice);
+//! - on shutdown, closes it at once if nothing runs on it, else after its git sessions end.
+//!
+//! `shutdown(2)` on the dup wakes every pending read and write of the session with EOF/EPIPE,
+//! so the session task ends and drops its end; SO_LINGER 0 makes the final close a RST, which
+//! frees the kernel's socket state at once.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::handler::{ConnHandler, Phase, PreAuthGuard};
+use super::SshShared;
+use crate::metrics::METRICS;
+use crate::server::shard::tune_socket;
+use crate::server::sidecar::{stopped, StopSignal};
+
+/// How often a connection with running git checks that its peer is still there.
+const LIVENESS_INTERVAL: Duration = Duration::from_secs(2);
+/// How long a cut session may take to notice before the supervisor stops waiting for it.
+const CUT_WAIT: Duration = Duration::from_secs(5);
+/// How long a session may take to deliver its last output on shutdown before it is cut.
+const DRAIN_WAIT: Duration = Duration::from_secs(5);
+
+/// A second fd on the connection's socket, to end it from outside the session.
+struct Cutter(OwnedFd);
+
+impl Cutter {
+    fn new(fd: RawFd) -> io::Result<Self> {
+        // SAFETY: F_DUPFD_CLOEXEC on an open socket returns a new fd we own, or -1.
+        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: dup is a fresh fd that nothing else owns.
+        Ok(Self(unsafe { OwnedFd::from_raw_fd(dup) }))
+    }
+
+    /// Ends the connection: every pending I/O of the session fails, and the last close resets.
+    fn cut(&self) {
+        let fd = self.0.as_raw_fd();
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: plain socket calls on an fd we own; errors (already closed) are harmless.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                std::ptr::addr_of!(linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            );
+            libc::shutdown(fd, libc::SHUT_RDWR);
+        }
+    }
+
+    /// True when the peer has closed, reset or timed out (kernel keepalive, TCP_USER_TIMEOUT).
+    fn peer_gone(&self) -> bool {
+        let mut p = libc::pollfd {
+            fd: self.0.as_raw_fd(),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, zero timeout.
+        let r = unsafe { libc::poll(&mut p, 1, 0) };
+        r > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+    }
+}
+
+struct ConnGauge;
+
+impl ConnGauge {
+    fn new() -> Self {
+        METRICS.ssh.connections.inc();
+        Self
+    }
+}
+
+impl Drop for ConnGauge {
+    fn drop(&mut self) {
+        METRICS.ssh.connections.dec();
+    }
+}
+
+/// Serves one accepted connection to the end.
+pub(super) async fn serve(
+    shared: Arc<SshShared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    mut stop: StopSignal,
+) {
+    let _gauge = ConnGauge::new();
+    let fd = stream.as_raw_fd();
+    if let Err(e) = tune_socket(fd, &shared.config.tcp) {
+        tracing::debug!(%peer, error = %e, "cannot set SSH socket options");
+    }
+    let slot = match shared.preauth.try_admit(peer.ip()) {
+        Ok(s) => s,
+        Err(refusal) => {
+            METRICS.ssh.handshakes_refused.inc();
+            tracing::info!(%peer, reason = %refusal, "SSH connection refused");
+            if let Ok(c) = Cutter::new(fd) {
+                c.cut();
+            }
+            return;
+        }
+    };
+    METRICS.ssh.handshakes_started.inc();
+    let cutter = match Cutter::new(fd) {
+        Ok(c) => c,
+        Err(e) => {
+            // Without a way to cut the connection, do not serve it (e.g. EMFILE).
+            tracing::warn!(%peer, error = %e, "cannot dup SSH socket; closing");
+            METRICS.ssh.handshakes_failed.inc();
+            return;
+        }
+    };
+    let local = stream.local_addr().ok();
+    let (phase_tx, mut phase) = watch::channel(Phase::default());
+    let (dead_tx, dead_rx) = watch::channel(false);
+    let handler = ConnHandler::new(
+        Arc::clone(&shared),
+        peer,
+        local,
+        PreAuthGuard::new(slot),
+        Arc::new(phase_tx),
+        dead_rx,
+        stop.clone(),
+    );
+    let deadline = Instant::now() + shared.limits.handshake_timeout;
+    let started = tokio::time::timeout_at(
+        deadline,
+        russh::server::run_stream(Arc::clone(&shared.russh), stream, handler),
+    )
+    .await;
+    let session = match started {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            // The version exchange failed: not SSH, or the peer closed.
+            tracing::debug!(%peer, error = %e, "SSH handshake failed");
+            METRICS.ssh.handshakes_failed.inc();
+            return;
+        }
+        Err(_) => {
+            // Dropping the future dropped the stream: the socket is closed already.
+            METRICS.ssh.handshakes_timed_out.inc();
+            tracing::info!(%peer, "SSH handshake timed out before the version exchange");
+            cutter.cut();
+            return;
+        }
+    };
+    let handle = session.handle();
+    tokio::pin!(session);
+    let mut liveness = tokio::time::interval(LIVENESS_INTERVAL);
+    let mut stopping = false;
+    let mut authenticated = false;
+    loop {
+        let now = *phase.borrow_and_update();
+        authenticated |= now.authenticated;
+        if stopping && now.execs == 0 {
+            // Shutdown and nothing runs here: say goodbye. The disconnect queues behind any
+            // output still on its way (the end of a pack, the exit status), so wait for the
+            // session to flush it and end before cutting.
+            let bye = handle.disconnect(
+                russh::Disconnect::ByApplication,
+                "server is shutting down".into(),
+                "en".into(),
+            );
+            let _ = tokio::time::timeout(DRAIN_WAIT, bye).await;
+            if tokio::time::timeout(DRAIN_WAIT, &mut session).await.is_ok() {
+                return;
+            }
+            cutter.cut();
+            break;
+        }
+        tokio::select! {
+            result = &mut session => {
+                if let Err(e) = result {
+                    tracing::debug!(%peer, error = %e, "SSH session ended with an error");
+                }
+                if !authenticated && !phase.borrow().authenticated {
+                    METRICS.ssh.handshakes_failed.inc();
+                }
+                return;
+            }
+            _ = tokio::time::sleep_until(deadline), if !authenticated => {
+                METRICS.ssh.handshakes_timed_out.inc();
+                tracing::info!(%peer, "SSH handshake timed out: closing");
+                cutter.cut();
+                break;
+            }
+            changed = phase.changed() => {
+                if changed.is_err() {
+                    // The handler is gone, so the session is ending: wait for it.
+                    let _ = (&mut session).await;
+                    return;
+                }
+            }
+            _ = stopped(&mut stop), if !stopping => stopping = true,
+            _ = liveness.tick(), if now.execs > 0 => {
+                if cutter.peer_gone() {
+                    tracing::info!(%peer, "SSH client gone while git ran: cutting");
+                    let _ = dead_tx.send(true);
+                    cutter.cut();
+                    break;
+                }
+            }
+        }
+    }
+    // Cut: the session notices at its next I/O, which the shutdown made fail at once.
+    let _ = dead_tx.send(true);
+    if tokio::time::timeout(CUT_WAIT, &mut session).await.is_err() {
+        tracing::warn!(%peer, "SSH session did not end after its socket was cut");
+    }
+}

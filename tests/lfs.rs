@@ -1,0 +1,268 @@
+//! Git LFS end to end: the real `git-lfs` client against a real server, plus raw requests for
+//! the refusals a well-behaved client never makes.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+use sha2::{Digest, Sha256};
+
+fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+fn basic(user: &str, pw: &str) -> String {
+    use base64::Engine;
+    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pw}")))
+}
+
+/// A working copy whose credentials for the server come from a store file, as a user's would.
+fn lfs_worktree(server: &Server, dir: &Path, user: &str, pw: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    let creds = dir.with_extension("credentials");
+    std::fs::write(&creds, format!("http://{user}:{pw}@{}\n", server.addr)).unwrap();
+    git(dir, &["init", "-q", "-b", "main"]);
+    git(dir, &["config", "credential.helper", &format!("store --file={}", creds.display())]);
+    git(dir, &["config", "user.name", user]);
+    git(dir, &["config", "user.email", &format!("{user}@example.com")]);
+    git(dir, &["lfs", "install", "--local"]);
+}
+
+fn lfs_env() -> [(&'static str, &'static str); 1] {
+    [("GIT_LFS_SKIP_SMUDGE", "0")]
+}
+
+/// A raw request with a body; returns the whole response.
+fn request(server: &Server, head: &str, body: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(server.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    // The server may answer (and stop reading) before the body is sent: a write error is fine,
+    // the response is what the test checks.
+    let _ = s.write_all(head.as_bytes()).and_then(|_| s.write_all(body));
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    out
+}
+
+fn body_of(raw: &[u8]) -> &[u8] {
+    let at = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("head end");
+    &raw[at + 4..]
+}
+
+#[test]
+fn push_and_clone_large_objects_through_git_lfs() {
+    require_tool("git-lfs");
+    let server = Server::start();
+    server.add_user("alice", "a-pass");
+    server.create_repo("admin/media", false);
+    server.admin(&["repo", "grant", "admin/media", "alice", "write"], None);
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    lfs_worktree(&server, &src, "alice", "a-pass");
+    git(&src, &["lfs", "track", "*.bin"]);
+    let sizes = [50usize << 20, 100 << 20, 200 << 20];
+    let mut expected = Vec::new();
+    for (i, size) in sizes.iter().enumerate() {
+        let data = random_bytes(*size, i as u64 + 1);
+        expected.push((format!("f{i}.bin"), sha256_hex(&data)));
+        std::fs::write(src.join(format!("f{i}.bin")), data).unwrap();
+    }
+    git(&src, &["add", "."]);
+    git(&src, &["commit", "-q", "-m", "binaries"]);
+    let url = server.url("admin/media", None);
+    git(&src, &["remote", "add", "origin", &url]);
+    git_env(&src, &["push", "-q", "origin", "main"], &lfs_env());
+
+    // The objects are on the server, verified, under their SHA-256.
+    for (_, oid) in &expected {
+        let path = server.data_dir().join(format!("lfs/objects/{}/{}/{oid}", &oid[0..2], &oid[2..4]));
+        assert!(path.exists(), "{oid} missing on the server");
+    }
+    // A fresh clone gets the real contents back.
+    let dest = work.path().join("dest");
+    lfs_worktree(&server, &dest, "alice", "a-pass");
+    git(&dest, &["remote", "add", "origin", &url]);
+    git_env(&dest, &["pull", "-q", "origin", "main"], &lfs_env());
+    for (name, oid) in &expected {
+        let got = std::fs::read(dest.join(name)).unwrap();
+        assert_eq!(&sha256_hex(&got), oid, "{name} differs after clone");
+    }
+    // The server's metrics saw the bytes.
+    let raw = raw_request(server.addr, b"GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n", Duration::from_secs(10));
+    let text = String::from_utf8_lossy(&raw);
+    let total: u64 = sizes.iter().map(|s| *s as u64).sum();
+    let bytes_in: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("gitplane_lfs_bytes_in_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(bytes_in >= total, "bytes in {bytes_in} < {total}");
+}
+
+#[test]
+fn locks_from_the_client_with_a_conflict_between_users() {
+    require_tool("git-lfs");
+    let server = Server::start();
+    server.add_user("alice", "a-pass");
+    server.add_user("bob", "b-pass");
+    server.create_repo("admin/art", false);
+    server.admin(&["repo", "grant", "admin/art", "alice", "write"], None);
+    server.admin(&["repo", "grant", "admin/art", "bob", "write"], None);
+    let work = tempfile::tempdir().unwrap();
+    let url = server.url("admin/art", None);
+    let a = work.path().join("a");
+    lfs_worktree(&server, &a, "alice", "a-pass");
+    git(&a, &["lfs", "track", "--lockable", "*.psd"]);
+    std::fs::write(a.join("cover.psd"), b"layers").unwrap();
+    git(&a, &["add", "."]);
+    git(&a, &["commit", "-q", "-m", "art"]);
+    git(&a, &["remote", "add", "origin", &url]);
+    git(&a, &["push", "-q", "origin", "main"]);
+
+    let b = work.path().join("b");
+    lfs_worktree(&server, &b, "bob", "b-pass");
+    git(&b, &["remote", "add", "origin", &url]);
+    git(&b, &["pull", "-q", "origin", "main"]);
+
+    let out = git(&a, &["lfs", "lock", "cover.psd"]);
+    assert!(out.contains("Locked cover.psd"), "{out}");
+    let listed = git(&b, &["lfs", "locks"]);
+    assert!(listed.contains("cover.psd") && listed.contains("alice"), "{listed}");
+    let json = git(&b, &["lfs", "locks", "--json", "--path", "cover.psd"]);
+    assert!(json.contains("\"owner\":{\"name\":\"alice\"}"), "{json}");
+
+    // Bob cannot take or break Alice's lock.
+    let out = git_raw(&b, &["lfs", "lock", "cover.psd"], &[]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already locked"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = git_raw(&b, &["lfs", "unlock", "--force", "cover.psd"], &[]);
+    assert!(!out.status.success(), "a writer may not force-unlock");
+    // Verify: alice sees it as hers.
+    let verify = git(&a, &["lfs", "locks", "--verify"]);
+    assert!(verify.contains("O cover.psd"), "{verify}");
+    // Alice unlocks; now Bob can lock.
+    git(&a, &["lfs", "unlock", "cover.psd"]);
+    git(&b, &["lfs", "lock", "cover.psd"]);
+    // The admin (owner of the repository) may break Bob's lock.
+    let c = work.path().join("c");
+    lfs_worktree(&server, &c, "admin", &server.admin_password);
+    git(&c, &["remote", "add", "origin", &url]);
+    git(&c, &["pull", "-q", "origin", "main"]);
+    git(&c, &["lfs", "unlock", "--force", "cover.psd"]);
+    assert!(!git(&b, &["lfs", "locks"]).contains("cover.psd"));
+}
+
+#[test]
+fn uploads_are_verified_and_objects_scoped_per_repository() {
+    let server = Server::start();
+    server.create_repo("admin/one", false);
+    server.create_repo("admin/two", false);
+    let auth = basic("admin", &server.admin_password);
+    let data = random_bytes(300_000, 9);
+    let oid = sha256_hex(&data);
+    let put = |repo: &str, oid: &str, body: &[u8], declared: usize| {
+        let head = format!(
+            "PUT /{repo}.git/info/lfs/objects/{oid} HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n\
+             Content-Type: application/octet-stream\r\nContent-Length: {declared}\r\nConnection: close\r\n\r\n"
+        );
+        let mut s = TcpStream::connect(server.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.write_all(head.as_bytes()).unwrap();
+        s.write_all(body).unwrap();
+        // A short body: tell the server nothing more is coming.
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        out
+    };
+    let object_path = server.data_dir().join(format!("lfs/objects/{}/{}/{oid}", &oid[0..2], &oid[2..4]));
+    // Wrong content for the id: 422, nothing visible.
+    let mut wrong = data.clone();
+    wrong[1000] ^= 1;
+    let raw = put("admin/one", &oid, &wrong, wrong.len());
+    assert_eq!(status_of(&raw), 422, "{}", String::from_utf8_lossy(&raw));
+    assert!(!object_path.exists());
+    // Short body: refused, nothing visible.
+    let raw = put("admin/one", &oid, &data[..1000], data.len());
+    assert_eq!(status_of(&raw), 400, "{}", String::from_utf8_lossy(&raw));
+    assert!(!object_path.exists());
+    assert_eq!(std::fs::read_dir(server.data_dir().join("lfs/tmp")).unwrap().count(), 0, "staging files left behind");
+    // The right content: stored.
+    let raw = put("admin/one", &oid, &data, data.len());
+    assert_eq!(status_of(&raw), 200, "{}", String::from_utf8_lossy(&raw));
+    assert_eq!(std::fs::read(&object_path).unwrap(), data);
+
+    let get = |repo: &str, range: Option<&str>| {
+        let range = range.map(|r| format!("Range: {r}\r\n")).unwrap_or_default();
+        request(
+            &server,
+            &format!("GET /{repo}.git/info/lfs/objects/{oid} HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n{range}Connection: close\r\n\r\n"),
+            b"",
+        )
+    };
+    let raw = get("admin/one", None);
+    assert_eq!(status_of(&raw), 200);
+    assert_eq!(body_of(&raw), &data[..]);
+    // Repository two never uploaded it: not downloadable there, and batch says 404.
+    assert_eq!(status_of(&get("admin/two", None)), 404);
+    let batch = format!(r#"{{"operation":"download","objects":[{{"oid":"{oid}","size":{}}}]}}"#, data.len());
+    let raw = request(
+        &server,
+        &format!(
+            "POST /admin/two.git/info/lfs/objects/batch HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n\
+             Content-Type: application/vnd.git-lfs+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            batch.len()
+        ),
+        batch.as_bytes(),
+    );
+    assert_eq!(status_of(&raw), 200);
+    let json: serde_json::Value = serde_json::from_slice(body_of(&raw)).unwrap();
+    assert_eq!(json["objects"][0]["error"]["code"], 404, "{json}");
+    // Range downloads (git-lfs resumes with them).
+    let raw = get("admin/one", Some("bytes=1000-1999"));
+    assert_eq!(status_of(&raw), 206);
+    assert!(String::from_utf8_lossy(&raw).contains(&format!("Content-Range: bytes 1000-1999/{}", data.len())));
+    assert_eq!(body_of(&raw), &data[1000..2000]);
+    let raw = get("admin/one", Some("bytes=-10"));
+    assert_eq!(body_of(&raw), &data[data.len() - 10..]);
+    assert_eq!(status_of(&get("admin/one", Some(&format!("bytes={}-", data.len())))), 416);
+}
+
+#[test]
+fn batch_api_refuses_bad_requests_cleanly() {
+    let server = Server::start();
+    server.create_repo("admin/r", true);
+    let auth = basic("admin", &server.admin_password);
+    let post = |body: &str, auth: Option<&str>| {
+        let auth = auth.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default();
+        request(
+            &server,
+            &format!(
+                "POST /admin/r.git/info/lfs/objects/batch HTTP/1.1\r\nHost: x\r\n{auth}\
+                 Content-Type: application/vnd.git-lfs+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            ),
+            body.as_bytes(),
+        )
+    };
+    assert_eq!(status_of(&post("{not json", Some(&auth))), 422);
+    assert_eq!(status_of(&post(r#"{"operation":"download","objects":[],"hash_algo":"md5"}"#, Some(&auth))), 409);
+    // Anonymous upload to a public repo: 401 with the LFS challenge; anonymous download is fine.
+    let raw = post(r#"{"operation":"upload","objects":[]}"#, None);
+    assert_eq!(status_of(&raw), 401);
+    assert!(String::from_utf8_lossy(&raw).contains("LFS-Authenticate"));
+    assert_eq!(status_of(&post(r#"{"operation":"download","objects":[]}"#, None)), 200);
+    // Per-object validation errors.
+    let raw = post(r#"{"operation":"upload","objects":[{"oid":"../../etc/passwd","size":1},{"oid":"aa","size":-1}]}"#, Some(&auth));
+    assert_eq!(status_of(&raw), 200);
+    let json: serde_json::Value = serde_json::from_slice(body_of(&raw)).unwrap();
+    assert_eq!(json["objects"][0]["error"]["code"], 422);
+    assert_eq!(json["objects"][1]["error"]["code"], 422);
+    // An oversized body is refused before it is read.
+    let big = "x".repeat(2 << 20);
+    assert_eq!(status_of(&post(&big, Some(&auth))), 413);
+}
