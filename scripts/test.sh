@@ -12,6 +12,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 apt_missing=()
 need() { command -v "$1" >/dev/null 2>&1 || apt_missing+=("$2"); }
 need git git
+need git-lfs git-lfs
 need ssh openssh-client
 need ssh-keygen openssh-client
 need python3 python3
@@ -23,6 +24,45 @@ if [ "${#apt_missing[@]}" -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${apt_missing[@]}"
 fi
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
+# Python packages for real peers: install only what does not import.
+pip_need() {
+    local module=$1; shift
+    python3 -c "import $module" >/dev/null 2>&1 && return 0
+    echo "test.sh: installing $*"
+    if ! python3 -m pip --version >/dev/null 2>&1; then
+        if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+        $SUDO apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends python3-pip
+    fi
+    python3 -m pip install --quiet "$@" || python3 -m pip install --quiet --break-system-packages "$@"
+}
+# The gRPC tests drive a real gRPC client: Python grpcio, with stubs made by grpcio-tools.
+pip_need "grpc, grpc_tools" grpcio grpcio-tools
+# The LFS S3 test runs a real S3-compatible server: moto's (each test starts its own).
+pip_need "moto.server" "moto[server]"
+# The hook-worker tests (tests/hooks.rs) use a real RabbitMQ broker on 127.0.0.1:5672 with the
+# default guest/guest account (RabbitMQ allows it from localhost only). Installed from Debian and
+# started detached when nothing listens there; an already running broker is used as it is.
+broker_up() { (exec 3<>/dev/tcp/127.0.0.1/5672) >/dev/null 2>&1; }
+if ! broker_up; then
+    if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+    if ! command -v rabbitmq-server >/dev/null 2>&1; then
+        echo "test.sh: installing rabbitmq-server"
+        $SUDO apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends rabbitmq-server
+    fi
+    # The package may have started it already (where services start on install).
+    for _ in $(seq 1 10); do broker_up && break; sleep 1; done
+    if ! broker_up; then
+        echo "test.sh: starting rabbitmq-server"
+        $SUDO rabbitmq-server -detached
+    fi
+    for _ in $(seq 1 120); do broker_up && break; sleep 1; done
+    if ! broker_up; then
+        echo "test.sh: RabbitMQ did not listen on 127.0.0.1:5672 within 120 s; see /var/log/rabbitmq/" >&2
+        exit 1
+    fi
+fi
 
 # --- lints: the habits the project holds itself to ---------------------------------------------
 echo "test.sh: cargo fmt --check"

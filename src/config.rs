@@ -62,6 +62,40 @@ pub struct LfsSection {
     pub max_batch_objects: usize,
     /// Seconds a batch action's href stays valid. Default 3600.
     pub action_expiry_secs: u64,
+    /// Store objects in S3-compatible storage instead of `DATA/lfs` (absent: local disk).
+    pub s3: Option<S3Section>,
+}
+
+/// `[lfs.s3]`: an S3-compatible endpoint reached over plain HTTP (see docs/ARCHITECTURE.md).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Section {
+    /// `host:port`, e.g. `127.0.0.1:9000`.
+    pub endpoint: String,
+    pub bucket: String,
+    /// Key prefix. Default `lfs/`.
+    #[serde(default = "default_s3_prefix")]
+    pub prefix: String,
+    /// Default `us-east-1`.
+    #[serde(default = "default_s3_region")]
+    pub region: String,
+    /// Default: the AWS_ACCESS_KEY_ID environment variable.
+    pub access_key_id: Option<String>,
+    /// Default: the AWS_SECRET_ACCESS_KEY environment variable.
+    pub secret_access_key: Option<String>,
+    /// Multipart part size in MiB (at least 5). Default 8.
+    #[serde(default = "default_part_mib")]
+    pub part_size_mib: u64,
+}
+
+fn default_s3_prefix() -> String {
+    "lfs/".into()
+}
+fn default_s3_region() -> String {
+    "us-east-1".into()
+}
+fn default_part_mib() -> u64 {
+    8
 }
 
 impl Default for LfsSection {
@@ -72,6 +106,7 @@ impl Default for LfsSection {
             max_object_size: 50 << 30,
             max_batch_objects: 1000,
             action_expiry_secs: 3600,
+            s3: None,
         }
     }
 }
@@ -84,6 +119,36 @@ pub struct LfsLimits {
     pub max_object_size: u64,
     pub max_batch_objects: usize,
     pub action_expiry: Duration,
+    pub s3: Option<crate::lfs::s3::S3Settings>,
+}
+
+fn s3_settings(s: S3Section) -> Result<crate::lfs::s3::S3Settings, ConfigError> {
+    let from_env = |field: &'static str, value: Option<String>, var: &str| {
+        value
+            .or_else(|| std::env::var(var).ok())
+            .ok_or_else(|| invalid(field, format!("not set, and {var} is not in the environment")))
+    };
+    if s.part_size_mib < 5 {
+        return Err(invalid("lfs.s3.part_size_mib", "S3 parts must be at least 5 MiB"));
+    }
+    if s.endpoint.contains("://") {
+        return Err(invalid("lfs.s3.endpoint", "give host:port (plain HTTP), without a scheme"));
+    }
+    Ok(crate::lfs::s3::S3Settings {
+        endpoint: s.endpoint,
+        bucket: s.bucket,
+        prefix: s.prefix,
+        credentials: crate::lfs::sigv4::Credentials {
+            access_key_id: from_env("lfs.s3.access_key_id", s.access_key_id, "AWS_ACCESS_KEY_ID")?,
+            secret_access_key: from_env(
+                "lfs.s3.secret_access_key",
+                s.secret_access_key,
+                "AWS_SECRET_ACCESS_KEY",
+            )?,
+            region: s.region,
+        },
+        part_size: s.part_size_mib << 20,
+    })
 }
 
 impl LfsLimits {
@@ -97,6 +162,7 @@ impl LfsLimits {
             max_object_size: l.max_object_size,
             max_batch_objects: at_least_one("lfs.max_batch_objects", l.max_batch_objects)?,
             action_expiry: positive_secs("lfs.action_expiry_secs", l.action_expiry_secs)?,
+            s3: l.s3.map(s3_settings).transpose()?,
         })
     }
 }

@@ -19,7 +19,8 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::api::{self, ActionContext, BatchRequest, Known, Lock, Operation, CONTENT_TYPE};
-use super::pool::BufferPool;
+use super::pool::{BufferPool, PooledBuf};
+use super::s3::{S3Client, S3Error};
 use super::storage::DiskStore;
 use crate::access::{with_store, HttpAuth, Principal, Refusal};
 use crate::config::{LfsLimits, ServeConfig};
@@ -100,6 +101,8 @@ pub struct LfsHttp {
     auth: Rc<HttpAuth>,
     pool: BufferPool,
     disk: DiskStore,
+    /// Where objects live when not on local disk.
+    s3: Option<S3Client>,
     limits: LfsLimits,
     fallback_host: String,
 }
@@ -111,6 +114,7 @@ impl LfsHttp {
             auth,
             pool: BufferPool::new(config.lfs.buffer_size, config.lfs.buffers_per_shard),
             disk: DiskStore::new(&config.data_dir),
+            s3: config.lfs.s3.clone().map(S3Client::new),
             limits: config.lfs.clone(),
             fallback_host: config.http_listen.to_string(),
         }
@@ -266,34 +270,64 @@ impl LfsHttp {
             res.map_err(io_failure)?;
         }
         METRICS.lfs.active_transfers.inc();
-        let staged = self.disk.staging_path(oid);
-        let outcome = self.receive(conn, &staged, size).await;
-        METRICS.lfs.active_transfers.dec();
-        let digest = match outcome {
-            Ok(d) => d,
-            Err(f) => {
-                let _ = std::fs::remove_file(&staged);
-                conn.close_after_response();
-                return Err(f);
-            }
+        let stored = match &self.s3 {
+            Some(s3) => self.receive_to_s3(s3, conn, oid, size).await,
+            None => self.receive_to_disk(conn, oid, size).await,
         };
-        if hex::encode(digest) != oid {
-            let _ = std::fs::remove_file(&staged);
-            METRICS.lfs.verify_failures.inc();
-            return Err(fail(422, "content does not match the object id (SHA-256)"));
+        METRICS.lfs.active_transfers.dec();
+        if let Err(f) = stored {
+            conn.close_after_response();
+            return Err(f);
         }
-        let (disk, oid_owned, repo_key) = (self.disk.clone(), oid.to_owned(), repo.to_string());
-        self.store(move |s| {
-            disk.publish(&staged, &oid_owned).map_err(|e| crate::store::StoreError::Internal(format!("publishing LFS object: {e}")))?;
-            s.lfs_record_object(&repo_key, &oid_owned, size)
-        })
-        .await?;
+        let (oid_owned, repo_key) = (oid.to_owned(), repo.to_string());
+        self.store(move |s| s.lfs_record_object(&repo_key, &oid_owned, size))
+            .await?;
         respond_json(conn, 200, &serde_json::json!({}), &[]).await.map_err(io_failure)?;
         Ok(Reuse::KeepAlive)
     }
 
+    /// Reads up to `want` request-body bytes into a pool buffer: what the connection already
+    /// buffered first, else straight from the socket into pool memory.
+    async fn body_chunk(&self, conn: &mut Conn, want: u64, offset: u64, size: u64) -> Result<PooledBuf, Failure> {
+        let mut buf = self.pool.acquire().await;
+        let want = usize::try_from(want).unwrap_or(usize::MAX).min(buf.capacity());
+        let buffered = conn.buffered();
+        if !buffered.is_empty() {
+            let take = buffered.len().min(want);
+            buf.fill_from(buffered.get(..take).unwrap_or_default());
+            conn.consume(take);
+        } else {
+            let (res, slice) = conn.stream().read(buf.slice_mut(0..want)).await;
+            buf = slice.into_inner();
+            match res {
+                Ok(0) => return Err(fail(400, format!("body ended after {offset} of {size} bytes"))),
+                Ok(_) => {}
+                Err(e) => return Err(io_failure(e)),
+            }
+        }
+        METRICS.lfs.bytes_in.add(buf.filled().len() as u64);
+        Ok(buf)
+    }
+
+    /// Local disk: stage, fsync, verify, then rename into place.
+    async fn receive_to_disk(&self, conn: &mut Conn, oid: &str, size: u64) -> Result<(), Failure> {
+        let staged = self.disk.staging_path(oid);
+        let written = self.stage(conn, &staged, size).await;
+        let verified = written.and_then(|digest| verify_digest(oid, digest));
+        if let Err(f) = verified {
+            let _ = std::fs::remove_file(&staged);
+            return Err(f);
+        }
+        let (disk, oid_owned) = (self.disk.clone(), oid.to_owned());
+        self.store(move |_| {
+            disk.publish(&staged, &oid_owned)
+                .map_err(|e| crate::store::StoreError::Internal(format!("publishing LFS object: {e}")))
+        })
+        .await
+    }
+
     /// Streams `size` body bytes into `staged` through pool buffers; returns the SHA-256.
-    async fn receive(&self, conn: &mut Conn, staged: &std::path::Path, size: u64) -> Result<[u8; 32], Failure> {
+    async fn stage(&self, conn: &mut Conn, staged: &std::path::Path, size: u64) -> Result<[u8; 32], Failure> {
         let file = monoio::fs::File::create(staged).await.map_err(|e| {
             tracing::error!(path = %staged.display(), error = %e, "cannot create LFS staging file");
             fail(500, "internal error")
@@ -301,31 +335,15 @@ impl LfsHttp {
         let mut hasher = Sha256::new();
         let mut offset = 0u64;
         while offset < size {
-            let mut buf = self.pool.acquire().await;
-            let want = usize::try_from(size - offset).unwrap_or(usize::MAX).min(buf.capacity());
-            let buffered = conn.buffered();
-            if !buffered.is_empty() {
-                let take = buffered.len().min(want);
-                buf.fill_from(buffered.get(..take).unwrap_or_default());
-                conn.consume(take);
-            } else {
-                let (res, slice) = conn.stream().read(buf.slice_mut(0..want)).await;
-                buf = slice.into_inner();
-                match res {
-                    Ok(0) => return Err(fail(400, format!("body ended after {offset} of {size} bytes"))),
-                    Ok(_) => {}
-                    Err(e) => return Err(io_failure(e)),
-                }
-            }
-            let n = buf.filled().len();
+            let buf = self.body_chunk(conn, size - offset, offset, size).await?;
+            let n = buf.filled().len() as u64;
             hasher.update(buf.filled());
-            METRICS.lfs.bytes_in.add(n as u64);
             let (res, _buf) = file.write_all_at(buf, offset).await;
             res.map_err(|e| {
                 tracing::error!(error = %e, "writing LFS staging file");
                 fail(507, "cannot store the object")
             })?;
-            offset += n as u64;
+            offset += n;
         }
         conn.body_finished();
         file.sync_all().await.map_err(|e| {
@@ -334,6 +352,61 @@ impl LfsHttp {
         })?;
         let _ = file.close().await;
         Ok(hasher.finalize().into())
+    }
+
+    /// S3: a multipart upload to the final key, fed part by part from pool buffers, completed
+    /// only when the SHA-256 matches (aborted otherwise, so nothing becomes visible).
+    async fn receive_to_s3(&self, s3: &S3Client, conn: &mut Conn, oid: &str, size: u64) -> Result<(), Failure> {
+        if size == 0 {
+            verify_digest(oid, Sha256::digest([]).into())?;
+            return s3.put_empty(oid).await.map_err(s3_failure);
+        }
+        let upload_id = s3.create_multipart(oid).await.map_err(s3_failure)?;
+        let parts = self.upload_parts(s3, conn, oid, &upload_id, size).await;
+        let result = match parts {
+            Ok((digest, etags)) => match verify_digest(oid, digest) {
+                Ok(()) => s3.complete(oid, &upload_id, &etags).await.map_err(s3_failure),
+                Err(f) => Err(f),
+            },
+            Err(f) => Err(f),
+        };
+        if result.is_err() {
+            if let Err(e) = s3.abort(oid, &upload_id).await {
+                tracing::warn!(%oid, error = %e, "cannot abort S3 multipart upload");
+            }
+        }
+        result
+    }
+
+    async fn upload_parts(
+        &self,
+        s3: &S3Client,
+        conn: &mut Conn,
+        oid: &str,
+        upload_id: &str,
+        size: u64,
+    ) -> Result<([u8; 32], Vec<String>), Failure> {
+        let mut hasher = Sha256::new();
+        let mut etags = Vec::new();
+        let mut offset = 0u64;
+        while offset < size {
+            let part_len = s3.part_size().min(size - offset);
+            let number = u32::try_from(etags.len() + 1).map_err(|_| fail(413, "too many parts"))?;
+            let mut part = s3.start_part(oid, upload_id, number, part_len).await.map_err(s3_failure)?;
+            let mut sent = 0u64;
+            while sent < part_len {
+                let buf = self.body_chunk(conn, part_len - sent, offset + sent, size).await?;
+                let n = buf.filled().len() as u64;
+                hasher.update(buf.filled());
+                let (res, _buf) = part.write_all(buf).await;
+                res.map_err(|e| s3_failure(S3Error::Io { endpoint: "part upload".into(), source: e }))?;
+                sent += n;
+            }
+            etags.push(s3.finish_part(part).await.map_err(s3_failure)?);
+            offset += part_len;
+        }
+        conn.body_finished();
+        Ok((hasher.finalize().into(), etags))
     }
 
     async fn download(&self, head: &RequestHead, conn: &mut Conn, repo: &RepoName, oid: &str) -> Result<Reuse, Failure> {
@@ -359,34 +432,49 @@ impl LfsHttp {
             },
         };
         let len = if size == 0 { 0 } else { end - start + 1 };
-        let file = monoio::fs::File::open(self.disk.object_path(oid)).await.map_err(|e| {
-            tracing::error!(%oid, error = %e, "LFS object recorded but unreadable");
-            fail(500, "internal error")
-        })?;
         let content_range = format!("bytes {start}-{end}/{size}");
         let mut headers = vec![("Content-Type", "application/octet-stream"), ("Accept-Ranges", "bytes")];
         if status == 206 {
             headers.push(("Content-Range", &content_range));
         }
+        let mut source = match (&self.s3, len) {
+            (_, 0) => Source::Empty,
+            (Some(s3), _) => Source::S3(s3.get(oid, start, end).await.map_err(s3_failure)?),
+            (None, _) => Source::Disk(monoio::fs::File::open(self.disk.object_path(oid)).await.map_err(|e| {
+                tracing::error!(%oid, error = %e, "LFS object recorded but unreadable");
+                fail(500, "internal error")
+            })?),
+        };
         let mut out = Vec::with_capacity(256);
         encode_head(&mut out, status, &headers, BodyLength::Fixed(len), conn.reusable());
         METRICS.response(status);
         let (res, _) = conn.write_all(out).await;
         res.map_err(io_failure)?;
         METRICS.lfs.active_transfers.inc();
-        let sent = self.send_file(conn, &file, start, len).await;
+        let sent = self.send_body(conn, &mut source, start, len).await;
         METRICS.lfs.active_transfers.dec();
-        let _ = file.close().await;
-        sent?;
+        if let Source::Disk(file) = source {
+            let _ = file.close().await;
+        }
+        if sent.is_err() {
+            // The head promised `len` bytes: the connection cannot carry on.
+            conn.close_after_response();
+            return Ok(Reuse::Close);
+        }
         Ok(Reuse::KeepAlive)
     }
 
-    async fn send_file(&self, conn: &mut Conn, file: &monoio::fs::File, start: u64, len: u64) -> Result<(), Failure> {
+    /// Copies `len` object bytes to the client through pool buffers.
+    async fn send_body(&self, conn: &mut Conn, source: &mut Source, start: u64, len: u64) -> Result<(), Failure> {
         let mut done = 0u64;
         while done < len {
             let buf = self.pool.acquire().await;
             let want = usize::try_from(len - done).unwrap_or(usize::MAX).min(buf.capacity());
-            let (res, slice) = file.read_at(buf.slice_mut(0..want), start + done).await;
+            let (res, slice) = match source {
+                Source::Disk(file) => file.read_at(buf.slice_mut(0..want), start + done).await,
+                Source::S3(resp) => resp.read_into(buf.slice_mut(0..want)).await,
+                Source::Empty => break,
+            };
             let buf = slice.into_inner();
             match res {
                 Ok(0) => return Err(fail(500, "object shorter than recorded")),
@@ -513,6 +601,26 @@ impl LfsHttp {
         respond_json(conn, 200, &api::LockBody { lock: lock_json(&removed) }, &[]).await.map_err(io_failure)?;
         Ok(Reuse::KeepAlive)
     }
+}
+
+/// Where a download's bytes come from.
+enum Source {
+    Empty,
+    Disk(monoio::fs::File),
+    S3(super::s3::Response),
+}
+
+fn verify_digest(oid: &str, digest: [u8; 32]) -> Result<(), Failure> {
+    if hex::encode(digest) == oid {
+        return Ok(());
+    }
+    METRICS.lfs.verify_failures.inc();
+    Err(fail(422, "content does not match the object id (SHA-256)"))
+}
+
+fn s3_failure(e: S3Error) -> Failure {
+    tracing::error!(error = %e, "S3 request failed");
+    fail(502, "object storage failed")
 }
 
 fn io_failure(e: io::Error) -> Failure {
