@@ -134,10 +134,7 @@ impl HttpAuth {
         let (user, verified_here) = match &presented {
             Presented::Anonymous => (None, false),
             Presented::Basic(c) => {
-                let cached = self
-                    .credentials
-                    .borrow()
-                    .is_verified(c, Instant::now());
+                let cached = self.credentials.borrow().is_verified(c, Instant::now());
                 (Some(c.user.clone()), !cached)
             }
             Presented::Token(t) => {
@@ -164,7 +161,8 @@ impl HttpAuth {
                     return Ok((false, None));
                 }
             }
-            let access: Option<RepoAccess> = store.repo_access(&lookup_repo, lookup_user.as_deref())?;
+            let access: Option<RepoAccess> =
+                store.repo_access(&lookup_repo, lookup_user.as_deref())?;
             Ok((true, access))
         })
         .await;
@@ -188,7 +186,11 @@ impl HttpAuth {
             Decision::Unauthorized => Err(Refusal::Unauthorized("authentication required".into())),
             Decision::Forbidden => Err(Refusal::Forbidden(format!(
                 "you may not {} {repo}",
-                if need >= Access::Write { "write to" } else { "read" }
+                if need >= Access::Write {
+                    "write to"
+                } else {
+                    "read"
+                }
             ))),
             Decision::NotFound => Err(Refusal::NotFound(format!("repository {repo} not found"))),
         }

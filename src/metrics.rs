@@ -734,6 +734,76 @@ impl SshMetrics {
     }
 }
 
+/// Git LFS transfer counters.
+pub struct LfsMetrics {
+    pub bytes_in: Counter,
+    pub bytes_out: Counter,
+    pub active_transfers: Gauge,
+    pub pool_waits: Counter,
+    pub verify_failures: Counter,
+    pub batch_requests: Counter,
+}
+
+impl LfsMetrics {
+    const fn new() -> Self {
+        Self {
+            bytes_in: Counter::new(),
+            bytes_out: Counter::new(),
+            active_transfers: Gauge::new(),
+            pool_waits: Counter::new(),
+            verify_failures: Counter::new(),
+            batch_requests: Counter::new(),
+        }
+    }
+
+    fn render(&self, out: &mut String) {
+        let rows: [(&str, &str, &str, i64); 6] = [
+            (
+                "gitplane_lfs_bytes_in_total",
+                "counter",
+                "LFS object bytes uploaded.",
+                self.bytes_in.get() as i64,
+            ),
+            (
+                "gitplane_lfs_bytes_out_total",
+                "counter",
+                "LFS object bytes downloaded.",
+                self.bytes_out.get() as i64,
+            ),
+            (
+                "gitplane_lfs_active_transfers",
+                "gauge",
+                "LFS uploads and downloads in progress.",
+                self.active_transfers.get(),
+            ),
+            (
+                "gitplane_lfs_pool_waits_total",
+                "counter",
+                "Times a transfer waited for a pinned buffer.",
+                self.pool_waits.get() as i64,
+            ),
+            (
+                "gitplane_lfs_verify_failures_total",
+                "counter",
+                "Uploads refused for a wrong size or SHA-256.",
+                self.verify_failures.get() as i64,
+            ),
+            (
+                "gitplane_lfs_batch_requests_total",
+                "counter",
+                "LFS batch API requests.",
+                self.batch_requests.get() as i64,
+            ),
+        ];
+        for (name, kind, help, v) in rows {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -777,42 +847,5 @@ mod tests {
             text.contains("gitplane_rpc_duration_seconds_bucket{method=\"svc/A\",le=\"+Inf\"} 2\n")
         );
         assert!(text.contains("gitplane_rpc_duration_seconds_count{method=\"svc/A\"} 2\n"));
-    }
-}
-
-/// Git LFS transfer counters.
-pub struct LfsMetrics {
-    pub bytes_in: Counter,
-    pub bytes_out: Counter,
-    pub active_transfers: Gauge,
-    pub pool_waits: Counter,
-    pub verify_failures: Counter,
-    pub batch_requests: Counter,
-}
-
-impl LfsMetrics {
-    const fn new() -> Self {
-        Self {
-            bytes_in: Counter::new(),
-            bytes_out: Counter::new(),
-            active_transfers: Gauge::new(),
-            pool_waits: Counter::new(),
-            verify_failures: Counter::new(),
-            batch_requests: Counter::new(),
-        }
-    }
-
-    fn render(&self, out: &mut String) {
-        let rows: [(&str, &str, &str, i64); 6] = [
-            ("gitplane_lfs_bytes_in_total", "counter", "LFS object bytes uploaded.", self.bytes_in.get() as i64),
-            ("gitplane_lfs_bytes_out_total", "counter", "LFS object bytes downloaded.", self.bytes_out.get() as i64),
-            ("gitplane_lfs_active_transfers", "gauge", "LFS uploads and downloads in progress.", self.active_transfers.get()),
-            ("gitplane_lfs_pool_waits_total", "counter", "Times a transfer waited for a pinned buffer.", self.pool_waits.get() as i64),
-            ("gitplane_lfs_verify_failures_total", "counter", "Uploads refused for a wrong size or SHA-256.", self.verify_failures.get() as i64),
-            ("gitplane_lfs_batch_requests_total", "counter", "LFS batch API requests.", self.batch_requests.get() as i64),
-        ];
-        for (name, kind, help, v) in rows {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
-        }
     }
 }

@@ -21,8 +21,8 @@ use crate::git::repo_name::RepoName;
 use crate::git::stream::{Framing, RunningGit, StreamError};
 use crate::http::body::BodyReader;
 use crate::http::conn::Conn;
-use crate::http::query_param;
 use crate::http::head::RequestHead;
+use crate::http::query_param;
 use crate::http::response::{encode_head, BodyLength, NO_CACHE};
 use crate::http::server::Reuse;
 use crate::metrics::{Route, METRICS};
@@ -67,8 +67,12 @@ pub async fn respond_refusal(conn: &mut Conn, refusal: &Refusal) -> io::Result<R
     } else {
         &[]
     };
-    conn.respond_text(refusal.status(), challenge, &format!("{}\n", refusal.message()))
-        .await?;
+    conn.respond_text(
+        refusal.status(),
+        challenge,
+        &format!("{}\n", refusal.message()),
+    )
+    .await?;
     Ok(if refusal.status() >= 500 {
         Reuse::Close
     } else {
@@ -359,4 +363,3 @@ fn log_exit(repo: &RepoName, service: Service, exit: &crate::git::stream::ExitIn
         tracing::debug!(%repo, service = service.wire_name(), stderr = %exit.stderr.trim(), "git stderr");
     }
 }
-

@@ -17,7 +17,10 @@ fn sha256_hex(data: &[u8]) -> String {
 
 fn basic(user: &str, pw: &str) -> String {
     use base64::Engine;
-    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pw}")))
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pw}"))
+    )
 }
 
 /// A working copy whose credentials for the server come from a store file, as a user's would.
@@ -26,9 +29,19 @@ fn lfs_worktree(server: &Server, dir: &Path, user: &str, pw: &str) {
     let creds = dir.with_extension("credentials");
     std::fs::write(&creds, format!("http://{user}:{pw}@{}\n", server.addr)).unwrap();
     git(dir, &["init", "-q", "-b", "main"]);
-    git(dir, &["config", "credential.helper", &format!("store --file={}", creds.display())]);
+    git(
+        dir,
+        &[
+            "config",
+            "credential.helper",
+            &format!("store --file={}", creds.display()),
+        ],
+    );
     git(dir, &["config", "user.name", user]);
-    git(dir, &["config", "user.email", &format!("{user}@example.com")]);
+    git(
+        dir,
+        &["config", "user.email", &format!("{user}@example.com")],
+    );
     git(dir, &["lfs", "install", "--local"]);
 }
 
@@ -49,7 +62,10 @@ fn request(server: &Server, head: &str, body: &[u8]) -> Vec<u8> {
 }
 
 fn body_of(raw: &[u8]) -> &[u8] {
-    let at = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("head end");
+    let at = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("head end");
     &raw[at + 4..]
 }
 
@@ -79,7 +95,10 @@ fn push_and_clone_large_objects_through_git_lfs() {
 
     // The objects are on the server, verified, under their SHA-256.
     for (_, oid) in &expected {
-        let path = server.data_dir().join(format!("lfs/objects/{}/{}/{oid}", &oid[0..2], &oid[2..4]));
+        let path =
+            server
+                .data_dir()
+                .join(format!("lfs/objects/{}/{}/{oid}", &oid[0..2], &oid[2..4]));
         assert!(path.exists(), "{oid} missing on the server");
     }
     // A fresh clone gets the real contents back.
@@ -92,7 +111,11 @@ fn push_and_clone_large_objects_through_git_lfs() {
         assert_eq!(&sha256_hex(&got), oid, "{name} differs after clone");
     }
     // The server's metrics saw the bytes.
-    let raw = raw_request(server.addr, b"GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n", Duration::from_secs(10));
+    let raw = raw_request(
+        server.addr,
+        b"GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(10),
+    );
     let text = String::from_utf8_lossy(&raw);
     let total: u64 = sizes.iter().map(|s| *s as u64).sum();
     let bytes_in: u64 = text
@@ -131,14 +154,21 @@ fn locks_from_the_client_with_a_conflict_between_users() {
     let out = git(&a, &["lfs", "lock", "cover.psd"]);
     assert!(out.contains("Locked cover.psd"), "{out}");
     let listed = git(&b, &["lfs", "locks"]);
-    assert!(listed.contains("cover.psd") && listed.contains("alice"), "{listed}");
+    assert!(
+        listed.contains("cover.psd") && listed.contains("alice"),
+        "{listed}"
+    );
     let json = git(&b, &["lfs", "locks", "--json", "--path", "cover.psd"]);
     assert!(json.contains("\"owner\":{\"name\":\"alice\"}"), "{json}");
 
     // Bob cannot take or break Alice's lock.
     let out = git_raw(&b, &["lfs", "lock", "cover.psd"], &[]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("already locked"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already locked"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = git_raw(&b, &["lfs", "unlock", "--force", "cover.psd"], &[]);
     assert!(!out.status.success(), "a writer may not force-unlock");
     // Verify: alice sees it as hers.
@@ -179,7 +209,10 @@ fn uploads_are_verified_and_objects_scoped_per_repository() {
         let _ = s.read_to_end(&mut out);
         out
     };
-    let object_path = server.data_dir().join(format!("lfs/objects/{}/{}/{oid}", &oid[0..2], &oid[2..4]));
+    let object_path =
+        server
+            .data_dir()
+            .join(format!("lfs/objects/{}/{}/{oid}", &oid[0..2], &oid[2..4]));
     // Wrong content for the id: 422, nothing visible.
     let mut wrong = data.clone();
     wrong[1000] ^= 1;
@@ -190,7 +223,13 @@ fn uploads_are_verified_and_objects_scoped_per_repository() {
     let raw = put("admin/one", &oid, &data[..1000], data.len());
     assert_eq!(status_of(&raw), 400, "{}", String::from_utf8_lossy(&raw));
     assert!(!object_path.exists());
-    assert_eq!(std::fs::read_dir(server.data_dir().join("lfs/tmp")).unwrap().count(), 0, "staging files left behind");
+    assert_eq!(
+        std::fs::read_dir(server.data_dir().join("lfs/tmp"))
+            .unwrap()
+            .count(),
+        0,
+        "staging files left behind"
+    );
     // The right content: stored.
     let raw = put("admin/one", &oid, &data, data.len());
     assert_eq!(status_of(&raw), 200, "{}", String::from_utf8_lossy(&raw));
@@ -209,7 +248,10 @@ fn uploads_are_verified_and_objects_scoped_per_repository() {
     assert_eq!(body_of(&raw), &data[..]);
     // Repository two never uploaded it: not downloadable there, and batch says 404.
     assert_eq!(status_of(&get("admin/two", None)), 404);
-    let batch = format!(r#"{{"operation":"download","objects":[{{"oid":"{oid}","size":{}}}]}}"#, data.len());
+    let batch = format!(
+        r#"{{"operation":"download","objects":[{{"oid":"{oid}","size":{}}}]}}"#,
+        data.len()
+    );
     let raw = request(
         &server,
         &format!(
@@ -225,11 +267,15 @@ fn uploads_are_verified_and_objects_scoped_per_repository() {
     // Range downloads (git-lfs resumes with them).
     let raw = get("admin/one", Some("bytes=1000-1999"));
     assert_eq!(status_of(&raw), 206);
-    assert!(String::from_utf8_lossy(&raw).contains(&format!("Content-Range: bytes 1000-1999/{}", data.len())));
+    assert!(String::from_utf8_lossy(&raw)
+        .contains(&format!("Content-Range: bytes 1000-1999/{}", data.len())));
     assert_eq!(body_of(&raw), &data[1000..2000]);
     let raw = get("admin/one", Some("bytes=-10"));
     assert_eq!(body_of(&raw), &data[data.len() - 10..]);
-    assert_eq!(status_of(&get("admin/one", Some(&format!("bytes={}-", data.len())))), 416);
+    assert_eq!(
+        status_of(&get("admin/one", Some(&format!("bytes={}-", data.len())))),
+        416
+    );
 }
 
 #[test]
@@ -238,7 +284,9 @@ fn batch_api_refuses_bad_requests_cleanly() {
     server.create_repo("admin/r", true);
     let auth = basic("admin", &server.admin_password);
     let post = |body: &str, auth: Option<&str>| {
-        let auth = auth.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default();
+        let auth = auth
+            .map(|a| format!("Authorization: {a}\r\n"))
+            .unwrap_or_default();
         request(
             &server,
             &format!(
@@ -250,14 +298,26 @@ fn batch_api_refuses_bad_requests_cleanly() {
         )
     };
     assert_eq!(status_of(&post("{not json", Some(&auth))), 422);
-    assert_eq!(status_of(&post(r#"{"operation":"download","objects":[],"hash_algo":"md5"}"#, Some(&auth))), 409);
+    assert_eq!(
+        status_of(&post(
+            r#"{"operation":"download","objects":[],"hash_algo":"md5"}"#,
+            Some(&auth)
+        )),
+        409
+    );
     // Anonymous upload to a public repo: 401 with the LFS challenge; anonymous download is fine.
     let raw = post(r#"{"operation":"upload","objects":[]}"#, None);
     assert_eq!(status_of(&raw), 401);
     assert!(String::from_utf8_lossy(&raw).contains("LFS-Authenticate"));
-    assert_eq!(status_of(&post(r#"{"operation":"download","objects":[]}"#, None)), 200);
+    assert_eq!(
+        status_of(&post(r#"{"operation":"download","objects":[]}"#, None)),
+        200
+    );
     // Per-object validation errors.
-    let raw = post(r#"{"operation":"upload","objects":[{"oid":"../../etc/passwd","size":1},{"oid":"aa","size":-1}]}"#, Some(&auth));
+    let raw = post(
+        r#"{"operation":"upload","objects":[{"oid":"../../etc/passwd","size":1},{"oid":"aa","size":-1}]}"#,
+        Some(&auth),
+    );
     assert_eq!(status_of(&raw), 200);
     let json: serde_json::Value = serde_json::from_slice(body_of(&raw)).unwrap();
     assert_eq!(json["objects"][0]["error"]["code"], 422);
@@ -280,21 +340,43 @@ impl S3Server {
             .status()
             .is_ok_and(|s| s.success());
         assert!(ok, "the S3 test needs moto's server (python3 -m pip install 'moto[server]'): run scripts/test.sh, which installs it");
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let child = std::process::Command::new("python3")
-            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
         let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        assert!(wait_for(Duration::from_secs(30), || TcpStream::connect(addr).is_ok()), "moto server did not start");
+        assert!(
+            wait_for(Duration::from_secs(30), || TcpStream::connect(addr).is_ok()),
+            "moto server did not start"
+        );
         Self { child, addr }
     }
 
     /// A raw (unsigned: moto does not check signatures) request; returns the response.
     fn call(&self, head: &str) -> Vec<u8> {
-        raw_request(self.addr, format!("{head} HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", self.addr).as_bytes(), Duration::from_secs(20))
+        raw_request(
+            self.addr,
+            format!(
+                "{head} HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                self.addr
+            )
+            .as_bytes(),
+            Duration::from_secs(20),
+        )
     }
 }
 
@@ -339,9 +421,16 @@ fn s3_backend_multipart_uploads_verified_objects() {
     let mut wrong = data.clone();
     wrong[7 << 20] ^= 0xff;
     assert_eq!(status_of(&put(&wrong)), 422);
-    assert_eq!(status_of(&s3.call(&format!("GET {key}"))), 404, "a refused upload must not be visible");
+    assert_eq!(
+        status_of(&s3.call(&format!("GET {key}"))),
+        404,
+        "a refused upload must not be visible"
+    );
     let pending = String::from_utf8_lossy(&s3.call("GET /lfs-bucket?uploads")).into_owned();
-    assert!(!pending.contains("<Upload>"), "multipart upload left open: {pending}");
+    assert!(
+        !pending.contains("<Upload>"),
+        "multipart upload left open: {pending}"
+    );
     // Right content: completed from its parts, readable from S3 and through gitplane with Range.
     assert_eq!(status_of(&put(&data)), 200);
     let stored = s3.call(&format!("GET {key}"));

@@ -73,7 +73,10 @@ fn setup() -> (Server, tempfile::TempDir) {
     make_worktree(&dir, 3);
     git(&dir, &["branch", "dev", "HEAD~1"]);
     let bare = server.repo_path("admin/load");
-    git(&dir, &["push", "-q", bare.to_str().expect("utf-8"), "main", "dev"]);
+    git(
+        &dir,
+        &["push", "-q", bare.to_str().expect("utf-8"), "main", "dev"],
+    );
     (server, work)
 }
 
@@ -105,7 +108,10 @@ fn clone_verifies_packs_and_matches_server_metrics() {
     let (server, work) = setup();
     let report = work.path().join("clone.json");
     let plot = work.path().join("clone.svg");
-    let before = (requests(&server, "upload_pack"), requests(&server, "info_refs"));
+    let before = (
+        requests(&server, "upload_pack"),
+        requests(&server, "info_refs"),
+    );
     let out = load(&[
         "clone",
         "--url",
@@ -137,13 +143,19 @@ fn clone_verifies_packs_and_matches_server_metrics() {
     assert!(r["bytes"].as_u64().expect("bytes") > 6 * 100, "{r}");
     assert!(r["latency_ms"]["p99"].as_f64().expect("p99") > 0.0);
     // Two POSTs (ls-refs, fetch) and one GET per clone.
-    let after = (requests(&server, "upload_pack"), requests(&server, "info_refs"));
+    let after = (
+        requests(&server, "upload_pack"),
+        requests(&server, "info_refs"),
+    );
     assert_eq!(after.0 - before.0, 12);
     assert_eq!(after.1 - before.1, 6);
     let svg = std::fs::read_to_string(&plot).expect("plot");
     assert!(svg.starts_with("<svg") && svg.contains("Latency histogram"));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("p99.9") && stdout.contains("verified   2 packs"), "{stdout}");
+    assert!(
+        stdout.contains("p99.9") && stdout.contains("verified   2 packs"),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -166,7 +178,11 @@ fn fetch_noop_open_loop_and_credentials_in_url() {
     ]);
     ok(&out);
     let r = json(&report);
-    assert_eq!((r["ok"].as_u64(), r["errors_total"].as_u64()), (Some(8), Some(0)), "{r}");
+    assert_eq!(
+        (r["ok"].as_u64(), r["errors_total"].as_u64()),
+        (Some(8), Some(0)),
+        "{r}"
+    );
     assert_eq!(r["mode"], "open");
     assert_eq!(requests(&server, "upload_pack") - before, 8);
 }
@@ -194,10 +210,21 @@ fn push_updates_per_client_branches() {
     ]);
     ok(&out);
     let r = json(&report);
-    assert_eq!((r["ok"].as_u64(), r["errors_total"].as_u64()), (Some(7), Some(0)), "{r}");
+    assert_eq!(
+        (r["ok"].as_u64(), r["errors_total"].as_u64()),
+        (Some(7), Some(0)),
+        "{r}"
+    );
     assert_eq!(requests(&server, "receive_pack") - before, 7);
     let bare = server.repo_path("admin/load");
-    let refs = git(&bare, &["for-each-ref", "--format=%(refname)", "refs/heads/gitplane-load/"]);
+    let refs = git(
+        &bare,
+        &[
+            "for-each-ref",
+            "--format=%(refname)",
+            "refs/heads/gitplane-load/",
+        ],
+    );
     assert!(refs.contains("refs/heads/gitplane-load/t0-0"), "{refs}");
     // A second run moves the same branches again (old value learned from the advertisement).
     ok(&load(&[
@@ -260,7 +287,8 @@ fn compare_passes_equal_runs_and_fails_a_regression() {
     // A baseline ten times faster makes the current run a regression.
     let mut base = json(&current);
     base["throughput"] = serde_json::json!(base["throughput"].as_f64().expect("tp") * 10.0);
-    base["latency_ms"]["p99"] = serde_json::json!(base["latency_ms"]["p99"].as_f64().expect("p99") / 10.0);
+    base["latency_ms"]["p99"] =
+        serde_json::json!(base["latency_ms"]["p99"].as_f64().expect("p99") / 10.0);
     let synthetic = work.path().join("fast-baseline.json");
     std::fs::write(&synthetic, base.to_string()).expect("write");
     let syn = synthetic.to_str().expect("utf-8");
@@ -295,24 +323,103 @@ fn failures_are_counted_by_kind() {
         "-q",
     ]);
     assert_eq!(out.status.code(), Some(4), "{}", text(&out));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("http_401"), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("http_401"),
+        "{}",
+        text(&out)
+    );
     // Nothing listens on port 1.
-    let out = load(&["fetch-noop", "--url", "http://127.0.0.1:1/o/r.git", "-n", "1", "-q", "--allow-errors"]);
+    let out = load(&[
+        "fetch-noop",
+        "--url",
+        "http://127.0.0.1:1/o/r.git",
+        "-n",
+        "1",
+        "-q",
+        "--allow-errors",
+    ]);
     ok(&out);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("connect"), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("connect"),
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]
 fn bad_arguments_fail_clearly() {
     let cases: &[(&[&str], &str)] = &[
-        (&["clone", "--url", "http://127.0.0.1:1/o/r"], "refusing to run unbounded"),
-        (&["clone", "--url", "http://127.0.0.1:1/o/r", "-n", "1", "--rate", "0"], "positive rate"),
-        (&["clone", "--url", "http://127.0.0.1:1/o/r", "-n", "1", "-c", "2", "--rate", "3"], "cannot be used with"),
-        (&["clone", "--url", "https://127.0.0.1:1/o/r", "-n", "1"], "not an http:// URL"),
-        (&["clone", "--url", "http://127.0.0.1:1/o", "-n", "1"], "names no repository"),
-        (&["clone", "--url", "http://127.0.0.1:1/o/r", "-d", "5 parsecs"], "unknown unit"),
-        (&["push", "--url", "http://127.0.0.1:1/o/r", "-n", "1", "--verify"], "only applies to the clone"),
-        (&["clone", "--url", "http://127.0.0.1:1/o/r", "-n", "1", "--max-regression", "lots"], "not a percentage"),
+        (
+            &["clone", "--url", "http://127.0.0.1:1/o/r"],
+            "refusing to run unbounded",
+        ),
+        (
+            &[
+                "clone",
+                "--url",
+                "http://127.0.0.1:1/o/r",
+                "-n",
+                "1",
+                "--rate",
+                "0",
+            ],
+            "positive rate",
+        ),
+        (
+            &[
+                "clone",
+                "--url",
+                "http://127.0.0.1:1/o/r",
+                "-n",
+                "1",
+                "-c",
+                "2",
+                "--rate",
+                "3",
+            ],
+            "cannot be used with",
+        ),
+        (
+            &["clone", "--url", "https://127.0.0.1:1/o/r", "-n", "1"],
+            "not an http:// URL",
+        ),
+        (
+            &["clone", "--url", "http://127.0.0.1:1/o", "-n", "1"],
+            "names no repository",
+        ),
+        (
+            &[
+                "clone",
+                "--url",
+                "http://127.0.0.1:1/o/r",
+                "-d",
+                "5 parsecs",
+            ],
+            "unknown unit",
+        ),
+        (
+            &[
+                "push",
+                "--url",
+                "http://127.0.0.1:1/o/r",
+                "-n",
+                "1",
+                "--verify",
+            ],
+            "only applies to the clone",
+        ),
+        (
+            &[
+                "clone",
+                "--url",
+                "http://127.0.0.1:1/o/r",
+                "-n",
+                "1",
+                "--max-regression",
+                "lots",
+            ],
+            "not a percentage",
+        ),
         (&["lfs-download", "--url", "x"], "not yet implemented"),
         (&["ssh-clone"], "not yet implemented"),
         (&["grpc"], "not yet implemented"),
@@ -323,7 +430,10 @@ fn bad_arguments_fail_clearly() {
         let out = load(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out));
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains(expected), "{args:?}: expected `{expected}` in:\n{err}");
+        assert!(
+            err.contains(expected),
+            "{args:?}: expected `{expected}` in:\n{err}"
+        );
     }
     let out = load(&["compare", "/nonexistent/a.json", "/nonexistent/b.json"]);
     assert_eq!(out.status.code(), Some(1));

@@ -501,6 +501,25 @@ fn lfs_authenticate_returns_a_signed_short_lived_token() {
     assert!(verify(&secret, token, &repo, Operation::Upload, now + 601).is_err());
     let other = RepoName::parse("admin/other").unwrap();
     assert!(verify(&secret, token, &other, Operation::Download, now).is_err());
+    // The HTTP LFS endpoint (issue #4) accepts the token, and refuses a tampered one.
+    let batch = |authorization: &str| {
+        let body = format!(
+            "{{\"operation\":\"upload\",\"transfers\":[\"basic\"],\"objects\":[{{\"oid\":\"{}\",\"size\":1}}]}}",
+            "a".repeat(64)
+        );
+        let req = format!(
+            "POST /admin/proj.git/info/lfs/objects/batch HTTP/1.1\r\nHost: x\r\nAuthorization: {authorization}\r\nAccept: application/vnd.git-lfs+json\r\nContent-Type: application/vnd.git-lfs+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        status_of(&raw_request(
+            s.server.addr,
+            req.as_bytes(),
+            Duration::from_secs(10),
+        ))
+    };
+    assert_eq!(batch(auth), 200);
+    let forged = auth.replace(".upload.", ".download.");
+    assert_eq!(batch(&forged), 401);
     // Someone without write access gets no upload token.
     s.server.add_user("carol", "pw");
     let carol = keygen(s.work.path(), "carol");
@@ -762,7 +781,7 @@ impl SlowFetch {
         }
         let mut stdin = child.stdin.take().unwrap();
         let line = format!("want {want}\n");
-        write!(stdin, "{:04x}{line}00000009done\n", line.len() + 4).unwrap();
+        writeln!(stdin, "{:04x}{line}00000009done", line.len() + 4).unwrap();
         stdin.flush().unwrap();
         std::mem::forget(stdin); // keep it open: closing it early would end the session
         Self { child, out }
@@ -802,6 +821,7 @@ fn slow_reader_is_flow_controlled() {
     assert!(status.success(), "{status:?}");
     assert!(rest + 64 * 1024 >= size as u64, "pack too short: {rest}");
     let grown = during.saturating_sub(before);
+    eprintln!("server RSS {before} KiB before, {during} KiB with a stalled reader (+{grown} KiB)");
     assert!(
         grown < 24 * 1024,
         "server RSS grew by {grown} KiB while a {} MiB pack waited for a stalled reader",

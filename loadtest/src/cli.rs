@@ -282,8 +282,14 @@ mod tests {
     fn refuses_unbounded_and_zero() {
         assert_eq!(plan(&[]).err(), Some(PlanError::Unbounded));
         assert_eq!(plan(&["-n", "0"]).err(), Some(PlanError::Zero("requests")));
-        assert_eq!(plan(&["-n", "1", "-c", "0"]).err(), Some(PlanError::Zero("concurrency")));
-        assert_eq!(plan(&["-n", "1", "-t", "0"]).err(), Some(PlanError::Zero("threads")));
+        assert_eq!(
+            plan(&["-n", "1", "-c", "0"]).err(),
+            Some(PlanError::Zero("concurrency"))
+        );
+        assert_eq!(
+            plan(&["-n", "1", "-t", "0"]).err(),
+            Some(PlanError::Zero("threads"))
+        );
         assert!(matches!(
             plan(&["-n", "1", "--branch-prefix", "a..b"]).err(),
             Some(PlanError::BadPrefix(_))
@@ -297,9 +303,15 @@ mod tests {
         assert_eq!(p.threads, 3);
         let p = plan(&["-n", "10", "--rate", "50/s"]).unwrap();
         assert!(matches!(p.mode, Mode::Open { rate, .. } if rate == 50.0));
-        assert!(args(&["-n", "1", "--rate", "5", "-c", "2"]).is_err(), "rate conflicts with concurrency");
+        assert!(
+            args(&["-n", "1", "--rate", "5", "-c", "2"]).is_err(),
+            "rate conflicts with concurrency"
+        );
         assert!(args(&["-n", "1", "--rate", "0"]).is_err());
-        assert!(args(&["-n", "1", "--verify-samples", "2"]).is_err(), "requires --verify");
+        assert!(
+            args(&["-n", "1", "--verify-samples", "2"]).is_err(),
+            "requires --verify"
+        );
     }
 
     #[test]

@@ -60,10 +60,12 @@ fn git(dir: &Path, args: &[&str], stdin: &[u8]) -> Result<Vec<u8>, GitCliError> 
             let _ = i.write_all(&data);
         }
     });
-    let out = child.wait_with_output().map_err(|source| GitCliError::Spawn {
-        args: joined.clone(),
-        source,
-    })?;
+    let out = child
+        .wait_with_output()
+        .map_err(|source| GitCliError::Spawn {
+            args: joined.clone(),
+            source,
+        })?;
     let _ = writer.join();
     if !out.status.success() {
         return Err(GitCliError::Failed {
@@ -111,7 +113,11 @@ pub fn build_push_pack(seed: &str) -> Result<PushPack, GitCliError> {
     for i in 0..2 {
         let content = format!("gitplane-load push {seed} {i}\n").repeat(20);
         let blob = oid(dir, &["hash-object", "-w", "--stdin"], content.as_bytes())?;
-        let tree = oid(dir, &["mktree"], format!("100644 blob {blob}\tload.txt\n").as_bytes())?;
+        let tree = oid(
+            dir,
+            &["mktree"],
+            format!("100644 blob {blob}\tload.txt\n").as_bytes(),
+        )?;
         let mut args = vec!["commit-tree", tree.as_str(), "-m", "gitplane-load"];
         if let Some(p) = &parent {
             args.extend(["-p", p.as_str()]);

@@ -99,9 +99,14 @@ pub fn parse_response_head(buf: &[u8]) -> Result<Option<(ResponseHead, usize)>, 
     for h in resp.headers.iter() {
         let value = String::from_utf8_lossy(h.value);
         if h.name.eq_ignore_ascii_case("content-length") {
-            length = Some(value.trim().parse::<u64>().map_err(|_| HttpError::BadHead {
-                reason: format!("bad Content-Length `{}`", value.escape_default()),
-            })?);
+            length = Some(
+                value
+                    .trim()
+                    .parse::<u64>()
+                    .map_err(|_| HttpError::BadHead {
+                        reason: format!("bad Content-Length `{}`", value.escape_default()),
+                    })?,
+            );
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             chunked = value.to_ascii_lowercase().contains("chunked");
         } else if h.name.eq_ignore_ascii_case("connection") {
@@ -197,7 +202,11 @@ impl Conn {
     ///
     /// # Errors
     /// On I/O failure, a malformed head, or a non-200 status.
-    pub async fn send(&mut self, req: &Request<'_>, authority: &str) -> Result<ResponseHead, HttpError> {
+    pub async fn send(
+        &mut self,
+        req: &Request<'_>,
+        authority: &str,
+    ) -> Result<ResponseHead, HttpError> {
         let mut wbuf = std::mem::take(&mut self.wbuf);
         encode_request(&mut wbuf, req, authority);
         let (res, wbuf) = self.stream.write_all(wbuf).await;
@@ -230,7 +239,10 @@ impl Conn {
                 .await;
             return Err(HttpError::Status {
                 status: head.status,
-                excerpt: String::from_utf8_lossy(&excerpt).trim().escape_default().to_string(),
+                excerpt: String::from_utf8_lossy(&excerpt)
+                    .trim()
+                    .escape_default()
+                    .to_string(),
             });
         }
         Ok(head)
@@ -342,11 +354,18 @@ mod tests {
 
     #[test]
     fn framing_and_keep_alive() {
-        let (h, _) = parse_response_head(b"HTTP/1.1 401 No\r\nContent-Length: 5\r\nConnection: close\r\n\r\n")
+        let (h, _) = parse_response_head(
+            b"HTTP/1.1 401 No\r\nContent-Length: 5\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            (h.status, h.framing, h.keep_alive),
+            (401, Framing::Length(5), false)
+        );
+        let (h, _) = parse_response_head(b"HTTP/1.0 200 OK\r\n\r\n")
             .unwrap()
             .unwrap();
-        assert_eq!((h.status, h.framing, h.keep_alive), (401, Framing::Length(5), false));
-        let (h, _) = parse_response_head(b"HTTP/1.0 200 OK\r\n\r\n").unwrap().unwrap();
         assert_eq!((h.framing, h.keep_alive), (Framing::Close, false));
         assert!(parse_response_head(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n").is_err());
         assert!(parse_response_head(b"garbage\r\n\r\n").is_err());

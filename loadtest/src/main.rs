@@ -84,11 +84,7 @@ fn run(scenario: Scenario, args: &RunArgs) -> anyhow::Result<u8> {
         }
     };
     // Read the baseline before spending minutes on a run it would reject.
-    let baseline = args
-        .compare
-        .as_deref()
-        .map(Report::read_json)
-        .transpose()?;
+    let baseline = args.compare.as_deref().map(Report::read_json).transpose()?;
     let push = if scenario == Scenario::Push {
         let seed = std::process::id().to_string();
         Some(gitcli::build_push_pack(&seed).context("building the push pack")?)
@@ -140,7 +136,10 @@ fn run(scenario: Scenario, args: &RunArgs) -> anyhow::Result<u8> {
             for e in &invalid {
                 eprintln!("gitplane-load: invalid pack: {e}");
             }
-            eprintln!("gitplane-load: error: {} sampled pack(s) failed git index-pack", invalid.len());
+            eprintln!(
+                "gitplane-load: error: {} sampled pack(s) failed git index-pack",
+                invalid.len()
+            );
             return Ok(EXIT_FAILED);
         }
         if verified == 0 {

@@ -40,7 +40,9 @@ pub fn svg(report: &Report) -> String {
 }
 
 fn escape(t: &str) -> String {
-    t.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    t.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 fn axes(s: &mut String, top: f64, title: &str, xlabel: &str, ylabel: &str) {
@@ -84,12 +86,24 @@ fn nice(v: f64) -> f64 {
 }
 
 fn timeline(s: &mut String, r: &Report, top: f64) {
-    axes(s, top, "Latency over time", "seconds since start", "latency (ms)");
+    axes(
+        s,
+        top,
+        "Latency over time",
+        "seconds since start",
+        "latency (ms)",
+    );
     let bottom = top + PANEL_H;
     let n = r.timeline.len().max(1) as f64;
     let xw = (W - LEFT - RIGHT) / n;
     let ymax = nice(r.timeline.iter().map(|b| b.max_ms).fold(0.0, f64::max));
-    let cmax = nice(r.timeline.iter().map(|b| b.ok + b.errors).max().unwrap_or(0) as f64);
+    let cmax = nice(
+        r.timeline
+            .iter()
+            .map(|b| b.ok + b.errors)
+            .max()
+            .unwrap_or(0) as f64,
+    );
     let y = |v: f64| bottom - v / ymax * PANEL_H;
     for i in 0..=4 {
         let v = ymax * f64::from(i) / 4.0;
@@ -127,7 +141,11 @@ fn timeline(s: &mut String, r: &Report, top: f64) {
         }
     }
     for (series, color, pick) in [
-        ("p50", "#1f77b4", (|b: &crate::report::Second| b.p50_ms) as fn(&_) -> f64),
+        (
+            "p50",
+            "#1f77b4",
+            (|b: &crate::report::Second| b.p50_ms) as fn(&_) -> f64,
+        ),
         ("p99", "#d62728", |b| b.p99_ms),
         ("max", "#999999", |b| b.max_ms),
     ] {
@@ -153,7 +171,13 @@ fn timeline(s: &mut String, r: &Report, top: f64) {
 }
 
 fn histogram(s: &mut String, r: &Report, top: f64) {
-    axes(s, top, "Latency histogram", "latency (ms, log bins)", "iterations");
+    axes(
+        s,
+        top,
+        "Latency histogram",
+        "latency (ms, log bins)",
+        "iterations",
+    );
     let bottom = top + PANEL_H;
     let n = r.histogram.len().max(1) as f64;
     let xw = (W - LEFT - RIGHT) / n;
@@ -229,10 +253,33 @@ mod tests {
             verified_packs: 0,
             error_samples: vec![],
             timeline: vec![
-                Second { t: 0, ok: 2, errors: 1, p50_ms: 1.0, p99_ms: 2.0, max_ms: 3.0 },
-                Second { t: 1, ok: 1, errors: 0, p50_ms: 1.5, p99_ms: 1.5, max_ms: 1.5 },
+                Second {
+                    t: 0,
+                    ok: 2,
+                    errors: 1,
+                    p50_ms: 1.0,
+                    p99_ms: 2.0,
+                    max_ms: 3.0,
+                },
+                Second {
+                    t: 1,
+                    ok: 1,
+                    errors: 0,
+                    p50_ms: 1.5,
+                    p99_ms: 1.5,
+                    max_ms: 1.5,
+                },
             ],
-            histogram: vec![Bin { le_ms: 1.0, count: 1 }, Bin { le_ms: 1.78, count: 2 }],
+            histogram: vec![
+                Bin {
+                    le_ms: 1.0,
+                    count: 1,
+                },
+                Bin {
+                    le_ms: 1.78,
+                    count: 2,
+                },
+            ],
         };
         let out = svg(&r);
         assert!(out.starts_with("<svg") && out.ends_with("</svg>\n"));

@@ -189,7 +189,12 @@ fn common_caps(out: &mut Vec<u8>, command: &str, caps: &V2Caps) -> Result<(), Pk
 pub fn ls_refs_request(caps: &V2Caps) -> Result<Vec<u8>, PktError> {
     let mut out = Vec::with_capacity(256);
     common_caps(&mut out, "ls-refs", caps)?;
-    for line in ["peel\n", "symrefs\n", "ref-prefix HEAD\n", "ref-prefix refs/heads/\n"] {
+    for line in [
+        "peel\n",
+        "symrefs\n",
+        "ref-prefix HEAD\n",
+        "ref-prefix refs/heads/\n",
+    ] {
         pktline::encode_str(&mut out, line)?;
     }
     out.extend_from_slice(FLUSH);
@@ -300,7 +305,9 @@ impl FetchParser {
             (_, Pkt::Flush) => self.done = true,
             (_, Pkt::Delim) => self.section = Section::Header,
             (_, Pkt::End) => {
-                return Err(ProtoError::Unexpected("response-end packet in fetch".into()))
+                return Err(ProtoError::Unexpected(
+                    "response-end packet in fetch".into(),
+                ))
             }
             (Section::Header, Pkt::Data(d)) => {
                 check_err(d)?;
@@ -361,7 +368,11 @@ impl ReceiveAdvertParser {
             }
             Pkt::Flush if self.preamble_done => self.done = true,
             Pkt::Flush => self.preamble_done = true,
-            _ => return Err(ProtoError::Unexpected("special packet in advertisement".into())),
+            _ => {
+                return Err(ProtoError::Unexpected(
+                    "special packet in advertisement".into(),
+                ))
+            }
         }
         Ok(())
     }
@@ -509,23 +520,46 @@ mod tests {
     fn receive_advert_and_report() {
         let oid = "c".repeat(40);
         let first = format!("{ZERO_OID} capabilities^{{}}\0report-status\n");
-        let empty = pkts(&[b"# service=git-receive-pack\n", b"<flush>", first.as_bytes(), b"<flush>"]);
+        let empty = pkts(&[
+            b"# service=git-receive-pack\n",
+            b"<flush>",
+            first.as_bytes(),
+            b"<flush>",
+        ]);
         let mut a = ReceiveAdvertParser::default();
         feed_all(&empty, 5, |p| a.on_pkt(p));
         assert!(a.done && a.refs.is_empty());
         let line = format!("{oid} refs/heads/x\0report-status\n");
-        let full = pkts(&[b"# service=git-receive-pack\n", b"<flush>", line.as_bytes(), b"<flush>"]);
+        let full = pkts(&[
+            b"# service=git-receive-pack\n",
+            b"<flush>",
+            line.as_bytes(),
+            b"<flush>",
+        ]);
         let mut a = ReceiveAdvertParser::default();
         feed_all(&full, 4, |p| a.on_pkt(p));
-        assert_eq!(a.refs, vec![Ref { oid, name: "refs/heads/x".into() }]);
+        assert_eq!(
+            a.refs,
+            vec![Ref {
+                oid,
+                name: "refs/heads/x".into()
+            }]
+        );
 
         let mut r = ReportParser::default();
-        feed_all(&pkts(&[b"unpack ok\n", b"ok refs/heads/x\n", b"<flush>"]), 2, |p| r.on_pkt(p));
+        feed_all(
+            &pkts(&[b"unpack ok\n", b"ok refs/heads/x\n", b"<flush>"]),
+            2,
+            |p| r.on_pkt(p),
+        );
         assert!(r.done && r.unpack_ok && r.refs_ok == 1);
         let mut r = ReportParser::default();
         let mut s = PktStream::default();
         let err = s
-            .feed(&pkts(&[b"unpack ok\n", b"ng refs/heads/x stale info\n"]), |p| r.on_pkt(p))
+            .feed(
+                &pkts(&[b"unpack ok\n", b"ng refs/heads/x stale info\n"]),
+                |p| r.on_pkt(p),
+            )
             .unwrap_err();
         assert!(matches!(err, ProtoError::Rejected { .. }));
     }

@@ -144,12 +144,21 @@ impl Report {
                 errors: b.errors,
                 p50_ms: quantile_ms(&b.latency, 0.5),
                 p99_ms: quantile_ms(&b.latency, 0.99),
-                max_ms: if b.latency.is_empty() { 0.0 } else { ms(b.latency.max()) },
+                max_ms: if b.latency.is_empty() {
+                    0.0
+                } else {
+                    ms(b.latency.max())
+                },
             })
             .collect();
         Self {
             tool: format!("gitplane-load {}", env!("CARGO_PKG_VERSION")),
-            mode: if info.rate.is_some() { "open" } else { "closed" }.into(),
+            mode: if info.rate.is_some() {
+                "open"
+            } else {
+                "closed"
+            }
+            .into(),
             scenario: info.scenario,
             url: info.url,
             concurrency: info.concurrency,
@@ -199,7 +208,11 @@ impl Report {
             l.min, l.mean, l.p50, l.p90, l.p99, l.p999, l.max
         );
         if self.verified_packs > 0 {
-            let _ = writeln!(s, "  verified   {} packs with git index-pack", self.verified_packs);
+            let _ = writeln!(
+                s,
+                "  verified   {} packs with git index-pack",
+                self.verified_packs
+            );
         }
         if !self.errors.is_empty() {
             let _ = writeln!(s, "  errors by kind:");

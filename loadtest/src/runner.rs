@@ -113,9 +113,11 @@ impl Local {
         let end = Instant::now();
         match result {
             Ok(out) => {
-                self.rec
-                    .borrow_mut()
-                    .success(end, end.saturating_duration_since(scheduled), out.bytes);
+                self.rec.borrow_mut().success(
+                    end,
+                    end.saturating_duration_since(scheduled),
+                    out.bytes,
+                );
                 self.control.done.fetch_add(1, Ordering::Relaxed);
                 self.control.bytes.fetch_add(out.bytes, Ordering::Relaxed);
                 if let Some(p) = out.pack {
@@ -337,8 +339,9 @@ fn spawn_progress(
             let failed = control.failed.load(Ordering::Relaxed);
             let elapsed = start.elapsed();
             let frac = match (duration, requests) {
-                (Some(d), Some(r)) => (elapsed.as_secs_f64() / d.as_secs_f64())
-                    .max((done + failed) as f64 / r as f64),
+                (Some(d), Some(r)) => {
+                    (elapsed.as_secs_f64() / d.as_secs_f64()).max((done + failed) as f64 / r as f64)
+                }
                 (Some(d), None) => elapsed.as_secs_f64() / d.as_secs_f64(),
                 (None, Some(r)) => (done + failed) as f64 / r as f64,
                 (None, None) => 0.0,

@@ -18,7 +18,9 @@ use crate::http::{Conn, HttpError, Request};
 use crate::proto::{self, CapsParser, FetchParser, LsRefsParser, Pkt, PktStream, ProtoError};
 use crate::url::Target;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Scenario {
     Clone,
@@ -135,7 +137,9 @@ async fn clone(ctx: &Ctx, fetch: bool, capture: bool) -> Result<Outcome, IterErr
     let mut conn = None;
 
     ready(&mut conn, ctx).await?;
-    let c = conn.as_mut().ok_or(ProtoError::Truncated("no connection"))?;
+    let c = conn
+        .as_mut()
+        .ok_or(ProtoError::Truncated("no connection"))?;
     let path = format!("{repo}/info/refs?service=git-upload-pack");
     let mut caps = CapsParser::default();
     let h = headers(ctx, &[("Git-Protocol", "version=2")]);
@@ -159,7 +163,9 @@ async fn clone(ctx: &Ctx, fetch: bool, capture: bool) -> Result<Outcome, IterErr
     let body = proto::ls_refs_request(&caps.caps).map_err(ProtoError::from)?;
     let mut refs = LsRefsParser::default();
     ready(&mut conn, ctx).await?;
-    let c = conn.as_mut().ok_or(ProtoError::Truncated("no connection"))?;
+    let c = conn
+        .as_mut()
+        .ok_or(ProtoError::Truncated("no connection"))?;
     exchange(c, ctx, post(&rpc_path, &h, &body), |p| refs.on_pkt(p)).await?;
     if !refs.done {
         return Err(ProtoError::Truncated("ls-refs without its closing flush").into());
@@ -173,7 +179,9 @@ async fn clone(ctx: &Ctx, fetch: bool, capture: bool) -> Result<Outcome, IterErr
     let body = proto::fetch_request(&caps.caps, &wants).map_err(ProtoError::from)?;
     let mut pack = FetchParser::new(capture);
     ready(&mut conn, ctx).await?;
-    let c = conn.as_mut().ok_or(ProtoError::Truncated("no connection"))?;
+    let c = conn
+        .as_mut()
+        .ok_or(ProtoError::Truncated("no connection"))?;
     exchange(c, ctx, post(&rpc_path, &h, &body), |p| pack.on_pkt(p)).await?;
     if !pack.done || pack.pack_bytes == 0 {
         return Err(ProtoError::Truncated("fetch response without a complete packfile").into());
@@ -185,16 +193,17 @@ async fn clone(ctx: &Ctx, fetch: bool, capture: bool) -> Result<Outcome, IterErr
 }
 
 async fn push(ctx: &Ctx, slot: &str) -> Result<Outcome, IterError> {
-    let pp = ctx
-        .push
-        .as_ref()
-        .ok_or(ProtoError::Unexpected("push scenario without a pack".into()))?;
+    let pp = ctx.push.as_ref().ok_or(ProtoError::Unexpected(
+        "push scenario without a pack".into(),
+    ))?;
     let repo = &ctx.target.repo_path;
     let refname = format!("refs/heads/{}/{slot}", ctx.branch_prefix);
     let mut conn = None;
 
     ready(&mut conn, ctx).await?;
-    let c = conn.as_mut().ok_or(ProtoError::Truncated("no connection"))?;
+    let c = conn
+        .as_mut()
+        .ok_or(ProtoError::Truncated("no connection"))?;
     let path = format!("{repo}/info/refs?service=git-receive-pack");
     let h = headers(ctx, &[]);
     let mut advert = proto::ReceiveAdvertParser::default();
@@ -208,7 +217,11 @@ async fn push(ctx: &Ctx, slot: &str) -> Result<Outcome, IterError> {
         .find(|r| r.name == refname)
         .map_or(proto::ZERO_OID, |r| r.oid.as_str());
     // Alternate between the two commits so every push really moves the branch.
-    let new = if old == pp.second { &pp.first } else { &pp.second };
+    let new = if old == pp.second {
+        &pp.first
+    } else {
+        &pp.second
+    };
     let body = proto::push_request(old, new, &refname, &pp.pack).map_err(ProtoError::from)?;
 
     let rpc_path = format!("{repo}/git-receive-pack");
@@ -221,7 +234,9 @@ async fn push(ctx: &Ctx, slot: &str) -> Result<Outcome, IterError> {
     );
     let mut report = proto::ReportParser::default();
     ready(&mut conn, ctx).await?;
-    let c = conn.as_mut().ok_or(ProtoError::Truncated("no connection"))?;
+    let c = conn
+        .as_mut()
+        .ok_or(ProtoError::Truncated("no connection"))?;
     exchange(c, ctx, post(&rpc_path, &h, &body), |p| report.on_pkt(p)).await?;
     if !report.done || !report.unpack_ok || report.refs_ok != 1 {
         return Err(ProtoError::Truncated("report-status incomplete").into());

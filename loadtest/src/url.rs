@@ -58,9 +58,16 @@ impl Target {
         if authority.is_empty() {
             return Err(UrlError::NoHost { url: url.into() });
         }
-        let (host, port) = split_host_port(authority).ok_or(UrlError::BadPort { url: url.into() })?;
+        let (host, port) =
+            split_host_port(authority).ok_or(UrlError::BadPort { url: url.into() })?;
         let repo_path = path.trim_end_matches('/').to_owned();
-        if repo_path.trim_start_matches('/').split('/').filter(|s| !s.is_empty()).count() < 2 {
+        if repo_path
+            .trim_start_matches('/')
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .count()
+            < 2
+        {
             return Err(UrlError::NoRepository { url: url.into() });
         }
         let (url_user, url_password) = match userinfo {

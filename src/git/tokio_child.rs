@@ -153,9 +153,10 @@ impl Reaper {
             }
             match self.pidfd.as_ref() {
                 Some(fd) => {
-                    match tokio::time::timeout(Duration::from_millis(50), fd.readable()).await {
-                        Ok(Ok(mut guard)) => guard.clear_ready(),
-                        Ok(Err(_)) | Err(_) => {}
+                    let ready =
+                        tokio::time::timeout(Duration::from_millis(50), fd.readable()).await;
+                    if let Ok(Ok(mut guard)) = ready {
+                        guard.clear_ready();
                     }
                 }
                 None => tokio::time::sleep(Duration::from_millis(5)).await,

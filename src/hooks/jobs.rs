@@ -329,7 +329,8 @@ async fn index_commits(ctx: &JobContext, event: &PushEvent) -> Result<(), JobErr
             // it from each other.
             args.push("--not".into());
             args.extend(updated.iter().map(|r| format!("--exclude={r}")));
-            args.push("--all".into());
+            // `--glob=refs/*`, not `--all`: --all also counts HEAD, which names the new ref.
+            args.push("--glob=refs/*".into());
         } else {
             args.push(format!("^{}", update.before));
         }

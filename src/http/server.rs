@@ -27,12 +27,6 @@ pub trait Handler {
         -> impl Future<Output = io::Result<Reuse>>;
 }
 
-enum NextHead {
-    Head(RequestHead),
-    /// The peer closed, went idle too long, or we are shutting down between requests.
-    Done,
-}
-
 /// Runs the request loop until the connection ends.
 pub async fn serve_connection<H: Handler>(
     handler: &H,
@@ -45,10 +39,10 @@ pub async fn serve_connection<H: Handler>(
         ..HeadLimits::default()
     };
     loop {
-        let head = match next_head(conn, limits, &head_limits, shutdown).await {
-            Ok(NextHead::Head(h)) => h,
-            Ok(NextHead::Done) => break,
-            Err(()) => break,
+        // None: the peer closed, went idle too long, sent garbage (already answered), or we
+        // are shutting down between requests.
+        let Some(head) = next_head(conn, limits, &head_limits, shutdown).await else {
+            break;
         };
         let keep_alive = head.keep_alive && !shutdown.is_triggered();
         let has_body = !matches!(head.framing, BodyFraming::None | BodyFraming::Length(0));
@@ -73,16 +67,16 @@ async fn next_head(
     limits: &HttpLimits,
     head_limits: &HeadLimits,
     shutdown: &ShutdownSignal,
-) -> Result<NextHead, ()> {
+) -> Option<RequestHead> {
     if conn.buffered().is_empty() {
         // Idle between requests: wait without a buffer, for data, the idle timeout or shutdown.
         monoio::select! {
             r = timeout(limits.idle_timeout, conn.readable()) => {
                 if !matches!(r, Ok(Ok(()))) {
-                    return Ok(NextHead::Done);
+                    return None;
                 }
             }
-            _ = shutdown.wait() => return Ok(NextHead::Done),
+            _ = shutdown.wait() => return None,
         }
     }
     let deadline = monoio::time::Instant::now() + limits.head_timeout;
@@ -91,7 +85,7 @@ async fn next_head(
         match parse_request_head(conn.buffered(), head_limits) {
             Ok(HeadParse::Complete { head, consumed }) => {
                 conn.consume(consumed);
-                return Ok(NextHead::Head(head));
+                return Some(head);
             }
             Ok(HeadParse::Incomplete) => {}
             Err(e) => {
@@ -100,7 +94,7 @@ async fn next_head(
                 tracing::debug!(peer = %conn.peer, error = %e, "bad request head");
                 conn.begin_request(false, false);
                 let _ = conn.respond_text(status, &[], &format!("{e}\n")).await;
-                return Err(());
+                return None;
             }
         }
         let left = deadline.saturating_duration_since(monoio::time::Instant::now());
@@ -110,17 +104,17 @@ async fn next_head(
                 if !first && !conn.buffered().is_empty() {
                     METRICS.bad_requests.inc();
                 }
-                return Ok(NextHead::Done);
+                return None;
             }
             Ok(Ok(_)) => first = false,
-            Ok(Err(_)) => return Err(()),
+            Ok(Err(_)) => return None,
             Err(_) => {
                 METRICS.head_timeouts.inc();
                 conn.begin_request(false, false);
                 let _ = conn
                     .respond_text(408, &[], "request head not received in time\n")
                     .await;
-                return Err(());
+                return None;
             }
         }
     }

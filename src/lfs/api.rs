@@ -153,24 +153,46 @@ fn object_error(spec: &ObjectSpec, code: u16, message: String) -> ObjectResponse
 }
 
 /// Answers one object of a batch.
-pub fn answer(op: Operation, spec: &ObjectSpec, known: Known, ctx: &ActionContext<'_>) -> ObjectResponse {
+pub fn answer(
+    op: Operation,
+    spec: &ObjectSpec,
+    known: Known,
+    ctx: &ActionContext<'_>,
+) -> ObjectResponse {
     if !valid_oid(&spec.oid) {
-        return object_error(spec, 422, "invalid object id: expected 64 lowercase hex digits".into());
+        return object_error(
+            spec,
+            422,
+            "invalid object id: expected 64 lowercase hex digits".into(),
+        );
     }
     let Ok(size) = u64::try_from(spec.size) else {
         return object_error(spec, 422, "invalid object size".into());
     };
     if size > ctx.max_object_size {
-        return object_error(spec, 422, format!("object larger than this server's limit of {} bytes", ctx.max_object_size));
+        return object_error(
+            spec,
+            422,
+            format!(
+                "object larger than this server's limit of {} bytes",
+                ctx.max_object_size
+            ),
+        );
     }
     let href = format!("{}/objects/{}", ctx.base, spec.oid);
     let mut actions = BTreeMap::new();
     match op {
         Operation::Download => match known {
-            Known { stored_size: Some(s), linked: true } if s == size => {
+            Known {
+                stored_size: Some(s),
+                linked: true,
+            } if s == size => {
                 actions.insert("download", action(ctx, href));
             }
-            Known { stored_size: Some(s), linked: true } => {
+            Known {
+                stored_size: Some(s),
+                linked: true,
+            } => {
                 return object_error(spec, 422, format!("object size is {s}, not {size}"));
             }
             _ => return object_error(spec, 404, "object not found".into()),
@@ -308,10 +330,17 @@ mod tests {
         let req: BatchRequest = serde_json::from_str(body).unwrap();
         assert_eq!(req.operation, Operation::Upload);
         assert!(check_request(&req, 10).is_ok());
-        assert!(matches!(check_request(&req, 0), Err(BatchError::TooMany { .. })));
-        let bad: BatchRequest = serde_json::from_str(r#"{"operation":"download","objects":[],"hash_algo":"md5"}"#).unwrap();
+        assert!(matches!(
+            check_request(&req, 0),
+            Err(BatchError::TooMany { .. })
+        ));
+        let bad: BatchRequest =
+            serde_json::from_str(r#"{"operation":"download","objects":[],"hash_algo":"md5"}"#)
+                .unwrap();
         assert_eq!(check_request(&bad, 10).unwrap_err().status(), 409);
-        assert!(serde_json::from_str::<BatchRequest>(r#"{"operation":"delete","objects":[]}"#).is_err());
+        assert!(
+            serde_json::from_str::<BatchRequest>(r#"{"operation":"delete","objects":[]}"#).is_err()
+        );
     }
 
     #[test]
@@ -319,23 +348,79 @@ mod tests {
         let h = BTreeMap::new();
         let c = ctx(&h);
         let oid = "a".repeat(64);
-        let spec = ObjectSpec { oid: oid.clone(), size: 10 };
-        let absent = Known { stored_size: None, linked: false };
-        let elsewhere = Known { stored_size: Some(10), linked: false };
-        let here = Known { stored_size: Some(10), linked: true };
-        assert_eq!(answer(Operation::Download, &spec, absent, &c).error.unwrap().code, 404);
-        assert_eq!(answer(Operation::Download, &spec, elsewhere, &c).error.unwrap().code, 404, "other repo's object");
-        let dl = answer(Operation::Download, &spec, here, &c).actions.unwrap();
-        assert_eq!(dl["download"].href, format!("http://h/o/r.git/info/lfs/objects/{oid}"));
-        let up = answer(Operation::Upload, &spec, elsewhere, &c).actions.unwrap();
+        let spec = ObjectSpec {
+            oid: oid.clone(),
+            size: 10,
+        };
+        let absent = Known {
+            stored_size: None,
+            linked: false,
+        };
+        let elsewhere = Known {
+            stored_size: Some(10),
+            linked: false,
+        };
+        let here = Known {
+            stored_size: Some(10),
+            linked: true,
+        };
+        assert_eq!(
+            answer(Operation::Download, &spec, absent, &c)
+                .error
+                .unwrap()
+                .code,
+            404
+        );
+        assert_eq!(
+            answer(Operation::Download, &spec, elsewhere, &c)
+                .error
+                .unwrap()
+                .code,
+            404,
+            "other repo's object"
+        );
+        let dl = answer(Operation::Download, &spec, here, &c)
+            .actions
+            .unwrap();
+        assert_eq!(
+            dl["download"].href,
+            format!("http://h/o/r.git/info/lfs/objects/{oid}")
+        );
+        let up = answer(Operation::Upload, &spec, elsewhere, &c)
+            .actions
+            .unwrap();
         assert!(up.contains_key("upload") && up.contains_key("verify"));
         assert!(answer(Operation::Upload, &spec, here, &c).actions.is_none());
-        let bad = ObjectSpec { oid: "XYZ".into(), size: 1 };
-        assert_eq!(answer(Operation::Upload, &bad, absent, &c).error.unwrap().code, 422);
-        let neg = ObjectSpec { oid: oid.clone(), size: -1 };
-        assert_eq!(answer(Operation::Upload, &neg, absent, &c).error.unwrap().code, 422);
+        let bad = ObjectSpec {
+            oid: "XYZ".into(),
+            size: 1,
+        };
+        assert_eq!(
+            answer(Operation::Upload, &bad, absent, &c)
+                .error
+                .unwrap()
+                .code,
+            422
+        );
+        let neg = ObjectSpec {
+            oid: oid.clone(),
+            size: -1,
+        };
+        assert_eq!(
+            answer(Operation::Upload, &neg, absent, &c)
+                .error
+                .unwrap()
+                .code,
+            422
+        );
         let huge = ObjectSpec { oid, size: 1001 };
-        assert_eq!(answer(Operation::Upload, &huge, absent, &c).error.unwrap().code, 422);
+        assert_eq!(
+            answer(Operation::Upload, &huge, absent, &c)
+                .error
+                .unwrap()
+                .code,
+            422
+        );
     }
 
     #[test]

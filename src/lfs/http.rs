@@ -142,7 +142,15 @@ impl LfsHttp {
                 } else {
                     &[]
                 };
-                respond_json(conn, f.status, &api::ErrorBody { message: &f.message }, challenge).await?;
+                respond_json(
+                    conn,
+                    f.status,
+                    &api::ErrorBody {
+                        message: &f.message,
+                    },
+                    challenge,
+                )
+                .await?;
                 Ok(Reuse::KeepAlive)
             }
         }
@@ -158,10 +166,12 @@ impl LfsHttp {
         let r = match (head.method, path) {
             (Method::Post, "objects/batch") => self.batch(head, conn, repo).await?,
             (Method::Put, p) if p.starts_with("objects/") => {
-                self.upload(head, conn, repo, &p["objects/".len()..]).await?
+                self.upload(head, conn, repo, &p["objects/".len()..])
+                    .await?
             }
             (Method::Get, p) if p.starts_with("objects/") => {
-                self.download(head, conn, repo, &p["objects/".len()..]).await?
+                self.download(head, conn, repo, &p["objects/".len()..])
+                    .await?
             }
             (Method::Post, "verify") => self.verify(head, conn, repo).await?,
             (Method::Post, "locks") => self.create_lock(head, conn, repo).await?,
@@ -198,7 +208,12 @@ impl LfsHttp {
         })
     }
 
-    async fn batch(&self, head: &RequestHead, conn: &mut Conn, repo: &RepoName) -> Result<Reuse, Failure> {
+    async fn batch(
+        &self,
+        head: &RequestHead,
+        conn: &mut Conn,
+        repo: &RepoName,
+    ) -> Result<Reuse, Failure> {
         METRICS.lfs.batch_requests.inc();
         let req: BatchRequest = read_json(head, conn).await?;
         let need = match req.operation {
@@ -206,7 +221,8 @@ impl LfsHttp {
             Operation::Download => Access::Read,
         };
         self.authorize(head, repo, need).await?;
-        api::check_request(&req, self.limits.max_batch_objects).map_err(|e| fail(e.status(), e.to_string()))?;
+        api::check_request(&req, self.limits.max_batch_objects)
+            .map_err(|e| fail(e.status(), e.to_string()))?;
         let repo_key = repo.to_string();
         let oids: Vec<String> = req.objects.iter().map(|o| o.oid.clone()).collect();
         let known: Vec<Known> = self
@@ -214,10 +230,16 @@ impl LfsHttp {
                 oids.iter()
                     .map(|oid| {
                         if !api::valid_oid(oid) {
-                            return Ok(Known { stored_size: None, linked: false });
+                            return Ok(Known {
+                                stored_size: None,
+                                linked: false,
+                            });
                         }
                         let st = s.lfs_object_state(&repo_key, oid)?;
-                        Ok(Known { stored_size: st.stored_size, linked: st.linked })
+                        Ok(Known {
+                            stored_size: st.stored_size,
+                            linked: st.linked,
+                        })
                     })
                     .collect()
             })
@@ -248,11 +270,19 @@ impl LfsHttp {
             objects,
             hash_algo: "sha256",
         };
-        respond_json(conn, 200, &body, &[]).await.map_err(io_failure)?;
+        respond_json(conn, 200, &body, &[])
+            .await
+            .map_err(io_failure)?;
         Ok(Reuse::KeepAlive)
     }
 
-    async fn upload(&self, head: &RequestHead, conn: &mut Conn, repo: &RepoName, oid: &str) -> Result<Reuse, Failure> {
+    async fn upload(
+        &self,
+        head: &RequestHead,
+        conn: &mut Conn,
+        repo: &RepoName,
+        oid: &str,
+    ) -> Result<Reuse, Failure> {
         if !api::valid_oid(oid) {
             return Err(fail(422, "invalid object id"));
         }
@@ -263,10 +293,15 @@ impl LfsHttp {
             BodyFraming::Chunked => return Err(fail(411, "uploads need a Content-Length")),
         };
         if size > self.limits.max_object_size {
-            return Err(fail(413, format!("object larger than {} bytes", self.limits.max_object_size)));
+            return Err(fail(
+                413,
+                format!("object larger than {} bytes", self.limits.max_object_size),
+            ));
         }
         if head.expect_continue {
-            let (res, _) = conn.write_all(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec()).await;
+            let (res, _) = conn
+                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec())
+                .await;
             res.map_err(io_failure)?;
         }
         METRICS.lfs.active_transfers.inc();
@@ -282,15 +317,25 @@ impl LfsHttp {
         let (oid_owned, repo_key) = (oid.to_owned(), repo.to_string());
         self.store(move |s| s.lfs_record_object(&repo_key, &oid_owned, size))
             .await?;
-        respond_json(conn, 200, &serde_json::json!({}), &[]).await.map_err(io_failure)?;
+        respond_json(conn, 200, &serde_json::json!({}), &[])
+            .await
+            .map_err(io_failure)?;
         Ok(Reuse::KeepAlive)
     }
 
     /// Reads up to `want` request-body bytes into a pool buffer: what the connection already
     /// buffered first, else straight from the socket into pool memory.
-    async fn body_chunk(&self, conn: &mut Conn, want: u64, offset: u64, size: u64) -> Result<PooledBuf, Failure> {
+    async fn body_chunk(
+        &self,
+        conn: &mut Conn,
+        want: u64,
+        offset: u64,
+        size: u64,
+    ) -> Result<PooledBuf, Failure> {
         let mut buf = self.pool.acquire().await;
-        let want = usize::try_from(want).unwrap_or(usize::MAX).min(buf.capacity());
+        let want = usize::try_from(want)
+            .unwrap_or(usize::MAX)
+            .min(buf.capacity());
         let buffered = conn.buffered();
         if !buffered.is_empty() {
             let take = buffered.len().min(want);
@@ -300,7 +345,12 @@ impl LfsHttp {
             let (res, slice) = conn.stream().read(buf.slice_mut(0..want)).await;
             buf = slice.into_inner();
             match res {
-                Ok(0) => return Err(fail(400, format!("body ended after {offset} of {size} bytes"))),
+                Ok(0) => {
+                    return Err(fail(
+                        400,
+                        format!("body ended after {offset} of {size} bytes"),
+                    ))
+                }
                 Ok(_) => {}
                 Err(e) => return Err(io_failure(e)),
             }
@@ -320,14 +370,20 @@ impl LfsHttp {
         }
         let (disk, oid_owned) = (self.disk.clone(), oid.to_owned());
         self.store(move |_| {
-            disk.publish(&staged, &oid_owned)
-                .map_err(|e| crate::store::StoreError::Internal(format!("publishing LFS object: {e}")))
+            disk.publish(&staged, &oid_owned).map_err(|e| {
+                crate::store::StoreError::Internal(format!("publishing LFS object: {e}"))
+            })
         })
         .await
     }
 
     /// Streams `size` body bytes into `staged` through pool buffers; returns the SHA-256.
-    async fn stage(&self, conn: &mut Conn, staged: &std::path::Path, size: u64) -> Result<[u8; 32], Failure> {
+    async fn stage(
+        &self,
+        conn: &mut Conn,
+        staged: &std::path::Path,
+        size: u64,
+    ) -> Result<[u8; 32], Failure> {
         let file = monoio::fs::File::create(staged).await.map_err(|e| {
             tracing::error!(path = %staged.display(), error = %e, "cannot create LFS staging file");
             fail(500, "internal error")
@@ -356,7 +412,13 @@ impl LfsHttp {
 
     /// S3: a multipart upload to the final key, fed part by part from pool buffers, completed
     /// only when the SHA-256 matches (aborted otherwise, so nothing becomes visible).
-    async fn receive_to_s3(&self, s3: &S3Client, conn: &mut Conn, oid: &str, size: u64) -> Result<(), Failure> {
+    async fn receive_to_s3(
+        &self,
+        s3: &S3Client,
+        conn: &mut Conn,
+        oid: &str,
+        size: u64,
+    ) -> Result<(), Failure> {
         if size == 0 {
             verify_digest(oid, Sha256::digest([]).into())?;
             return s3.put_empty(oid).await.map_err(s3_failure);
@@ -365,7 +427,10 @@ impl LfsHttp {
         let parts = self.upload_parts(s3, conn, oid, &upload_id, size).await;
         let result = match parts {
             Ok((digest, etags)) => match verify_digest(oid, digest) {
-                Ok(()) => s3.complete(oid, &upload_id, &etags).await.map_err(s3_failure),
+                Ok(()) => s3
+                    .complete(oid, &upload_id, &etags)
+                    .await
+                    .map_err(s3_failure),
                 Err(f) => Err(f),
             },
             Err(f) => Err(f),
@@ -392,14 +457,24 @@ impl LfsHttp {
         while offset < size {
             let part_len = s3.part_size().min(size - offset);
             let number = u32::try_from(etags.len() + 1).map_err(|_| fail(413, "too many parts"))?;
-            let mut part = s3.start_part(oid, upload_id, number, part_len).await.map_err(s3_failure)?;
+            let mut part = s3
+                .start_part(oid, upload_id, number, part_len)
+                .await
+                .map_err(s3_failure)?;
             let mut sent = 0u64;
             while sent < part_len {
-                let buf = self.body_chunk(conn, part_len - sent, offset + sent, size).await?;
+                let buf = self
+                    .body_chunk(conn, part_len - sent, offset + sent, size)
+                    .await?;
                 let n = buf.filled().len() as u64;
                 hasher.update(buf.filled());
                 let (res, _buf) = part.write_all(buf).await;
-                res.map_err(|e| s3_failure(S3Error::Io { endpoint: "part upload".into(), source: e }))?;
+                res.map_err(|e| {
+                    s3_failure(S3Error::Io {
+                        endpoint: "part upload".into(),
+                        source: e,
+                    })
+                })?;
                 sent += n;
             }
             etags.push(s3.finish_part(part).await.map_err(s3_failure)?);
@@ -409,15 +484,26 @@ impl LfsHttp {
         Ok((hasher.finalize().into(), etags))
     }
 
-    async fn download(&self, head: &RequestHead, conn: &mut Conn, repo: &RepoName, oid: &str) -> Result<Reuse, Failure> {
+    async fn download(
+        &self,
+        head: &RequestHead,
+        conn: &mut Conn,
+        repo: &RepoName,
+        oid: &str,
+    ) -> Result<Reuse, Failure> {
         if !api::valid_oid(oid) {
             return Err(fail(404, "object not found"));
         }
         self.authorize(head, repo, Access::Read).await?;
         let (repo_key, oid_owned) = (repo.to_string(), oid.to_owned());
-        let state = self.store(move |s| s.lfs_object_state(&repo_key, &oid_owned)).await?;
+        let state = self
+            .store(move |s| s.lfs_object_state(&repo_key, &oid_owned))
+            .await?;
         let size = match state {
-            crate::store::ObjectState { stored_size: Some(s), linked: true } => s,
+            crate::store::ObjectState {
+                stored_size: Some(s),
+                linked: true,
+            } => s,
             _ => return Err(fail(404, "object not found")),
         };
         let (status, start, end) = match head.range.as_deref() {
@@ -426,27 +512,42 @@ impl LfsHttp {
                 Some((s, e)) => (206, s, e),
                 None => {
                     let cr = format!("bytes */{size}");
-                    conn.respond(416, &[("Content-Range", &cr)], b"").await.map_err(io_failure)?;
+                    conn.respond(416, &[("Content-Range", &cr)], b"")
+                        .await
+                        .map_err(io_failure)?;
                     return Ok(Reuse::KeepAlive);
                 }
             },
         };
         let len = if size == 0 { 0 } else { end - start + 1 };
         let content_range = format!("bytes {start}-{end}/{size}");
-        let mut headers = vec![("Content-Type", "application/octet-stream"), ("Accept-Ranges", "bytes")];
+        let mut headers = vec![
+            ("Content-Type", "application/octet-stream"),
+            ("Accept-Ranges", "bytes"),
+        ];
         if status == 206 {
             headers.push(("Content-Range", &content_range));
         }
         let mut source = match (&self.s3, len) {
             (_, 0) => Source::Empty,
             (Some(s3), _) => Source::S3(s3.get(oid, start, end).await.map_err(s3_failure)?),
-            (None, _) => Source::Disk(monoio::fs::File::open(self.disk.object_path(oid)).await.map_err(|e| {
-                tracing::error!(%oid, error = %e, "LFS object recorded but unreadable");
-                fail(500, "internal error")
-            })?),
+            (None, _) => Source::Disk(
+                monoio::fs::File::open(self.disk.object_path(oid))
+                    .await
+                    .map_err(|e| {
+                        tracing::error!(%oid, error = %e, "LFS object recorded but unreadable");
+                        fail(500, "internal error")
+                    })?,
+            ),
         };
         let mut out = Vec::with_capacity(256);
-        encode_head(&mut out, status, &headers, BodyLength::Fixed(len), conn.reusable());
+        encode_head(
+            &mut out,
+            status,
+            &headers,
+            BodyLength::Fixed(len),
+            conn.reusable(),
+        );
         METRICS.response(status);
         let (res, _) = conn.write_all(out).await;
         res.map_err(io_failure)?;
@@ -465,11 +566,19 @@ impl LfsHttp {
     }
 
     /// Copies `len` object bytes to the client through pool buffers.
-    async fn send_body(&self, conn: &mut Conn, source: &mut Source, start: u64, len: u64) -> Result<(), Failure> {
+    async fn send_body(
+        &self,
+        conn: &mut Conn,
+        source: &mut Source,
+        start: u64,
+        len: u64,
+    ) -> Result<(), Failure> {
         let mut done = 0u64;
         while done < len {
             let buf = self.pool.acquire().await;
-            let want = usize::try_from(len - done).unwrap_or(usize::MAX).min(buf.capacity());
+            let want = usize::try_from(len - done)
+                .unwrap_or(usize::MAX)
+                .min(buf.capacity());
             let (res, slice) = match source {
                 Source::Disk(file) => file.read_at(buf.slice_mut(0..want), start + done).await,
                 Source::S3(resp) => resp.read_into(buf.slice_mut(0..want)).await,
@@ -490,17 +599,26 @@ impl LfsHttp {
         Ok(())
     }
 
-    async fn verify(&self, head: &RequestHead, conn: &mut Conn, repo: &RepoName) -> Result<Reuse, Failure> {
+    async fn verify(
+        &self,
+        head: &RequestHead,
+        conn: &mut Conn,
+        repo: &RepoName,
+    ) -> Result<Reuse, Failure> {
         let v: api::VerifyObject = read_json(head, conn).await?;
         self.authorize(head, repo, Access::Write).await?;
         if !api::valid_oid(&v.oid) {
             return Err(fail(422, "invalid object id"));
         }
         let (repo_key, oid) = (repo.to_string(), v.oid.clone());
-        let state = self.store(move |s| s.lfs_object_state(&repo_key, &oid)).await?;
+        let state = self
+            .store(move |s| s.lfs_object_state(&repo_key, &oid))
+            .await?;
         match (state.stored_size, state.linked) {
             (Some(s), true) if i64::try_from(s).ok() == Some(v.size) => {
-                respond_json(conn, 200, &serde_json::json!({}), &[]).await.map_err(io_failure)?;
+                respond_json(conn, 200, &serde_json::json!({}), &[])
+                    .await
+                    .map_err(io_failure)?;
                 Ok(Reuse::KeepAlive)
             }
             (Some(s), true) => Err(fail(422, format!("object size is {s}, not {}", v.size))),
@@ -508,17 +626,36 @@ impl LfsHttp {
         }
     }
 
-    async fn create_lock(&self, head: &RequestHead, conn: &mut Conn, repo: &RepoName) -> Result<Reuse, Failure> {
+    async fn create_lock(
+        &self,
+        head: &RequestHead,
+        conn: &mut Conn,
+        repo: &RepoName,
+    ) -> Result<Reuse, Failure> {
         let req: api::CreateLock = read_json(head, conn).await?;
         let who = self.authorize(head, repo, Access::Write).await?;
-        let user = who.user.ok_or_else(|| fail(401, "locks need an authenticated user"))?;
+        let user = who
+            .user
+            .ok_or_else(|| fail(401, "locks need an authenticated user"))?;
         if req.path.is_empty() || req.path.len() > 4096 {
             return Err(fail(422, "invalid lock path"));
         }
         let repo_key = repo.to_string();
-        let created = self.store(move |s| s.lfs_create_lock(&repo_key, &req.path, &user)).await?;
+        let created = self
+            .store(move |s| s.lfs_create_lock(&repo_key, &req.path, &user))
+            .await?;
         match created {
-            Ok(lock) => respond_json(conn, 201, &api::LockBody { lock: lock_json(&lock) }, &[]).await,
+            Ok(lock) => {
+                respond_json(
+                    conn,
+                    201,
+                    &api::LockBody {
+                        lock: lock_json(&lock),
+                    },
+                    &[],
+                )
+                .await
+            }
             Err(existing) => {
                 let body = api::LockConflict {
                     lock: lock_json(&existing),
@@ -531,8 +668,15 @@ impl LfsHttp {
         Ok(Reuse::KeepAlive)
     }
 
-    fn lock_query(head: &RequestHead, cursor: Option<&str>, limit: Option<usize>) -> Result<LockQuery, Failure> {
-        let parse_id = |s: &str| s.parse::<i64>().map_err(|_| fail(422, format!("invalid id or cursor `{s}`")));
+    fn lock_query(
+        head: &RequestHead,
+        cursor: Option<&str>,
+        limit: Option<usize>,
+    ) -> Result<LockQuery, Failure> {
+        let parse_id = |s: &str| {
+            s.parse::<i64>()
+                .map_err(|_| fail(422, format!("invalid id or cursor `{s}`")))
+        };
         let q = head.query.as_deref();
         let limit = match (limit, query_param(q, "limit")) {
             (Some(l), _) => l,
@@ -542,63 +686,135 @@ impl LfsHttp {
         Ok(LockQuery {
             path: query_param(q, "path").map(|p| p.replace("%2F", "/").replace("%2f", "/")),
             id: query_param(q, "id").map(parse_id).transpose()?,
-            after_id: cursor.or(query_param(q, "cursor")).map(parse_id).transpose()?,
+            after_id: cursor
+                .or(query_param(q, "cursor"))
+                .map(parse_id)
+                .transpose()?,
             limit: limit.clamp(1, MAX_LOCK_PAGE),
         })
     }
 
-    async fn list_locks(&self, head: &RequestHead, conn: &mut Conn, repo: &RepoName) -> Result<Reuse, Failure> {
+    async fn list_locks(
+        &self,
+        head: &RequestHead,
+        conn: &mut Conn,
+        repo: &RepoName,
+    ) -> Result<Reuse, Failure> {
         self.authorize(head, repo, Access::Read).await?;
         let query = Self::lock_query(head, None, None)?;
         let repo_key = repo.to_string();
-        let (locks, more) = self.store(move |s| s.lfs_list_locks(&repo_key, &query)).await?;
+        let (locks, more) = self
+            .store(move |s| s.lfs_list_locks(&repo_key, &query))
+            .await?;
         let body = api::LockList {
-            next_cursor: more.then(|| locks.last().map(|l| l.id.to_string())).flatten(),
+            next_cursor: more
+                .then(|| locks.last().map(|l| l.id.to_string()))
+                .flatten(),
             locks: locks.iter().map(lock_json).collect(),
         };
-        respond_json(conn, 200, &body, &[]).await.map_err(io_failure)?;
+        respond_json(conn, 200, &body, &[])
+            .await
+            .map_err(io_failure)?;
         Ok(Reuse::KeepAlive)
     }
 
-    async fn verify_locks(&self, head: &RequestHead, conn: &mut Conn, repo: &RepoName) -> Result<Reuse, Failure> {
+    async fn verify_locks(
+        &self,
+        head: &RequestHead,
+        conn: &mut Conn,
+        repo: &RepoName,
+    ) -> Result<Reuse, Failure> {
         let req: api::VerifyLocks = read_json(head, conn).await?;
         let who = self.authorize(head, repo, Access::Write).await?;
-        let user = who.user.ok_or_else(|| fail(401, "locks need an authenticated user"))?;
+        let user = who
+            .user
+            .ok_or_else(|| fail(401, "locks need an authenticated user"))?;
         let query = Self::lock_query(head, req.cursor.as_deref(), req.limit)?;
         let repo_key = repo.to_string();
-        let (locks, more) = self.store(move |s| s.lfs_list_locks(&repo_key, &query)).await?;
+        let (locks, more) = self
+            .store(move |s| s.lfs_list_locks(&repo_key, &query))
+            .await?;
         let (ours, theirs): (Vec<_>, Vec<_>) = locks.iter().partition(|l| l.owner == user);
         let body = api::VerifyLocksBody {
             ours: ours.into_iter().map(lock_json).collect(),
             theirs: theirs.into_iter().map(lock_json).collect(),
-            next_cursor: more.then(|| locks.last().map(|l| l.id.to_string())).flatten(),
+            next_cursor: more
+                .then(|| locks.last().map(|l| l.id.to_string()))
+                .flatten(),
         };
-        respond_json(conn, 200, &body, &[]).await.map_err(io_failure)?;
+        respond_json(conn, 200, &body, &[])
+            .await
+            .map_err(io_failure)?;
         Ok(Reuse::KeepAlive)
     }
 
-    async fn unlock(&self, head: &RequestHead, conn: &mut Conn, repo: &RepoName, id: &str) -> Result<Reuse, Failure> {
-        let req: api::Unlock = read_json(head, conn).await.or_else(|f| if f.status == 422 { Ok(api::Unlock::default()) } else { Err(f) })?;
+    async fn unlock(
+        &self,
+        head: &RequestHead,
+        conn: &mut Conn,
+        repo: &RepoName,
+        id: &str,
+    ) -> Result<Reuse, Failure> {
+        let req: api::Unlock = read_json(head, conn).await.or_else(|f| {
+            if f.status == 422 {
+                Ok(api::Unlock::default())
+            } else {
+                Err(f)
+            }
+        })?;
         let id: i64 = id.parse().map_err(|_| fail(404, "lock not found"))?;
         let who = self.authorize(head, repo, Access::Write).await?;
-        let user = who.user.ok_or_else(|| fail(401, "locks need an authenticated user"))?;
+        let user = who
+            .user
+            .ok_or_else(|| fail(401, "locks need an authenticated user"))?;
         let repo_key = repo.to_string();
-        let query = LockQuery { id: Some(id), limit: 1, ..LockQuery::default() };
-        let (found, _) = self.store(move |s| s.lfs_list_locks(&repo_key, &query)).await?;
-        let lock = found.into_iter().next().ok_or_else(|| fail(404, "lock not found"))?;
+        let query = LockQuery {
+            id: Some(id),
+            limit: 1,
+            ..LockQuery::default()
+        };
+        let (found, _) = self
+            .store(move |s| s.lfs_list_locks(&repo_key, &query))
+            .await?;
+        let lock = found
+            .into_iter()
+            .next()
+            .ok_or_else(|| fail(404, "lock not found"))?;
         if lock.owner != user {
             if !req.force {
-                return Err(fail(403, format!("locked by {}; unlock with --force if you are an admin", lock.owner)));
+                return Err(fail(
+                    403,
+                    format!(
+                        "locked by {}; unlock with --force if you are an admin",
+                        lock.owner
+                    ),
+                ));
             }
             // Breaking someone else's lock is an admin's right.
             self.authorize(head, repo, Access::Admin)
                 .await
-                .map_err(|_| fail(403, "only a repository admin may force-unlock another user's lock"))?;
+                .map_err(|_| {
+                    fail(
+                        403,
+                        "only a repository admin may force-unlock another user's lock",
+                    )
+                })?;
         }
         let repo_key = repo.to_string();
-        let removed = self.store(move |s| s.lfs_delete_lock(&repo_key, id)).await?;
+        let removed = self
+            .store(move |s| s.lfs_delete_lock(&repo_key, id))
+            .await?;
         let removed = removed.ok_or_else(|| fail(404, "lock not found"))?;
-        respond_json(conn, 200, &api::LockBody { lock: lock_json(&removed) }, &[]).await.map_err(io_failure)?;
+        respond_json(
+            conn,
+            200,
+            &api::LockBody {
+                lock: lock_json(&removed),
+            },
+            &[],
+        )
+        .await
+        .map_err(io_failure)?;
         Ok(Reuse::KeepAlive)
     }
 }
@@ -628,7 +844,12 @@ fn io_failure(e: io::Error) -> Failure {
     fail(499, "connection failed")
 }
 
-async fn respond_json<T: Serialize>(conn: &mut Conn, status: u16, body: &T, extra: &[(&str, &str)]) -> io::Result<()> {
+async fn respond_json<T: Serialize>(
+    conn: &mut Conn,
+    status: u16,
+    body: &T,
+    extra: &[(&str, &str)],
+) -> io::Result<()> {
     let json = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
     let mut headers = Vec::with_capacity(extra.len() + 1);
     headers.push(("Content-Type", CONTENT_TYPE));

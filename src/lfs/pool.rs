@@ -136,7 +136,11 @@ impl Future for Acquire<'_> {
             self.pool.0.waits.set(self.pool.0.waits.get() + 1);
             METRICS.lfs.pool_waits.inc();
         }
-        self.pool.0.waiters.borrow_mut().push_back(cx.waker().clone());
+        self.pool
+            .0
+            .waiters
+            .borrow_mut()
+            .push_back(cx.waker().clone());
         Poll::Pending
     }
 }

@@ -41,7 +41,11 @@ pub enum S3Error {
     #[error("S3 connection to {endpoint}: {source}")]
     Io { endpoint: String, source: io::Error },
     #[error("S3 answered {status} to {op}: {body}")]
-    Status { op: &'static str, status: u16, body: String },
+    Status {
+        op: &'static str,
+        status: u16,
+        body: String,
+    },
     #[error("S3 sent a malformed response to {op}: {reason}")]
     Protocol { op: &'static str, reason: String },
 }
@@ -145,7 +149,11 @@ impl S3Client {
                 if v.is_empty() {
                     sigv4::uri_encode(k, false)
                 } else {
-                    format!("{}={}", sigv4::uri_encode(k, false), sigv4::uri_encode(v, false))
+                    format!(
+                        "{}={}",
+                        sigv4::uri_encode(k, false),
+                        sigv4::uri_encode(v, false)
+                    )
                 }
             })
             .collect::<Vec<_>>()
@@ -168,7 +176,11 @@ impl S3Client {
         Ok(stream)
     }
 
-    async fn read_head(&self, mut stream: TcpStream, op: &'static str) -> Result<Response, S3Error> {
+    async fn read_head(
+        &self,
+        mut stream: TcpStream,
+        op: &'static str,
+    ) -> Result<Response, S3Error> {
         let mut buf: Vec<u8> = Vec::with_capacity(4096);
         loop {
             let mut headers = [httparse::EMPTY_HEADER; 64];
@@ -192,19 +204,34 @@ impl S3Client {
                         }
                     }
                     let buffered = buf.split_off(n);
-                    return Ok(Response { stream, buffered, head });
+                    return Ok(Response {
+                        stream,
+                        buffered,
+                        head,
+                    });
                 }
                 Ok(httparse::Status::Partial) if buf.len() < MAX_RESPONSE_HEAD => {}
                 Ok(httparse::Status::Partial) => {
-                    return Err(S3Error::Protocol { op, reason: "response head too large".into() })
+                    return Err(S3Error::Protocol {
+                        op,
+                        reason: "response head too large".into(),
+                    })
                 }
-                Err(e) => return Err(S3Error::Protocol { op, reason: e.to_string() }),
+                Err(e) => {
+                    return Err(S3Error::Protocol {
+                        op,
+                        reason: e.to_string(),
+                    })
+                }
             }
             let spare = Vec::with_capacity(4096);
             let (res, chunk) = stream.read(spare).await;
             let n = res.map_err(|e| self.io_err(e))?;
             if n == 0 {
-                return Err(S3Error::Protocol { op, reason: "connection closed before the response head".into() });
+                return Err(S3Error::Protocol {
+                    op,
+                    reason: "connection closed before the response head".into(),
+                });
             }
             buf.extend_from_slice(&chunk[..n]);
         }
@@ -232,46 +259,87 @@ impl S3Client {
         Ok((r.head, String::from_utf8_lossy(&body).into_owned()))
     }
 
-    async fn expect_ok(&self, r: Response, op: &'static str) -> Result<(ResponseHead, String), S3Error> {
+    async fn expect_ok(
+        &self,
+        r: Response,
+        op: &'static str,
+    ) -> Result<(ResponseHead, String), S3Error> {
         let (head, body) = self.small_body(r).await?;
         if !(200..300).contains(&head.status) {
-            return Err(S3Error::Status { op, status: head.status, body });
+            return Err(S3Error::Status {
+                op,
+                status: head.status,
+                body,
+            });
         }
         Ok((head, body))
     }
 
     pub async fn create_multipart(&self, oid: &str) -> Result<String, S3Error> {
-        let stream = self.send_head("POST", &self.path(oid), &[("uploads", "")], &[], 0).await?;
+        let stream = self
+            .send_head("POST", &self.path(oid), &[("uploads", "")], &[], 0)
+            .await?;
         let r = self.read_head(stream, "CreateMultipartUpload").await?;
         let (_, xml) = self.expect_ok(r, "CreateMultipartUpload").await?;
-        xml_tag(&xml, "UploadId").map(str::to_owned).ok_or(S3Error::Protocol {
-            op: "CreateMultipartUpload",
-            reason: "no UploadId".into(),
-        })
+        xml_tag(&xml, "UploadId")
+            .map(str::to_owned)
+            .ok_or(S3Error::Protocol {
+                op: "CreateMultipartUpload",
+                reason: "no UploadId".into(),
+            })
     }
 
     /// Starts one part; write exactly `len` bytes to the returned stream, then [`Self::finish_part`].
-    pub async fn start_part(&self, oid: &str, upload_id: &str, number: u32, len: u64) -> Result<TcpStream, S3Error> {
+    pub async fn start_part(
+        &self,
+        oid: &str,
+        upload_id: &str,
+        number: u32,
+        len: u64,
+    ) -> Result<TcpStream, S3Error> {
         let n = number.to_string();
-        self.send_head("PUT", &self.path(oid), &[("partNumber", &n), ("uploadId", upload_id)], &[], len)
-            .await
+        self.send_head(
+            "PUT",
+            &self.path(oid),
+            &[("partNumber", &n), ("uploadId", upload_id)],
+            &[],
+            len,
+        )
+        .await
     }
 
     /// Reads the part's answer; returns its ETag.
     pub async fn finish_part(&self, stream: TcpStream) -> Result<String, S3Error> {
         let r = self.read_head(stream, "UploadPart").await?;
         let (head, _) = self.expect_ok(r, "UploadPart").await?;
-        head.etag.ok_or(S3Error::Protocol { op: "UploadPart", reason: "no ETag".into() })
+        head.etag.ok_or(S3Error::Protocol {
+            op: "UploadPart",
+            reason: "no ETag".into(),
+        })
     }
 
-    pub async fn complete(&self, oid: &str, upload_id: &str, etags: &[String]) -> Result<(), S3Error> {
+    pub async fn complete(
+        &self,
+        oid: &str,
+        upload_id: &str,
+        etags: &[String],
+    ) -> Result<(), S3Error> {
         let mut xml = String::from("<CompleteMultipartUpload>");
         for (i, etag) in etags.iter().enumerate() {
-            xml.push_str(&format!("<Part><PartNumber>{}</PartNumber><ETag>{etag}</ETag></Part>", i + 1));
+            xml.push_str(&format!(
+                "<Part><PartNumber>{}</PartNumber><ETag>{etag}</ETag></Part>",
+                i + 1
+            ));
         }
         xml.push_str("</CompleteMultipartUpload>");
         let mut stream = self
-            .send_head("POST", &self.path(oid), &[("uploadId", upload_id)], &[], xml.len() as u64)
+            .send_head(
+                "POST",
+                &self.path(oid),
+                &[("uploadId", upload_id)],
+                &[],
+                xml.len() as u64,
+            )
             .await?;
         let (res, _) = stream.write_all(xml.into_bytes()).await;
         res.map_err(|e| self.io_err(e))?;
@@ -279,13 +347,25 @@ impl S3Client {
         let (_, body) = self.expect_ok(r, "CompleteMultipartUpload").await?;
         // S3 can answer 200 with an error document when completion fails late.
         if body.contains("<Error>") {
-            return Err(S3Error::Status { op: "CompleteMultipartUpload", status: 200, body });
+            return Err(S3Error::Status {
+                op: "CompleteMultipartUpload",
+                status: 200,
+                body,
+            });
         }
         Ok(())
     }
 
     pub async fn abort(&self, oid: &str, upload_id: &str) -> Result<(), S3Error> {
-        let stream = self.send_head("DELETE", &self.path(oid), &[("uploadId", upload_id)], &[], 0).await?;
+        let stream = self
+            .send_head(
+                "DELETE",
+                &self.path(oid),
+                &[("uploadId", upload_id)],
+                &[],
+                0,
+            )
+            .await?;
         let r = self.read_head(stream, "AbortMultipartUpload").await?;
         self.expect_ok(r, "AbortMultipartUpload").await.map(|_| ())
     }
@@ -300,11 +380,17 @@ impl S3Client {
     /// Starts a ranged GET (inclusive `end`); read the body with [`Response::read_into`].
     pub async fn get(&self, oid: &str, start: u64, end: u64) -> Result<Response, S3Error> {
         let range = format!("bytes={start}-{end}");
-        let stream = self.send_head("GET", &self.path(oid), &[], &[("range", &range)], 0).await?;
+        let stream = self
+            .send_head("GET", &self.path(oid), &[], &[("range", &range)], 0)
+            .await?;
         let r = self.read_head(stream, "GetObject").await?;
         if !(200..300).contains(&r.head.status) {
             let (head, body) = self.small_body(r).await?;
-            return Err(S3Error::Status { op: "GetObject", status: head.status, body });
+            return Err(S3Error::Status {
+                op: "GetObject",
+                status: head.status,
+                body,
+            });
         }
         Ok(r)
     }

@@ -195,9 +195,18 @@ mod tests {
     fn classifies_paths() {
         assert_eq!(classify("/healthz"), Target::Health);
         assert_eq!(classify("/a/b.git/info/refs"), Target::InfoRefs("a/b.git"));
-        assert_eq!(classify("/a/b/git-upload-pack"), Target::Rpc("a/b", Service::UploadPack));
-        assert_eq!(classify("/a/b.git/git-receive-pack"), Target::Rpc("a/b.git", Service::ReceivePack));
-        assert_eq!(classify("/a/b.git/info/lfs/objects/batch"), Target::Lfs("a/b.git", "objects/batch"));
+        assert_eq!(
+            classify("/a/b/git-upload-pack"),
+            Target::Rpc("a/b", Service::UploadPack)
+        );
+        assert_eq!(
+            classify("/a/b.git/git-receive-pack"),
+            Target::Rpc("a/b.git", Service::ReceivePack)
+        );
+        assert_eq!(
+            classify("/a/b.git/info/lfs/objects/batch"),
+            Target::Lfs("a/b.git", "objects/batch")
+        );
         assert_eq!(classify("/a/b.git/objects/12/3456"), Target::Dumb);
         assert_eq!(classify("/a/b.git/HEAD"), Target::Dumb);
         assert_eq!(classify("/"), Target::Unknown);

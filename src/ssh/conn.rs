@@ -34,6 +34,8 @@ use crate::server::sidecar::{stopped, StopSignal};
 const LIVENESS_INTERVAL: Duration = Duration::from_secs(2);
 /// How long a cut session may take to notice before the supervisor stops waiting for it.
 const CUT_WAIT: Duration = Duration::from_secs(5);
+/// How long an idle connection may take to close by itself on shutdown.
+const LINGER: Duration = Duration::from_secs(2);
 /// How long a session may take to deliver its last output on shutdown before it is cut.
 const DRAIN_WAIT: Duration = Duration::from_secs(5);
 
@@ -175,9 +177,14 @@ pub(super) async fn serve(
         let now = *phase.borrow_and_update();
         authenticated |= now.authenticated;
         if stopping && now.execs == 0 {
-            // Shutdown and nothing runs here: say goodbye. The disconnect queues behind any
-            // output still on its way (the end of a pack, the exit status), so wait for the
-            // session to flush it and end before cutting.
+            // Shutdown and nothing runs here. A client whose command just finished closes
+            // the connection itself within moments; a disconnect sent before that makes
+            // OpenSSH exit 255 instead of with git's status. So first give it a moment.
+            if tokio::time::timeout(LINGER, &mut session).await.is_ok() {
+                return;
+            }
+            // Then say goodbye. The disconnect queues behind any output still on its way, so
+            // wait for the session to flush it and end before cutting.
             let bye = handle.disconnect(
                 russh::Disconnect::ByApplication,
                 "server is shutting down".into(),

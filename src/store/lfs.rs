@@ -86,7 +86,8 @@ impl Store {
 
     /// Records a verified object and links it to `repo` (both idempotent).
     pub fn lfs_record_object(&self, repo: &str, oid: &str, size: u64) -> Result<(), StoreError> {
-        let size = i64::try_from(size).map_err(|_| StoreError::Internal("object size overflows".into()))?;
+        let size = i64::try_from(size)
+            .map_err(|_| StoreError::Internal("object size overflows".into()))?;
         self.conn
             .execute(
                 "INSERT INTO lfs_objects (oid, size) VALUES (?1, ?2) ON CONFLICT (oid) DO NOTHING",
@@ -128,7 +129,11 @@ impl Store {
     }
 
     /// Locks in id order, and whether more follow.
-    pub fn lfs_list_locks(&self, repo: &str, q: &LockQuery) -> Result<(Vec<LockRecord>, bool), StoreError> {
+    pub fn lfs_list_locks(
+        &self,
+        repo: &str,
+        q: &LockQuery,
+    ) -> Result<(Vec<LockRecord>, bool), StoreError> {
         let limit = i64::try_from(q.limit).unwrap_or(i64::MAX);
         let mut stmt = self
             .conn
@@ -141,7 +146,13 @@ impl Store {
             .map_err(|e| self.db(e))?;
         let mut locks = stmt
             .query_map(
-                params![repo, q.path, q.id, q.after_id.unwrap_or(0), limit.saturating_add(1)],
+                params![
+                    repo,
+                    q.path,
+                    q.id,
+                    q.after_id.unwrap_or(0),
+                    limit.saturating_add(1)
+                ],
                 lock_from_row,
             )
             .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
@@ -163,7 +174,10 @@ impl Store {
             .map_err(|e| self.db(e))?;
         if lock.is_some() {
             self.conn
-                .execute("DELETE FROM lfs_locks WHERE repo = ?1 AND id = ?2", params![repo, id])
+                .execute(
+                    "DELETE FROM lfs_locks WHERE repo = ?1 AND id = ?2",
+                    params![repo, id],
+                )
                 .map_err(|e| self.db(e))?;
         }
         Ok(lock)
@@ -179,30 +193,73 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let oid = "a".repeat(64);
-        assert_eq!(store.lfs_object_state("o/a", &oid).unwrap(), ObjectState { stored_size: None, linked: false });
+        assert_eq!(
+            store.lfs_object_state("o/a", &oid).unwrap(),
+            ObjectState {
+                stored_size: None,
+                linked: false
+            }
+        );
         store.lfs_record_object("o/a", &oid, 5).unwrap();
         store.lfs_record_object("o/a", &oid, 5).unwrap();
-        assert_eq!(store.lfs_object_state("o/a", &oid).unwrap(), ObjectState { stored_size: Some(5), linked: true });
-        assert_eq!(store.lfs_object_state("o/b", &oid).unwrap(), ObjectState { stored_size: Some(5), linked: false });
+        assert_eq!(
+            store.lfs_object_state("o/a", &oid).unwrap(),
+            ObjectState {
+                stored_size: Some(5),
+                linked: true
+            }
+        );
+        assert_eq!(
+            store.lfs_object_state("o/b", &oid).unwrap(),
+            ObjectState {
+                stored_size: Some(5),
+                linked: false
+            }
+        );
     }
 
     #[test]
     fn locks_conflict_page_and_delete() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let a = store.lfs_create_lock("o/r", "a.bin", "alice").unwrap().unwrap();
-        let conflict = store.lfs_create_lock("o/r", "a.bin", "bob").unwrap().unwrap_err();
+        let a = store
+            .lfs_create_lock("o/r", "a.bin", "alice")
+            .unwrap()
+            .unwrap();
+        let conflict = store
+            .lfs_create_lock("o/r", "a.bin", "bob")
+            .unwrap()
+            .unwrap_err();
         assert_eq!(conflict.owner, "alice");
-        let b = store.lfs_create_lock("o/r", "b.bin", "bob").unwrap().unwrap();
-        store.lfs_create_lock("o/other", "a.bin", "bob").unwrap().unwrap();
-        let page = LockQuery { limit: 1, ..LockQuery::default() };
+        let b = store
+            .lfs_create_lock("o/r", "b.bin", "bob")
+            .unwrap()
+            .unwrap();
+        store
+            .lfs_create_lock("o/other", "a.bin", "bob")
+            .unwrap()
+            .unwrap();
+        let page = LockQuery {
+            limit: 1,
+            ..LockQuery::default()
+        };
         let (first, more) = store.lfs_list_locks("o/r", &page).unwrap();
         assert_eq!((first.len(), more), (1, true));
-        let next = LockQuery { after_id: Some(first[0].id), ..page };
+        let next = LockQuery {
+            after_id: Some(first[0].id),
+            ..page
+        };
         let (second, more) = store.lfs_list_locks("o/r", &next).unwrap();
         assert_eq!((second[0].id, more), (b.id, false));
-        let by_path = LockQuery { path: Some("a.bin".into()), limit: 10, ..LockQuery::default() };
-        assert_eq!(store.lfs_list_locks("o/r", &by_path).unwrap().0, vec![a.clone()]);
+        let by_path = LockQuery {
+            path: Some("a.bin".into()),
+            limit: 10,
+            ..LockQuery::default()
+        };
+        assert_eq!(
+            store.lfs_list_locks("o/r", &by_path).unwrap().0,
+            vec![a.clone()]
+        );
         assert_eq!(store.lfs_delete_lock("o/r", a.id).unwrap(), Some(a));
         assert_eq!(store.lfs_delete_lock("o/r", 999).unwrap(), None);
     }

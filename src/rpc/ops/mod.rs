@@ -2,12 +2,12 @@
 //! on the [`super::pool`] workers only; each takes a request message and returns a response
 //! message (or, for streaming calls, sends messages through an [`Emitter`]).
 //!
-//! - [`refs`]: ListBranches, ListTags, CreateBranch, DeleteBranch
-//! - [`commits`]: FindCommit, CommitLog
-//! - [`diff`]: CommitDiff, CompareRefs
-//! - [`tree`]: GetTree, GetBlob
-//! - [`merge`]: CheckMergeability, Merge
-//! - [`info`]: RepositoryInfo
+//! - [`refs`] runs ListBranches, ListTags, CreateBranch, DeleteBranch;
+//! - [`commits`] runs FindCommit, CommitLog;
+//! - [`diff`] runs CommitDiff, CompareRefs;
+//! - [`tree`] runs GetTree, GetBlob;
+//! - [`merge`] runs CheckMergeability, Merge;
+//! - [`info`] runs RepositoryInfo.
 //!
 //! Errors are [`OpError`]; the edge turns them into gRPC statuses.
 
