@@ -153,7 +153,7 @@ def transfer(server, op, payload):
         return 0  # already stored
     href = action["href"].split("://", 1)[1]
     path = "/" + href.split("/", 1)[1]
-    headers = {**server.headers(), **action.get("header", {})}
+    headers = {**server.headers(), **(action.get("header") or {})}
     conn = http.client.HTTPConnection(*server.addr, timeout=TIMEOUT)
     if op == "upload":
         headers["Content-Length"] = str(payload.size)
