@@ -109,8 +109,10 @@ fn build_frontends(config: &Arc<ServeConfig>) -> Result<Frontends, ServeError> {
         ssh_tokens,
     )?));
     let rpc_listeners = f.listen("rpc", config.rpc_listen, cores)?;
-    f.shard
-        .push(Arc::new(crate::rpc::RpcService::new(rpc_listeners, config)?));
+    f.shard.push(Arc::new(crate::rpc::RpcService::new(
+        rpc_listeners,
+        config,
+    )?));
     // Hook workers (issue #6): consumers/relay, or the embedded outbox queue, on every sidecar.
     f.sidecar
         .push(Arc::new(crate::hooks::HooksService::new(config)?));
@@ -147,6 +149,14 @@ pub fn run(
     // Block before any thread exists so that every thread inherits the mask and only the main
     // thread's sigwait sees the signals. git children get a clean mask from std's spawn.
     let signals = block_signals().map_err(ServeError::Signals)?;
+    // A fixed mmap threshold (which also turns off glibc's dynamic one): blocks of 1 MiB and up
+    // are mapped and unmapped on their own. With the dynamic threshold, the first large free
+    // (argon2id's 19 MiB working memory) raises it, and from then on every password check leaves
+    // 19 MiB resident in the arena of each blocking thread that ran one.
+    // SAFETY: mallopt only changes allocator tuning.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
     let config = Arc::new(config);
     let cores = config.shards.get();
     let frontends = build_frontends(&config)?;

@@ -222,17 +222,9 @@ impl Store {
             .map_err(|e| self.db(e))?;
         let Some(hash) = hash else { return Ok(false) };
         let parsed = PasswordHash::new(&hash).map_err(|e| StoreError::Hash(e.to_string()))?;
-        let ok = Argon2::default()
+        Ok(Argon2::default()
             .verify_password(password.as_bytes(), &parsed)
-            .is_ok();
-        // argon2id works in 19 MiB of memory; glibc keeps it in this thread's arena after it is
-        // freed, so every blocking thread that ever checked a password would hold 19 MiB more
-        // RSS. Hand it back to the kernel now (verification is cached, so this is rare).
-        // SAFETY: malloc_trim only releases free memory.
-        unsafe {
-            libc::malloc_trim(0);
-        }
-        Ok(ok)
+            .is_ok())
     }
 
     /// Records a repository; the caller creates it on disk.
