@@ -124,15 +124,24 @@ pub struct LfsLimits {
 
 fn s3_settings(s: S3Section) -> Result<crate::lfs::s3::S3Settings, ConfigError> {
     let from_env = |field: &'static str, value: Option<String>, var: &str| {
-        value
-            .or_else(|| std::env::var(var).ok())
-            .ok_or_else(|| invalid(field, format!("not set, and {var} is not in the environment")))
+        value.or_else(|| std::env::var(var).ok()).ok_or_else(|| {
+            invalid(
+                field,
+                format!("not set, and {var} is not in the environment"),
+            )
+        })
     };
     if s.part_size_mib < 5 {
-        return Err(invalid("lfs.s3.part_size_mib", "S3 parts must be at least 5 MiB"));
+        return Err(invalid(
+            "lfs.s3.part_size_mib",
+            "S3 parts must be at least 5 MiB",
+        ));
     }
     if s.endpoint.contains("://") {
-        return Err(invalid("lfs.s3.endpoint", "give host:port (plain HTTP), without a scheme"));
+        return Err(invalid(
+            "lfs.s3.endpoint",
+            "give host:port (plain HTTP), without a scheme",
+        ));
     }
     Ok(crate::lfs::s3::S3Settings {
         endpoint: s.endpoint,

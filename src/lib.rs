@@ -22,3 +22,4 @@ pub mod smart_http;
 pub mod ssh;
 pub mod store;
 pub mod token;
+pub mod tune;

@@ -43,6 +43,19 @@ enum Command {
     /// Manage webhooks.
     #[command(subcommand)]
     Webhook(WebhookCommand),
+    /// Check this node's kernel and limits against tuning/.
+    #[command(subcommand)]
+    Tune(TuneCommand),
+}
+
+#[derive(Subcommand)]
+enum TuneCommand {
+    /// Print each kernel setting and limit, the recommended value, OK/LOW and the fix.
+    Check {
+        /// Exit 1 when any setting is not OK.
+        #[arg(long)]
+        strict: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -146,6 +159,17 @@ fn main() -> anyhow::Result<()> {
     };
     match cli.command {
         Command::Serve(args) => serve(data_dir_flag.clone(), args),
+        Command::Tune(TuneCommand::Check { strict }) => {
+            let findings = gitplane::tune::check();
+            print!("{}", gitplane::tune::render(&findings));
+            let all_ok = findings
+                .iter()
+                .all(|f| f.status == gitplane::tune::Status::Ok);
+            if strict && !all_ok {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::User(UserCommand::Add { name, .. }) => {
             let password = admin::read_password(std::io::stdin().lock())?;
             admin::user_add(&data_dir(), &name, &password)
@@ -161,7 +185,9 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Hook(HookCommand::PostReceive) => {
             // git shows the hook's stderr to the pusher; a failure must be loud there.
-            if let Err(e) = gitplane::hooks::capture::post_receive(&data_dir(), std::io::stdin().lock()) {
+            if let Err(e) =
+                gitplane::hooks::capture::post_receive(&data_dir(), std::io::stdin().lock())
+            {
                 eprintln!("gitplane: the push was received but its event was NOT recorded: {e}");
                 std::process::exit(1);
             }
@@ -178,7 +204,10 @@ fn main() -> anyhow::Result<()> {
         Command::Key(KeyCommand::Add { user, file }) => {
             let key = gitplane::ssh::keys::key_add(&data_dir(), &user, &file)
                 .with_context(|| format!("adding {} for {user}", file.display()))?;
-            println!("key {} ({}) added for {user}", key.fingerprint, key.algorithm);
+            println!(
+                "key {} ({}) added for {user}",
+                key.fingerprint, key.algorithm
+            );
             Ok(())
         }
         Command::Key(KeyCommand::List { user }) => {

@@ -654,7 +654,7 @@ fn webhook_semaphore_caps_concurrent_deliveries_per_core() {
         "2 cores x 2 permits, receiver saw {receiver_max}"
     );
     assert!(
-        peaks.iter().any(|p| *p == 2),
+        peaks.contains(&2),
         "the limit was never reached ({peaks:?}): the test did not load the semaphore"
     );
     assert!(server.metric("gitplane_hook_semaphore_waits_total{job=\"webhooks\"}") > 0);

@@ -260,6 +260,17 @@ fn list_branches_request() -> Vec<u8> {
     .encode_to_vec()
 }
 
+/// (what, extra headers, DATA chunks, leave the stream open, expected grpc-status, part of
+/// grpc-message)
+type Case = (
+    &'static str,
+    Vec<(&'static str, &'static str)>,
+    Vec<Vec<u8>>,
+    bool,
+    u8,
+    &'static str,
+);
+
 #[test]
 fn malformed_frames_end_only_their_stream() {
     let (server, addr, token) = server_with_repo();
@@ -275,8 +286,7 @@ fn malformed_frames_end_only_their_stream() {
         };
         ok(&call(&c, LIST_BRANCHES, &[auth_h], &[frame(0, &req)], false).await);
 
-        // (what was sent, expected gRPC status, part of the message)
-        let mut cases: Vec<(&str, Vec<(&str, &str)>, Vec<Vec<u8>>, bool, u8, &str)> = vec![
+        let mut cases: Vec<Case> = vec![
             (
                 "bad flag",
                 vec![],
@@ -509,4 +519,45 @@ fn token_file_is_created_private_and_reused() {
     assert_eq!(mode, 0o600);
     assert_eq!(token.len(), 64);
     assert!(token.bytes().all(|b| b.is_ascii_hexdigit()));
+}
+
+#[test]
+fn sigterm_ends_health_watch_with_not_serving_and_exits_zero() {
+    use gitplane::rpc::pb::health;
+    let (mut server, addr, _token) = start();
+    let req = frame(0, &health::HealthCheckRequest::default().encode_to_vec());
+    let answer = runtime().block_on(async {
+        let c = connect(addr).await;
+        let watch = tokio::spawn({
+            let c = c.clone();
+            async move { call(&c, "/grpc.health.v1.Health/Watch", &[], &[req], false).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        server.signal(libc::SIGTERM);
+        watch.await.unwrap()
+    });
+    assert_eq!(answer.grpc_status(), Some(0), "{answer:?}");
+    let statuses: Vec<i32> = answer
+        .messages
+        .iter()
+        .map(|m| {
+            health::HealthCheckResponse::decode(m.clone())
+                .unwrap()
+                .status
+        })
+        .collect();
+    use health::health_check_response::ServingStatus;
+    assert_eq!(
+        statuses,
+        vec![
+            ServingStatus::Serving as i32,
+            ServingStatus::NotServing as i32
+        ]
+    );
+    assert_eq!(
+        server.wait_exit(Duration::from_secs(15)),
+        Some(0),
+        "{}",
+        server.log()
+    );
 }

@@ -10,7 +10,11 @@ use gitplane::rpc::frame::{decode, Decoded, Encoding, FrameError, MessageReader,
 use gitplane::rpc::status::parse_timeout;
 use libfuzzer_sys::fuzz_target;
 
-fn read_all(chunks: &[&[u8]], max: usize, encoding: Encoding) -> (Vec<Vec<u8>>, Option<FrameError>) {
+fn read_all(
+    chunks: &[&[u8]],
+    max: usize,
+    encoding: Encoding,
+) -> (Vec<Vec<u8>>, Option<FrameError>) {
     let mut r = MessageReader::new(max, encoding);
     let mut out = Vec::new();
     for c in chunks {
@@ -34,7 +38,11 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let max = [0usize, 16, 1024, 4 << 20][usize::from(ctl & 3)];
-    let encoding = if ctl & 4 != 0 { Encoding::Gzip } else { Encoding::Identity };
+    let encoding = if ctl & 4 != 0 {
+        Encoding::Gzip
+    } else {
+        Encoding::Identity
+    };
     match decode(stream, max) {
         Ok(Decoded::Complete {
             payload, consumed, ..

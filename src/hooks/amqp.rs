@@ -20,9 +20,11 @@
 //! idempotent by event id). lapin runs each connection's socket on its own I/O thread.
 
 use std::cell::Cell;
-use std::future::poll_fn;
+use std::collections::VecDeque;
+use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::rc::Rc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use futures_core::Stream;
@@ -34,7 +36,9 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::Confirmation;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{
+    BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind, PublisherConfirm,
+};
 
 use super::db::DbError;
 use super::event::PushEvent;
@@ -49,6 +53,8 @@ const POLL: Duration = Duration::from_millis(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(2);
+/// Relay batches in flight (published, confirms outstanding) at once.
+const RELAY_WINDOW_BATCHES: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AmqpError {
@@ -319,7 +325,15 @@ async fn handle(worker: &Worker, delivery: Delivery, job: JobKind) {
     }
 }
 
+/// Published rows whose confirms are outstanding, oldest first.
+type Window = VecDeque<(i64, String, PublisherConfirm)>;
+
 /// Core 0: outbox -> exchange, with confirms; a row is deleted only after its confirm.
+///
+/// Pipelined: up to `RELAY_WINDOW_BATCHES` batches are in flight, so the broker's fsync of one
+/// batch overlaps the publishing of the next. Confirms are consumed strictly in publish order
+/// and rows are deleted as a confirmed prefix; at the first failure the relay stops and the
+/// session reconnects, and everything still in the outbox is published again, in order.
 async fn relay(worker: Rc<Worker>, ch: Channel, mut stop: StopSignal) -> Result<(), AmqpError> {
     let cfg = &worker.shared.config;
     let db = worker.db().clone();
@@ -329,6 +343,10 @@ async fn relay(worker: Rc<Worker>, ch: Channel, mut stop: StopSignal) -> Result<
         .checked_sub(Duration::from_secs(1))
         .unwrap_or_else(Instant::now);
     let batch = cfg.relay_batch;
+    let max_window = batch.saturating_mul(RELAY_WINDOW_BATCHES);
+    let mut window: Window = VecDeque::with_capacity(max_window);
+    // Highest outbox id published on this channel; rows above it are next.
+    let mut last_published = 0i64;
     loop {
         if *stop.borrow() {
             return Ok(());
@@ -341,76 +359,88 @@ async fn relay(worker: Rc<Worker>, ch: Channel, mut stop: StopSignal) -> Result<
                 .outbox_depth
                 .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
-        let rows = db.call(move |s| s.outbox_after(0, batch)).await?;
-        if rows.is_empty() {
+        let room = max_window.saturating_sub(window.len()).min(batch);
+        if room > 0 {
+            let rows = db
+                .call(move |s| s.outbox_after(last_published, room))
+                .await?;
+            for row in rows {
+                let props = BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_content_type("application/json".into())
+                    .with_message_id(row.event_id.clone().into());
+                let confirm = ch
+                    .basic_publish(
+                        exchange.clone().into(),
+                        Topology::routing_key(&row.repo).into(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..BasicPublishOptions::default()
+                        },
+                        row.payload.as_bytes(),
+                        props,
+                    )
+                    .await
+                    .inspect_err(|_| METRICS.hooks.publish_failures.inc())?;
+                METRICS.hooks.published.inc();
+                last_published = row.id;
+                window.push_back((row.id, row.event_id, confirm));
+            }
+        }
+        if window.is_empty() {
             tokio::select! {
                 _ = tokio::time::sleep(POLL) => {}
                 _ = stopped(&mut stop) => return Ok(()),
             }
             continue;
         }
-        // Pipelined: publish the whole batch, then collect the confirms in order.
-        let mut confirms = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let props = BasicProperties::default()
-                .with_delivery_mode(2)
-                .with_content_type("application/json".into())
-                .with_message_id(row.event_id.clone().into());
-            let confirm = ch
-                .basic_publish(
-                    exchange.clone().into(),
-                    Topology::routing_key(&row.repo).into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..BasicPublishOptions::default()
-                    },
-                    row.payload.as_bytes(),
-                    props,
-                )
-                .await;
-            match confirm {
-                Ok(c) => {
-                    METRICS.hooks.published.inc();
-                    confirms.push(c);
-                }
-                Err(e) => {
-                    METRICS.hooks.publish_failures.inc();
-                    return Err(e.into());
-                }
-            }
-        }
-        let mut confirmed = Vec::with_capacity(rows.len());
-        let mut failure = None;
-        for (row, confirm) in rows.iter().zip(confirms) {
-            let why = match confirm.await {
-                Ok(Confirmation::Ack(None)) => None,
-                Ok(Confirmation::Ack(Some(_))) => {
-                    Some("unroutable (no job queue bound)".to_owned())
-                }
-                Ok(Confirmation::Nack(_)) => Some("nacked".to_owned()),
-                Ok(Confirmation::NotRequested) => Some("confirms are off".to_owned()),
-                Err(e) => Some(e.to_string()),
-            };
-            match why {
-                None if failure.is_none() => {
-                    METRICS.hooks.confirmed.inc();
-                    confirmed.push(row.id);
-                }
-                None => METRICS.hooks.confirmed.inc(),
-                Some(why) => {
-                    METRICS.hooks.publish_failures.inc();
-                    failure.get_or_insert(AmqpError::NotConfirmed {
-                        event: row.event_id.clone(),
-                        why,
-                    });
-                }
-            }
-        }
+        // Wait for the oldest confirm, then take every further one already in.
+        let mut confirmed = Vec::new();
+        let outcome = settle_confirms(&mut window, &mut confirmed).await;
         if !confirmed.is_empty() {
             db.call(move |s| s.outbox_delete(&confirmed)).await?;
         }
-        if let Some(f) = failure {
-            return Err(f);
+        outcome?;
+    }
+}
+
+/// Pops confirmed rows off the front of `window` into `confirmed`: waits for the first, then
+/// takes the ones already resolved. Err at the first row the broker did not take.
+async fn settle_confirms(window: &mut Window, confirmed: &mut Vec<i64>) -> Result<(), AmqpError> {
+    let mut first = true;
+    while let Some((_, _, confirm)) = window.front_mut() {
+        let result = if first {
+            first = false;
+            Some(Pin::new(confirm).await)
+        } else {
+            // Ready now, or leave it for the next round.
+            poll_fn(|cx| match Pin::new(&mut *confirm).poll(cx) {
+                Poll::Ready(r) => Poll::Ready(Some(r)),
+                Poll::Pending => Poll::Ready(None),
+            })
+            .await
+        };
+        let Some(result) = result else { break };
+        let Some((id, event, _)) = window.pop_front() else {
+            break;
+        };
+        let why = match result {
+            Ok(Confirmation::Ack(None)) => None,
+            Ok(Confirmation::Ack(Some(_))) => Some("unroutable (no job queue bound)".to_owned()),
+            Ok(Confirmation::Nack(_)) => Some("nacked".to_owned()),
+            Ok(Confirmation::NotRequested) => Some("confirms are off".to_owned()),
+            Err(e) => Some(e.to_string()),
+        };
+        match why {
+            None => {
+                METRICS.hooks.confirmed.inc();
+                confirmed.push(id);
+            }
+            Some(why) => {
+                METRICS.hooks.publish_failures.inc();
+                return Err(AmqpError::NotConfirmed { event, why });
+            }
         }
     }
+    Ok(())
 }

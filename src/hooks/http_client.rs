@@ -74,7 +74,7 @@ impl HttpUrl {
             },
         };
         let port = port.unwrap_or("80");
-        if host.len() < 1
+        if host.is_empty()
             || host.contains(':') && !host.starts_with('[')
             || port.is_empty()
             || !port.bytes().all(|b| b.is_ascii_digit())

@@ -22,7 +22,10 @@ mod tests {
 
     #[test]
     fn query_params() {
-        assert_eq!(query_param(Some("service=git-upload-pack"), "service"), Some("git-upload-pack"));
+        assert_eq!(
+            query_param(Some("service=git-upload-pack"), "service"),
+            Some("git-upload-pack")
+        );
         assert_eq!(query_param(Some("a=1&service=x"), "service"), Some("x"));
         assert_eq!(query_param(Some("services=x"), "service"), None);
         assert_eq!(query_param(None, "service"), None);

@@ -44,7 +44,10 @@ pub enum ServeError {
     #[error("cannot load the LFS token secret: {0}")]
     TokenSecret(#[from] crate::token::SecretError),
     #[error("cannot prepare LFS storage under {path}: {source}")]
-    LfsStorage { path: std::path::PathBuf, source: io::Error },
+    LfsStorage {
+        path: std::path::PathBuf,
+        source: io::Error,
+    },
 }
 
 /// The services a server runs, and where they listen.
@@ -86,7 +89,10 @@ fn build_frontends(config: &Arc<ServeConfig>) -> Result<Frontends, ServeError> {
     let token_secret = crate::token::TokenSecret::load_or_create(&config.data_dir)?;
     crate::lfs::storage::DiskStore::new(&config.data_dir)
         .prepare()
-        .map_err(|source| ServeError::LfsStorage { path: config.data_dir.join("lfs"), source })?;
+        .map_err(|source| ServeError::LfsStorage {
+            path: config.data_dir.join("lfs"),
+            source,
+        })?;
     let http_listeners = f.listen("http", config.http_listen, cores)?;
     let (packs, ssh_tokens) = (Arc::clone(&state.limiter), token_secret.clone());
     f.shard.push(Arc::new(http::HttpService::new(

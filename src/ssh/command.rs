@@ -6,7 +6,8 @@
 //! Accepted (`PATH` as git sends it, see [`repo_from_path`]):
 //! - `git-upload-pack PATH`, `git-receive-pack PATH`, `git-upload-archive PATH`, and the same
 //!   with a space (`git upload-pack PATH`);
-//! - `git-lfs-authenticate PATH upload|download`.
+//! - `git-lfs-authenticate PATH upload|download`;
+//! - `git-lfs-transfer PATH upload|download` (the pure-SSH LFS protocol).
 
 use crate::git::process::Service;
 use crate::git::repo_name::{RepoName, RepoNameError};
@@ -27,6 +28,10 @@ pub enum ExecRequest {
         repo: RepoName,
         operation: Operation,
     },
+    LfsTransfer {
+        repo: RepoName,
+        operation: Operation,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -39,12 +44,8 @@ pub enum CommandError {
     NotUtf8,
     #[error("unbalanced quotes in the command")]
     Quoting,
-    #[error("`{0}` is not a command this server runs; it runs only git-upload-pack, git-receive-pack, git-upload-archive and git-lfs-authenticate")]
+    #[error("`{0}` is not a command this server runs; it runs only git-upload-pack, git-receive-pack, git-upload-archive, git-lfs-authenticate and git-lfs-transfer")]
     Unknown(String),
-    #[error(
-        "git-lfs-transfer is not supported; git-lfs falls back to HTTP with git-lfs-authenticate"
-    )]
-    LfsTransfer,
     #[error("usage: {0}")]
     Usage(&'static str),
     #[error("invalid repository path `{path}`: {source}")]
@@ -95,7 +96,17 @@ pub fn parse_exec(raw: &[u8]) -> Result<ExecRequest, CommandError> {
                 operation,
             })
         }
-        "git-lfs-transfer" => Err(CommandError::LfsTransfer),
+        "git-lfs-transfer" => {
+            const USAGE: &str = "git-lfs-transfer OWNER/NAME upload|download";
+            let [path, op] = rest.as_slice() else {
+                return Err(CommandError::Usage(USAGE));
+            };
+            let operation = Operation::parse(op).ok_or(CommandError::Usage(USAGE))?;
+            Ok(ExecRequest::LfsTransfer {
+                repo: repo_from_path(path)?,
+                operation,
+            })
+        }
         _ => Err(CommandError::Unknown(printable(&name))),
     }
 }
@@ -286,9 +297,16 @@ mod tests {
             Err(CommandError::Usage(_))
         ));
         assert_eq!(
-            parse_exec(b"git-lfs-transfer alice/proj download"),
-            Err(CommandError::LfsTransfer)
+            parse_exec(b"git-lfs-transfer '/alice/proj.git' download"),
+            Ok(ExecRequest::LfsTransfer {
+                repo: repo("alice/proj"),
+                operation: Operation::Download
+            })
         );
+        assert!(matches!(
+            parse_exec(b"git-lfs-transfer alice/proj lock"),
+            Err(CommandError::Usage(_))
+        ));
     }
 
     #[test]

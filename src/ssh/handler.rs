@@ -30,6 +30,7 @@ use super::command::{parse_exec, ExecRequest};
 use super::exec::{self, ExecContext, ExecGuard};
 use super::keys::{fingerprint, signature_algorithm_allowed};
 use super::lfs::{authenticate_response, lfs_href};
+use super::lfs_transfer;
 use super::limits::PreAuthSlot;
 use super::{with_store, SshError, SshShared};
 use crate::auth::{decide, Decision};
@@ -577,7 +578,8 @@ impl Handler for ConnHandler {
                     Access::Read
                 },
             ),
-            ExecRequest::LfsAuthenticate { repo, operation } => (
+            ExecRequest::LfsAuthenticate { repo, operation }
+            | ExecRequest::LfsTransfer { repo, operation } => (
                 repo.clone(),
                 match operation {
                     Operation::Upload => Access::Write,
@@ -585,6 +587,16 @@ impl Handler for ConnHandler {
                 },
             ),
         };
+        if matches!(request, ExecRequest::LfsTransfer { .. }) && self.shared.config.lfs.s3.is_some()
+        {
+            // The transfer loop streams to local disk only; refusing makes git-lfs fall back
+            // to HTTP through git-lfs-authenticate, which serves S3.
+            return self.refuse(
+                channel,
+                session,
+                "git-lfs-transfer is not available with S3 storage; git-lfs falls back to HTTP (git-lfs-authenticate)",
+            );
+        }
         let user = match self.authorize(&repo, need).await? {
             Ok(u) => u,
             Err(msg) => {
@@ -596,6 +608,26 @@ impl Handler for ConnHandler {
             ExecRequest::LfsAuthenticate { repo, operation } => {
                 self.pending.remove(&channel);
                 self.lfs_authenticate(channel, session, &user, &repo, operation)
+            }
+            ExecRequest::LfsTransfer { repo, operation } => {
+                let Some(pending) = self.pending.remove(&channel) else {
+                    session.channel_failure(channel)?;
+                    return Ok(());
+                };
+                session.channel_success(channel)?;
+                METRICS.ssh.execs.inc();
+                tracing::debug!(peer = %self.peer, %user, %repo, operation = operation.as_str(), "git-lfs-transfer session started");
+                let ctx = lfs_transfer::TransferContext {
+                    shared: Arc::clone(&self.shared),
+                    user,
+                    repo,
+                    operation,
+                    peer: self.peer,
+                    dead: self.dead.clone(),
+                };
+                let guard = ExecGuard::new(Arc::clone(&self.phase));
+                tokio::spawn(lfs_transfer::run(ctx, guard, pending.channel));
+                Ok(())
             }
             ExecRequest::Git { service, repo } => {
                 let Some(pending) = self.pending.remove(&channel) else {

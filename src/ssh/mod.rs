@@ -8,7 +8,9 @@
 //! the store ([`keys`]), accepts only session channels and only `exec` of the commands in
 //! [`command`]; [`exec`] runs git through [`crate::git::process`] and
 //! [`crate::git::tokio_child`] and streams it over the channel with SSH flow control.
-//! `git-lfs-authenticate` answers with [`lfs`] JSON holding a [`crate::token`].
+//! `git-lfs-authenticate` answers with [`lfs`] JSON holding a [`crate::token`];
+//! `git-lfs-transfer` speaks the pure-SSH LFS protocol ([`lfs_transfer_proto`]) in
+//! [`lfs_transfer`], on local-disk LFS storage.
 //!
 //! Front ends do not import each other: SSH meets HTTP only in `git`, `auth`, `store` and
 //! `token`.
@@ -20,6 +22,8 @@ mod handler;
 pub mod hostkey;
 pub mod keys;
 pub mod lfs;
+mod lfs_transfer;
+pub mod lfs_transfer_proto;
 pub mod limits;
 
 use std::borrow::Cow;

@@ -13,8 +13,8 @@ use crate::git::repo_name::RepoName;
 
 mod hooks;
 mod lfs;
-pub use lfs::{LockQuery, LockRecord, ObjectState};
 pub use hooks::{CommitRecord, DeliveryRecord, JobRecord, OutboxRow, Webhook};
+pub use lfs::{LockQuery, LockRecord, ObjectState};
 
 pub const DB_FILE: &str = "gitplane.db";
 

@@ -68,8 +68,8 @@ impl Server {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&stderr_log).expect("log file"));
-        // SSH on an ephemeral port too, so parallel test servers never share one.
-        cmd.args(["--ssh-listen", "127.0.0.1:0"]);
+        // Every listener on an ephemeral port, so parallel test servers never share one.
+        cmd.args(["--ssh-listen", "127.0.0.1:0", "--rpc-listen", "127.0.0.1:0"]);
         if opts.force_epoll {
             cmd.arg("--force-epoll");
         }

@@ -10,44 +10,58 @@ use crate::rpc::pb::v1 as pb;
 const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
 
-/// Full names of the refs under `prefix`, sorted bytewise (as `git for-each-ref` sorts them),
-/// after `after` if given, at most `limit + 1` of them (the extra one says another page exists).
+/// Full names and targets of the refs under `prefix`, sorted bytewise (as `git for-each-ref`
+/// sorts them), after `after` if given, at most `limit + 1` of them (the extra one says another
+/// page exists). Each ref is read once: the target comes from the same pass as the name.
 fn ref_page(
     repo: &Repository,
     prefix: &str,
     after: Option<&str>,
     limit: usize,
-) -> OpResult<Vec<String>> {
-    let mut names: Vec<String> = Vec::new();
+) -> OpResult<Vec<(String, Oid)>> {
+    let mut refs: Vec<(String, Oid)> = Vec::new();
     let glob = format!("{prefix}*");
-    let refs = repo
+    let iter = repo
         .references_glob(&glob)
         .map_err(git("listing references"))?;
-    for r in refs {
+    for r in iter {
         let r = r.map_err(git("reading a reference"))?;
         // Non-UTF-8 ref names cannot be named in the API; they are left out.
-        if let Ok(name) = std::str::from_utf8(r.name_bytes()) {
-            if after.is_none_or(|a| name > a) {
-                names.push(name.to_owned());
-            }
+        let Ok(name) = std::str::from_utf8(r.name_bytes()) else {
+            continue;
+        };
+        if after.is_some_and(|a| name <= a) {
+            continue;
+        }
+        // A symbolic ref under refs/heads/ is rare; resolve it to what it points at.
+        let target = match r.target() {
+            Some(id) => Some(id),
+            None => r.resolve().ok().and_then(|r| r.target()),
+        };
+        if let Some(id) = target {
+            refs.push((name.to_owned(), id));
         }
     }
-    names.sort_unstable();
-    names.truncate(limit + 1);
-    Ok(names)
+    refs.sort_unstable();
+    refs.truncate(limit + 1);
+    Ok(refs)
 }
 
-/// Splits a page of `limit + 1` names into the page and the next token.
-fn paginate(mut names: Vec<String>, limit: usize, kind: &str) -> (Vec<String>, String) {
-    if names.len() > limit {
-        names.truncate(limit);
-        let token = names
+/// Splits a page of `limit + 1` refs into the page and the next token.
+fn paginate(
+    mut refs: Vec<(String, Oid)>,
+    limit: usize,
+    kind: &str,
+) -> (Vec<(String, Oid)>, String) {
+    if refs.len() > limit {
+        refs.truncate(limit);
+        let token = refs
             .last()
-            .map(|n| encode_token(kind, n))
+            .map(|(n, _)| encode_token(kind, n))
             .unwrap_or_default();
-        (names, token)
+        (refs, token)
     } else {
-        (names, String::new())
+        (refs, String::new())
     }
 }
 
@@ -58,11 +72,16 @@ pub fn head_branch(repo: &Repository) -> Option<String> {
     target.strip_prefix("refs/heads/").map(str::to_owned)
 }
 
-fn branch_pb(repo: &Repository, full: &str, default: Option<&str>) -> OpResult<pb::Branch> {
+fn branch_pb(
+    repo: &Repository,
+    full: &str,
+    id: Oid,
+    default: Option<&str>,
+) -> OpResult<pb::Branch> {
     let short = full.strip_prefix("refs/heads/").unwrap_or(full);
-    let reference = repo.find_reference(full).map_err(git("reading a branch"))?;
-    let target = reference
-        .peel_to_commit()
+    let target = repo
+        .find_object(id, None)
+        .and_then(|o| o.peel_to_commit())
         .ok()
         .map(|c| commit_pb(&c, false));
     Ok(pb::Branch {
@@ -83,7 +102,7 @@ pub fn list_branches(
     let default = head_branch(repo);
     let branches = names
         .iter()
-        .map(|n| branch_pb(repo, n, default.as_deref()))
+        .map(|(n, id)| branch_pb(repo, n, *id, default.as_deref()))
         .collect::<OpResult<_>>()?;
     Ok(pb::ListBranchesResponse {
         branches,
@@ -91,11 +110,7 @@ pub fn list_branches(
     })
 }
 
-fn tag_pb(repo: &Repository, full: &str) -> OpResult<pb::Tag> {
-    let reference = repo.find_reference(full).map_err(git("reading a tag"))?;
-    let id = reference
-        .target()
-        .ok_or_else(|| OpError::FailedPrecondition(format!("{full} is a symbolic ref")))?;
+fn tag_pb(repo: &Repository, full: &str, id: Oid) -> OpResult<pb::Tag> {
     let object = repo.find_object(id, None).map_err(git("reading a tag"))?;
     let mut tag = pb::Tag {
         name: full.strip_prefix("refs/tags/").unwrap_or(full).to_owned(),
@@ -119,7 +134,7 @@ pub fn list_tags(repo: &Repository, req: &pb::ListTagsRequest) -> OpResult<pb::L
     let (names, next_page_token) = paginate(names, limit, "tags");
     let tags = names
         .iter()
-        .map(|n| tag_pb(repo, n))
+        .map(|(n, id)| tag_pb(repo, n, *id))
         .collect::<OpResult<_>>()?;
     Ok(pb::ListTagsResponse {
         tags,
@@ -167,7 +182,7 @@ pub fn create_branch(
         })?;
     let default = head_branch(repo);
     Ok(pb::CreateBranchResponse {
-        branch: Some(branch_pb(repo, &full, default.as_deref())?),
+        branch: Some(branch_pb(repo, &full, commit.id(), default.as_deref())?),
     })
 }
 
