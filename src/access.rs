@@ -23,22 +23,7 @@ pub async fn with_store<R: Send + 'static>(
     data_dir: PathBuf,
     f: impl FnOnce(&Store) -> Result<R, StoreError> + Send + 'static,
 ) -> Result<R, StoreError> {
-    thread_local! {
-        static STORE: RefCell<Option<Store>> = const { RefCell::new(None) };
-    }
-    let job = move || {
-        STORE.with(|cell| {
-            let mut slot = cell.borrow_mut();
-            let store = match slot.take() {
-                Some(s) => s,
-                None => Store::open(&data_dir)?,
-            };
-            let result = f(&store);
-            *slot = Some(store);
-            result
-        })
-    };
-    monoio::spawn_blocking(job)
+    monoio::spawn_blocking(move || crate::store::with_thread_store(&data_dir, f))
         .await
         .unwrap_or_else(|_| Err(StoreError::Internal("blocking pool task panicked".into())))
 }

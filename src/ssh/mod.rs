@@ -27,7 +27,6 @@ pub mod lfs_transfer_proto;
 pub mod limits;
 
 use std::borrow::Cow;
-use std::cell::RefCell;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -256,23 +255,8 @@ async fn with_store<R: Send + 'static>(
     data_dir: PathBuf,
     f: impl FnOnce(&Store) -> Result<R, StoreError> + Send + 'static,
 ) -> Result<R, StoreError> {
-    thread_local! {
-        static STORE: RefCell<Option<Store>> = const { RefCell::new(None) };
-    }
-    let job = move || {
-        STORE.with(|cell| {
-            let mut slot = cell.borrow_mut();
-            let store = match slot.take() {
-                Some(s) => s,
-                None => Store::open(&data_dir)?,
-            };
-            let r = f(&store);
-            *slot = Some(store);
-            r
-        })
-    };
-    match tokio::task::spawn_blocking(job).await {
+    match tokio::task::spawn_blocking(move || crate::store::with_thread_store(&data_dir, f)).await {
         Ok(r) => r,
-        Err(e) => Err(StoreError::Hash(format!("blocking store task failed: {e}"))),
+        Err(e) => Err(StoreError::Internal(format!("blocking store task failed: {e}"))),
     }
 }

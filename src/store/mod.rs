@@ -147,6 +147,27 @@ fn valid_user_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
+/// Runs `f` with this thread's connection to the store in `data_dir`, opened on first use.
+/// Blocking pools (monoio's and tokio's) call this, so each pool thread keeps one connection.
+pub fn with_thread_store<R>(
+    data_dir: &Path,
+    f: impl FnOnce(&Store) -> Result<R, StoreError>,
+) -> Result<R, StoreError> {
+    thread_local! {
+        static STORE: std::cell::RefCell<Option<Store>> = const { std::cell::RefCell::new(None) };
+    }
+    STORE.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let store = match slot.take() {
+            Some(s) => s,
+            None => Store::open(data_dir)?,
+        };
+        let result = f(&store);
+        *slot = Some(store);
+        result
+    })
+}
+
 impl Store {
     /// Opens (creating if needed) the database in `data_dir`.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
