@@ -257,6 +257,8 @@ async fn with_store<R: Send + 'static>(
 ) -> Result<R, StoreError> {
     match tokio::task::spawn_blocking(move || crate::store::with_thread_store(&data_dir, f)).await {
         Ok(r) => r,
-        Err(e) => Err(StoreError::Internal(format!("blocking store task failed: {e}"))),
+        Err(e) => Err(StoreError::Internal(format!(
+            "blocking store task failed: {e}"
+        ))),
     }
 }
