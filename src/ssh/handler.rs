@@ -353,11 +353,8 @@ impl Handler for ConnHandler {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        METRICS.ssh.requests_refused.inc();
         tracing::info!(peer = %self.peer, host = %host.escape_debug(), port, "SSH port forwarding refused");
-        reply
-            .reject(ChannelOpenFailure::AdministrativelyProhibited)
-            .await;
+        refuse_channel(reply).await;
         Ok(())
     }
 
@@ -369,10 +366,7 @@ impl Handler for ConnHandler {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        METRICS.ssh.requests_refused.inc();
-        reply
-            .reject(ChannelOpenFailure::AdministrativelyProhibited)
-            .await;
+        refuse_channel(reply).await;
         Ok(())
     }
 
@@ -383,10 +377,7 @@ impl Handler for ConnHandler {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        METRICS.ssh.requests_refused.inc();
-        reply
-            .reject(ChannelOpenFailure::AdministrativelyProhibited)
-            .await;
+        refuse_channel(reply).await;
         Ok(())
     }
 
@@ -651,4 +642,12 @@ impl Handler for ConnHandler {
             }
         }
     }
+}
+
+/// Refuses a channel type gitplane never serves (forwarding, X11, stream-local), and counts it.
+async fn refuse_channel(reply: ChannelOpenHandle) {
+    METRICS.ssh.requests_refused.inc();
+    reply
+        .reject(ChannelOpenFailure::AdministrativelyProhibited)
+        .await;
 }
