@@ -7,7 +7,7 @@
 
 use std::cell::RefCell;
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crate::auth::{decide, parse_basic, BasicCredentials, CredentialCache, Decision};
 use crate::git::repo_name::RepoName;
@@ -78,13 +78,6 @@ pub struct HttpAuth {
     credentials: RefCell<CredentialCache>,
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 impl HttpAuth {
     pub fn new(data_dir: PathBuf, secret: TokenSecret) -> Self {
         Self {
@@ -128,7 +121,7 @@ impl HttpAuth {
                 } else {
                     token::Operation::Download
                 };
-                match token::verify(&self.secret, t, repo, op, unix_now()) {
+                match token::verify(&self.secret, t, repo, op, crate::clock::unix_now()) {
                     Ok(claims) => (Some(claims.user), false),
                     Err(e) => return Err(Refusal::Unauthorized(format!("LFS token refused: {e}"))),
                 }

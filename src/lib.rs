@@ -9,6 +9,7 @@
 pub mod access;
 pub mod admin;
 pub mod auth;
+pub mod clock;
 pub mod config;
 pub mod git;
 pub mod hooks;

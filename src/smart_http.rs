@@ -256,10 +256,7 @@ impl SmartHttp {
             Err(e) => return self.internal_error(conn, &e).await,
         };
         if head.expect_continue {
-            let (res, _) = conn
-                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec())
-                .await;
-            res?;
+            conn.send_continue().await?;
         }
         // Request body → git's stdin, streamed.
         let mut reader = BodyReader::new(head, MAX_INFLATED_REQUEST);

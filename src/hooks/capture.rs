@@ -53,10 +53,7 @@ pub fn event_from_hook(
 ) -> Result<PushEvent, CaptureError> {
     let refs = parse_ref_updates(input)?;
     let repository = repo_of(data_dir, &var).ok_or(CaptureError::UnknownRepo)?;
-    let pushed_at = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(0);
+    let pushed_at = i64::try_from(crate::clock::unix_now()).unwrap_or(i64::MAX);
     Ok(PushEvent {
         id: new_event_id(),
         repository,

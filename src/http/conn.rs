@@ -134,6 +134,13 @@ impl Conn {
         (res.map(|_| ()), data)
     }
 
+    /// Tells a client that sent `Expect: 100-continue` to go ahead with the body.
+    pub async fn send_continue(&mut self) -> io::Result<()> {
+        self.write_all(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec())
+            .await
+            .0
+    }
+
     /// Sends a complete response with a small in-memory body.
     pub async fn respond(
         &mut self,

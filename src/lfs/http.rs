@@ -10,7 +10,6 @@ use std::collections::BTreeMap;
 use std::io;
 use std::path::PathBuf;
 use std::rc::Rc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
@@ -56,13 +55,6 @@ impl From<Refusal> for Failure {
     fn from(r: Refusal) -> Self {
         fail(r.status(), r.message())
     }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 fn lock_json(l: &LockRecord) -> Lock {
@@ -251,7 +243,7 @@ impl LfsHttp {
             header.insert("Authorization".to_owned(), a.to_owned());
         }
         let expires_in = self.limits.action_expiry.as_secs();
-        let expires_at = api::rfc3339(unix_now() + expires_in);
+        let expires_at = api::rfc3339(crate::clock::unix_now() + expires_in);
         let ctx = ActionContext {
             base: &base,
             header: &header,
@@ -299,10 +291,7 @@ impl LfsHttp {
             ));
         }
         if head.expect_continue {
-            let (res, _) = conn
-                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec())
-                .await;
-            res.map_err(io_failure)?;
+            conn.send_continue().await.map_err(io_failure)?;
         }
         METRICS.lfs.active_transfers.inc();
         let stored = match &self.s3 {

@@ -12,7 +12,6 @@
 //! shows a partial or wrong object.
 
 use std::io;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
@@ -70,13 +69,6 @@ pub struct S3Client {
     settings: std::rc::Rc<S3Settings>,
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// The text of the first `<tag>...</tag>` in a small XML document.
 fn xml_tag<'a>(xml: &'a str, tag: &str) -> Option<&'a str> {
     let open = format!("<{tag}>");
@@ -125,7 +117,7 @@ impl S3Client {
         content_length: u64,
     ) -> Result<TcpStream, S3Error> {
         let s = &self.settings;
-        let date = sigv4::amz_date(unix_now());
+        let date = sigv4::amz_date(crate::clock::unix_now());
         let mut headers: Vec<(&str, &str)> = vec![
             ("host", s.endpoint.as_str()),
             ("x-amz-content-sha256", UNSIGNED_PAYLOAD),

@@ -17,7 +17,6 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use russh::keys::{Algorithm, PublicKey};
 use russh::server::{
@@ -244,10 +243,7 @@ impl ConnHandler {
         operation: Operation,
     ) -> Result<(), SshError> {
         let ttl = self.shared.limits.lfs_token_ttl;
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let now = crate::clock::unix_now();
         let token = token::mint(
             &self.shared.tokens,
             user,
