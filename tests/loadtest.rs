@@ -1,7 +1,10 @@
-//! `gitplane-load` against a real `gitplane serve`: every implemented scenario completes with no
-//! errors at small bounded counts, `--verify` checks a real pack, the request counts agree with
-//! the server's `/metrics`, `--compare` catches a regression and passes an equal run, and bad
-//! arguments fail clearly.
+//! `gitplane-load` against real peers on loopback: every scenario completes with no errors at
+//! small bounded counts against a real `gitplane serve` (clone, fetch-noop, push over smart
+//! HTTP; ssh-clone with a registered key; lfs-upload, lfs-download; grpc), and clone over
+//! git:// against a real `git daemon`. `--verify` checks real packs, the counts agree with the
+//! server's `/metrics`, objects uploaded are really stored, wrong objects and failing calls are
+//! counted by kind, `--compare` catches a regression and passes an equal run, and bad arguments
+//! fail clearly.
 
 mod common;
 
@@ -10,7 +13,9 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use common::{git, make_worktree, raw_request, Server};
+use sha2::{Digest, Sha256};
+
+use common::{git, make_worktree, metric, ssh_keygen, GitDaemon, Server};
 
 /// The `gitplane-load` binary, built on first use. `cargo test --workspace` builds only the test
 /// harnesses of other packages, not their plain binaries, so the test asks cargo for it (a no-op
@@ -86,17 +91,10 @@ fn url(server: &Server) -> String {
 
 /// `gitplane_http_requests_total{route="ROUTE"}` from `/metrics`.
 fn requests(server: &Server, route: &str) -> u64 {
-    let raw = raw_request(
-        server.addr,
-        b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
-        Duration::from_secs(10),
-    );
-    let body = String::from_utf8_lossy(&raw);
-    let key = format!("gitplane_http_requests_total{{route=\"{route}\"}} ");
-    body.lines()
-        .find_map(|l| l.strip_prefix(&key))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {key} in metrics:\n{body}"))
+    metric(
+        server,
+        &format!("gitplane_http_requests_total{{route=\"{route}\"}}"),
+    )
 }
 
 fn json(path: &Path) -> serde_json::Value {
@@ -346,6 +344,527 @@ fn failures_are_counted_by_kind() {
     );
 }
 
+/// `ssh_addr`'s known_hosts line for the server's host key, in `dir`.
+fn known_hosts(server: &Server, dir: &Path) -> PathBuf {
+    let port = server.listening["ssh"].port();
+    let host_pub = std::fs::read_to_string(server.data_dir().join("ssh_host_ed25519_key.pub"))
+        .expect("host public key");
+    let path = dir.join("known_hosts");
+    std::fs::write(&path, format!("[127.0.0.1]:{port} {}\n", host_pub.trim())).expect("write");
+    path
+}
+
+fn ssh_url(server: &Server, repo: &str) -> String {
+    format!("ssh://git@{}/{repo}.git", server.listening["ssh"])
+}
+
+#[test]
+fn clone_and_fetch_noop_over_git_daemon() {
+    let (server, work) = setup();
+    // The server's repositories on disk, served by a real `git daemon`.
+    let daemon = GitDaemon::start(&server.data_dir().join("repos"));
+    let u = daemon.url("admin/load.git");
+    let report = work.path().join("git.json");
+    let out = load(&[
+        "clone",
+        "--url",
+        &u,
+        "-n",
+        "5",
+        "-c",
+        "2",
+        "--verify",
+        "--verify-samples",
+        "2",
+        "-q",
+        "--json",
+        report.to_str().expect("utf-8"),
+    ]);
+    ok(&out);
+    let r = json(&report);
+    assert_eq!(
+        (r["ok"].as_u64(), r["errors_total"].as_u64()),
+        (Some(5), Some(0)),
+        "{r}"
+    );
+    assert_eq!(r["verified_packs"], 2, "{r}");
+    assert_eq!(r["url"], u.as_str());
+    assert!(r["bytes"].as_u64().expect("bytes") > 5 * 100, "{r}");
+    ok(&load(&[
+        "fetch-noop",
+        "--url",
+        &u,
+        "--rate",
+        "50",
+        "-n",
+        "5",
+        "-q",
+    ]));
+    // A repository the daemon does not serve: the daemon's error, counted by kind.
+    let out = load(&[
+        "clone",
+        "--url",
+        &daemon.url("admin/none.git"),
+        "-n",
+        "2",
+        "-q",
+    ]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("git_remote_error"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn ssh_clone_with_a_registered_key() {
+    let (server, work) = setup();
+    let key = ssh_keygen(work.path(), "load_key");
+    server.admin(
+        &["key", "add", "admin", &format!("{}.pub", key.display())],
+        None,
+    );
+    let kh = known_hosts(&server, work.path());
+    let (key_s, kh_s) = (key.to_str().expect("utf-8"), kh.to_str().expect("utf-8"));
+    let u = ssh_url(&server, "admin/load");
+    let execs = || metric(&server, "gitplane_ssh_execs_total");
+    let handshakes = || {
+        metric(
+            &server,
+            "gitplane_ssh_handshakes_total{outcome=\"completed\"}",
+        )
+    };
+    let before = (execs(), handshakes());
+    let report = work.path().join("ssh.json");
+    let out = load(&[
+        "ssh-clone",
+        "--url",
+        &u,
+        "--identity",
+        key_s,
+        "--known-hosts",
+        kh_s,
+        "-n",
+        "6",
+        "-c",
+        "3",
+        "-t",
+        "2",
+        "--verify",
+        "--verify-samples",
+        "2",
+        "-q",
+        "--json",
+        report.to_str().expect("utf-8"),
+    ]);
+    ok(&out);
+    let r = json(&report);
+    assert_eq!(
+        (r["ok"].as_u64(), r["errors_total"].as_u64()),
+        (Some(6), Some(0)),
+        "{r}"
+    );
+    assert_eq!(r["verified_packs"], 2, "{r}");
+    // A new SSH connection and one upload-pack per clone.
+    assert_eq!((execs() - before.0, handshakes() - before.1), (6, 6));
+    // Open loop works the same.
+    ok(&load(&[
+        "ssh-clone",
+        "--url",
+        &u,
+        "--identity",
+        key_s,
+        "--known-hosts",
+        kh_s,
+        "--rate",
+        "20",
+        "-n",
+        "3",
+        "-q",
+    ]));
+
+    // A host key that is not the server's: refused before authenticating.
+    let other = ssh_keygen(work.path(), "other_key");
+    let wrong_kh = work.path().join("wrong_known_hosts");
+    let other_pub = std::fs::read_to_string(format!("{}.pub", other.display())).expect("pub");
+    std::fs::write(
+        &wrong_kh,
+        format!(
+            "[127.0.0.1]:{} {}\n",
+            server.listening["ssh"].port(),
+            other_pub.trim()
+        ),
+    )
+    .expect("write");
+    let out = load(&[
+        "ssh-clone",
+        "--url",
+        &u,
+        "--identity",
+        key_s,
+        "--known-hosts",
+        wrong_kh.to_str().expect("utf-8"),
+        "-n",
+        "1",
+        "-q",
+    ]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("ssh_host_key"),
+        "{}",
+        text(&out)
+    );
+    // An unregistered key, host key unchecked on purpose.
+    let out = load(&[
+        "ssh-clone",
+        "--url",
+        &u,
+        "--identity",
+        other.to_str().expect("utf-8"),
+        "--insecure-accept-host-key",
+        "-n",
+        "1",
+        "-q",
+    ]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("ssh_auth"),
+        "{}",
+        text(&out)
+    );
+    // A repository that does not exist: upload-pack's refusal with its message.
+    let out = load(&[
+        "ssh-clone",
+        "--url",
+        &ssh_url(&server, "admin/none"),
+        "--identity",
+        key_s,
+        "--known-hosts",
+        kh_s,
+        "-n",
+        "1",
+        "-q",
+    ]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("ssh_remote_failed") && stdout.contains("not found"),
+        "{}",
+        text(&out)
+    );
+}
+
+/// Every LFS object stored on the server's disk: (oid, size).
+fn stored_lfs_objects(server: &Server) -> Vec<(String, u64)> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(&server.data_dir().join("lfs/objects"), &mut files);
+    let mut objects: Vec<(String, u64)> = files
+        .iter()
+        .map(|p| {
+            let bytes = std::fs::read(p).expect("read object");
+            let name = p.file_name().expect("name").to_string_lossy().into_owned();
+            assert_eq!(
+                hex::encode(Sha256::digest(&bytes)),
+                name,
+                "{} holds other content",
+                p.display()
+            );
+            (name, bytes.len() as u64)
+        })
+        .collect();
+    objects.sort();
+    objects
+}
+
+#[test]
+fn lfs_upload_stores_objects_and_download_checks_them() {
+    let (server, work) = setup();
+    let creds = ["--user", "admin", "--password", &server.admin_password];
+    let u = url(&server);
+    let batches = || metric(&server, "gitplane_lfs_batch_requests_total");
+    let bytes_in = || metric(&server, "gitplane_lfs_bytes_in_total");
+    let bytes_out = || metric(&server, "gitplane_lfs_bytes_out_total");
+    let size: u64 = 100 * 1024 + 7;
+
+    let before = (batches(), bytes_in());
+    let report = work.path().join("up.json");
+    let mut args = vec![
+        "lfs-upload",
+        "--url",
+        &u,
+        "--object-size",
+        "102407",
+        "-n",
+        "3",
+        "-c",
+        "2",
+        "-q",
+        "--json",
+    ];
+    args.push(report.to_str().expect("utf-8"));
+    args.extend(creds);
+    ok(&load(&args));
+    let r = json(&report);
+    assert_eq!(
+        (r["ok"].as_u64(), r["errors_total"].as_u64()),
+        (Some(3), Some(0)),
+        "{r}"
+    );
+    assert_eq!(r["bytes"].as_u64(), Some(3 * size), "{r}");
+    assert_eq!((batches() - before.0, bytes_in() - before.1), (3, 3 * size));
+    // Really stored: three distinct objects of that size, each holding what its id says.
+    let stored = stored_lfs_objects(&server);
+    assert_eq!(stored.len(), 3, "{stored:?}");
+    assert!(stored.iter().all(|(_, s)| *s == size), "{stored:?}");
+
+    // Download one of them by id, several times.
+    let (oid, _) = stored[0].clone();
+    let before = bytes_out();
+    let mut args = vec![
+        "lfs-download",
+        "--url",
+        &u,
+        "--oid",
+        &oid,
+        "--object-size",
+        "102407",
+        "-n",
+        "4",
+        "-c",
+        "2",
+        "-q",
+    ];
+    args.extend(creds);
+    let out = load(&args);
+    ok(&out);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("4 ok, 0 errors"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(bytes_out() - before, 4 * size);
+
+    // The wrong size for it: the server refuses the object in the batch answer.
+    let mut args = vec![
+        "lfs-download",
+        "--url",
+        &u,
+        "--oid",
+        &oid,
+        "--object-size",
+        "102408",
+        "-n",
+        "1",
+        "-q",
+    ];
+    args.extend(creds);
+    let out = load(&args);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("lfs_object_422"),
+        "{}",
+        text(&out)
+    );
+
+    // Content that no longer matches its id (the file changed on the server's disk): the client
+    // hashes what it receives and says so.
+    let path = server
+        .data_dir()
+        .join("lfs/objects")
+        .join(&oid[..2])
+        .join(&oid[2..4])
+        .join(&oid);
+    let mut bytes = std::fs::read(&path).expect("object");
+    bytes[1000] ^= 0xff;
+    std::fs::write(&path, &bytes).expect("corrupt");
+    let mut args = vec![
+        "lfs-download",
+        "--url",
+        &u,
+        "--oid",
+        &oid,
+        "--object-size",
+        "102407",
+        "-n",
+        "2",
+        "-q",
+    ];
+    args.extend(creds);
+    let out = load(&args);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("lfs_sha256_mismatch"),
+        "{}",
+        text(&out)
+    );
+    bytes[1000] ^= 0xff;
+    std::fs::write(&path, &bytes).expect("restore");
+
+    // Without --oid, one object is uploaded before the run and downloaded by every iteration.
+    let before = (batches(), bytes_in(), bytes_out());
+    let mut args = vec![
+        "lfs-download",
+        "--url",
+        &u,
+        "--object-size",
+        "64K",
+        "--rate",
+        "40",
+        "-n",
+        "3",
+        "-q",
+    ];
+    args.extend(creds);
+    ok(&load(&args));
+    assert_eq!(
+        (
+            batches() - before.0,
+            bytes_in() - before.1,
+            bytes_out() - before.2
+        ),
+        (1 + 3, 64 * 1024, 3 * 64 * 1024)
+    );
+    assert_eq!(stored_lfs_objects(&server).len(), 4);
+}
+
+#[test]
+fn grpc_calls_and_errors_by_status() {
+    let (server, work) = setup();
+    let rpc = format!("http://{}", server.listening["rpc"]);
+    let token = server.data_dir().join("rpc-token");
+    let token = token.to_str().expect("utf-8");
+    // Series by status code appear with their first call: read them after the calls.
+    let responses = |method: &str, code: u8| {
+        metric(
+            &server,
+            &format!(
+                "gitplane_rpc_responses_total{{method=\"gitplane.v1.RepositoryService/{method}\",code=\"{code}\"}}"
+            ),
+        )
+    };
+    let repo = format!("{rpc}/admin/load");
+    let report = work.path().join("grpc.json");
+    ok(&load(&[
+        "grpc",
+        "--url",
+        &repo,
+        "--rpc",
+        "list-branches",
+        "--token-file",
+        token,
+        "-n",
+        "20",
+        "-c",
+        "3",
+        "-t",
+        "2",
+        "-q",
+        "--json",
+        report.to_str().expect("utf-8"),
+    ]));
+    let r = json(&report);
+    assert_eq!(
+        (r["ok"].as_u64(), r["errors_total"].as_u64()),
+        (Some(20), Some(0)),
+        "{r}"
+    );
+    assert!(r["bytes"].as_u64().expect("bytes") > 20 * 40, "{r}");
+    assert_eq!(responses("ListBranches", 0), 20);
+    for (rpc_name, method) in [
+        ("find-commit", "FindCommit"),
+        ("repository-info", "RepositoryInfo"),
+    ] {
+        // Open loop: the calls of the thread share one connection as concurrent streams.
+        ok(&load(&[
+            "grpc",
+            "--url",
+            &repo,
+            "--rpc",
+            rpc_name,
+            "--token-file",
+            token,
+            "--rate",
+            "100",
+            "-n",
+            "5",
+            "-q",
+        ]));
+        assert_eq!(responses(method, 0), 5, "{method}");
+    }
+    let out = load(&[
+        "grpc",
+        "--url",
+        &format!("{rpc}/admin/none"),
+        "--rpc",
+        "find-commit",
+        "--token-file",
+        token,
+        "-n",
+        "2",
+        "-q",
+    ]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("grpc_NOT_FOUND"),
+        "{}",
+        text(&out)
+    );
+    let out = load(&[
+        "grpc",
+        "--url",
+        &repo,
+        "--rpc",
+        "find-commit",
+        "--revision",
+        "no-such-branch",
+        "--token-file",
+        token,
+        "-n",
+        "1",
+        "-q",
+    ]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("grpc_NOT_FOUND"),
+        "{}",
+        text(&out)
+    );
+    let out = Command::new(load_bin())
+        .args([
+            "grpc",
+            "--url",
+            &repo,
+            "--rpc",
+            "list-branches",
+            "-n",
+            "1",
+            "-q",
+        ])
+        .env("GITPLANE_LOAD_TOKEN", "not-the-token-0123456789")
+        .output()
+        .expect("run gitplane-load");
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("grpc_UNAUTHENTICATED"),
+        "{}",
+        text(&out)
+    );
+    // The server counted the same outcomes.
+    assert_eq!(responses("FindCommit", 5), 3);
+    assert_eq!(responses("ListBranches", 16), 1);
+}
+
 #[test]
 fn bad_arguments_fail_clearly() {
     let cases: &[(&[&str], &str)] = &[
@@ -381,7 +900,7 @@ fn bad_arguments_fail_clearly() {
         ),
         (
             &["clone", "--url", "https://127.0.0.1:1/o/r", "-n", "1"],
-            "not an http:// URL",
+            "not an http:// or git:// URL",
         ),
         (
             &["clone", "--url", "http://127.0.0.1:1/o", "-n", "1"],
@@ -406,7 +925,15 @@ fn bad_arguments_fail_clearly() {
                 "1",
                 "--verify",
             ],
-            "only applies to the clone",
+            "unexpected argument '--verify'",
+        ),
+        (
+            &["push", "--url", "git://127.0.0.1:1/o/r", "-n", "1"],
+            "push needs an http:// URL",
+        ),
+        (
+            &["clone", "--url", "git://u:p@127.0.0.1:1/o/r", "-n", "1"],
+            "takes no user or password",
         ),
         (
             &[
@@ -420,10 +947,103 @@ fn bad_arguments_fail_clearly() {
             ],
             "not a percentage",
         ),
-        (&["lfs-download", "--url", "x"], "not yet implemented"),
-        (&["ssh-clone"], "not yet implemented"),
-        (&["grpc"], "not yet implemented"),
-        (&["lfs-upload"], "not yet implemented"),
+        (
+            &[
+                "ssh-clone",
+                "--url",
+                "ssh://git@127.0.0.1:1/o/r.git",
+                "-n",
+                "1",
+                "--insecure-accept-host-key",
+            ],
+            "--identity <FILE>",
+        ),
+        (
+            &[
+                "ssh-clone",
+                "--url",
+                "ssh://git@127.0.0.1:1/o/r.git",
+                "-n",
+                "1",
+                "--identity",
+                "/nonexistent/key",
+            ],
+            "refusing to connect without checking the host key",
+        ),
+        (
+            &[
+                "ssh-clone",
+                "--url",
+                "ssh://git@127.0.0.1:1/o/r.git",
+                "-n",
+                "1",
+                "--identity",
+                "/nonexistent/key",
+                "--insecure-accept-host-key",
+            ],
+            "--identity /nonexistent/key",
+        ),
+        (
+            &[
+                "ssh-clone",
+                "--url",
+                "http://127.0.0.1:1/o/r.git",
+                "-n",
+                "1",
+                "--identity",
+                "k",
+                "--insecure-accept-host-key",
+            ],
+            "not an ssh:// URL",
+        ),
+        (
+            &[
+                "grpc",
+                "--url",
+                "http://127.0.0.1:1/o/r",
+                "--rpc",
+                "merge",
+                "-n",
+                "1",
+            ],
+            "invalid value 'merge' for '--rpc <RPC>'",
+        ),
+        (
+            &[
+                "grpc",
+                "--url",
+                "http://127.0.0.1:1/o/r",
+                "--rpc",
+                "list-branches",
+                "-n",
+                "1",
+            ],
+            "needs the server's bearer token",
+        ),
+        (
+            &[
+                "lfs-upload",
+                "--url",
+                "http://127.0.0.1:1/o/r",
+                "--object-size",
+                "8",
+                "-n",
+                "1",
+            ],
+            "smaller than 16 bytes",
+        ),
+        (
+            &[
+                "lfs-download",
+                "--url",
+                "http://127.0.0.1:1/o/r",
+                "--oid",
+                "xyz",
+                "-n",
+                "1",
+            ],
+            "not a SHA-256 object id",
+        ),
         (&["teleport"], "unrecognized subcommand"),
     ];
     for (args, expected) in cases {

@@ -1,15 +1,20 @@
-//! A minimal HTTP/1.1 client for one virtual Git client: [`parse_response_head`] is the sans-I/O
-//! part (bounded, on top of `httparse`); [`Conn`] owns one monoio TCP stream, writes requests and
-//! streams response bodies to a caller's sink without buffering them whole. Chunked bodies are
-//! decoded with the server's own [`gitplane::http::chunked`] decoder (the coding is symmetric).
+//! A minimal HTTP/1.1 client for one virtual client: [`parse_response_head`] and
+//! [`encode_head`] are the sans-I/O part (bounded, on top of `httparse`); [`Conn`] owns one
+//! monoio TCP stream, writes requests (whole, or with a body streamed from shared [`Bytes`]
+//! blocks) and streams response bodies to a caller's sink without buffering them whole. Chunked
+//! bodies are decoded with the server's own [`gitplane::http::chunked`] decoder (the coding is
+//! symmetric).
 
 use std::net::SocketAddr;
 
+use bytes::Bytes;
 use gitplane::http::chunked::{ChunkedDecoder, ChunkedError};
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 use thiserror::Error;
+
+use crate::net::NetError;
 
 /// Longest response head accepted.
 const MAX_HEAD: usize = 64 * 1024;
@@ -19,20 +24,8 @@ const MAX_HEADERS: usize = 64;
 
 #[derive(Debug, Error)]
 pub enum HttpError {
-    #[error("connecting to {addr}: {source}")]
-    Connect {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{op}: {source}")]
-    Io {
-        op: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("server closed the connection {during}")]
-    Eof { during: &'static str },
+    #[error(transparent)]
+    Net(#[from] NetError),
     #[error("response head larger than {MAX_HEAD} bytes")]
     HeadTooLarge,
     #[error("malformed response head: {reason}")]
@@ -41,16 +34,19 @@ pub enum HttpError {
     Status { status: u16, excerpt: String },
     #[error("bad chunked response body: {0}")]
     Chunked(#[from] ChunkedError),
+    #[error("response body larger than the {limit} bytes expected")]
+    BodyTooLarge { limit: usize },
 }
 
 impl HttpError {
     /// A short, stable name for the errors-by-kind table.
     pub fn kind(&self) -> String {
         match self {
-            Self::Connect { .. } => "connect".into(),
-            Self::Io { .. } => "io".into(),
-            Self::Eof { .. } => "eof".into(),
-            Self::HeadTooLarge | Self::BadHead { .. } | Self::Chunked(_) => "http_protocol".into(),
+            Self::Net(e) => e.kind().into(),
+            Self::HeadTooLarge
+            | Self::BadHead { .. }
+            | Self::Chunked(_)
+            | Self::BodyTooLarge { .. } => "http_protocol".into(),
             Self::Status { status, .. } => format!("http_{status}"),
         }
     }
@@ -146,8 +142,14 @@ pub struct Request<'a> {
     pub body: &'a [u8],
 }
 
-/// Serialises the head and body of `req` into `out` (cleared first).
-pub fn encode_request(out: &mut Vec<u8>, req: &Request<'_>, authority: &str) {
+/// Serialises the head of `req` into `out` (cleared first). `content_length` is sent when given;
+/// [`encode_request`] gives it for every POST and every request with a body.
+pub fn encode_head(
+    out: &mut Vec<u8>,
+    req: &Request<'_>,
+    authority: &str,
+    content_length: Option<u64>,
+) {
     use std::io::Write;
     out.clear();
     // Writing to a Vec cannot fail.
@@ -162,10 +164,16 @@ pub fn encode_request(out: &mut Vec<u8>, req: &Request<'_>, authority: &str) {
     for (k, v) in req.headers {
         let _ = write!(out, "{k}: {v}\r\n");
     }
-    if req.method == "POST" || !req.body.is_empty() {
-        let _ = write!(out, "Content-Length: {}\r\n", req.body.len());
+    if let Some(n) = content_length {
+        let _ = write!(out, "Content-Length: {n}\r\n");
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// Serialises the head and body of `req` into `out` (cleared first).
+pub fn encode_request(out: &mut Vec<u8>, req: &Request<'_>, authority: &str) {
+    let length = (req.method == "POST" || !req.body.is_empty()).then_some(req.body.len() as u64);
+    encode_head(out, req, authority, length);
     out.extend_from_slice(req.body);
 }
 
@@ -185,7 +193,7 @@ impl Conn {
     pub async fn connect(addr: SocketAddr) -> Result<Self, HttpError> {
         let stream = TcpStream::connect_addr(addr)
             .await
-            .map_err(|source| HttpError::Connect { addr, source })?;
+            .map_err(|source| NetError::Connect { addr, source })?;
         // Requests are written whole; Nagle would only delay the small ones.
         let _ = stream.set_nodelay(true);
         Ok(Self {
@@ -209,21 +217,59 @@ impl Conn {
     ) -> Result<ResponseHead, HttpError> {
         let mut wbuf = std::mem::take(&mut self.wbuf);
         encode_request(&mut wbuf, req, authority);
+        self.write_head(wbuf).await?;
+        self.read_head().await
+    }
+
+    /// Sends the head of `req` (its `body` is ignored) with `Content-Length: len`, then `body`
+    /// piece by piece, and reads the response head as [`send`](Self::send) does. The pieces are
+    /// written as they are (no copy), so a large body costs no more memory than its pieces.
+    ///
+    /// # Errors
+    /// As [`send`](Self::send); also when the pieces do not add up to `len`.
+    pub async fn send_streamed(
+        &mut self,
+        req: &Request<'_>,
+        authority: &str,
+        len: u64,
+        body: impl IntoIterator<Item = Bytes>,
+    ) -> Result<ResponseHead, HttpError> {
+        let mut wbuf = std::mem::take(&mut self.wbuf);
+        encode_head(&mut wbuf, req, authority, Some(len));
+        self.write_head(wbuf).await?;
+        let mut sent = 0u64;
+        for piece in body {
+            sent += piece.len() as u64;
+            let (res, _) = self.stream.write_all(piece).await;
+            res.map_err(NetError::io("writing the request body"))?;
+        }
+        if sent != len {
+            // A caller bug, but the server would wait for bytes that never come: fail loudly.
+            return Err(HttpError::BadHead {
+                reason: format!("request body of {sent} bytes announced as {len}"),
+            });
+        }
+        self.read_head().await
+    }
+
+    async fn write_head(&mut self, wbuf: Vec<u8>) -> Result<(), HttpError> {
         let (res, wbuf) = self.stream.write_all(wbuf).await;
         self.wbuf = wbuf;
-        res.map_err(|source| HttpError::Io {
-            op: "writing the request",
-            source,
-        })?;
+        res.map_err(NetError::io("writing the request"))?;
+        Ok(())
+    }
+
+    async fn read_head(&mut self) -> Result<ResponseHead, HttpError> {
         let head = loop {
             if let Some((head, n)) = parse_response_head(self.unread())? {
                 self.pos += n;
                 break head;
             }
             if self.fill().await? == 0 {
-                return Err(HttpError::Eof {
+                return Err(NetError::Eof {
                     during: "before the response head",
-                });
+                }
+                .into());
             }
         };
         self.closing = !head.keep_alive;
@@ -248,6 +294,27 @@ impl Conn {
         Ok(head)
     }
 
+    /// Reads a whole body of at most `limit` bytes (a JSON answer, say).
+    ///
+    /// # Errors
+    /// As [`read_body`](Self::read_body); [`HttpError::BodyTooLarge`] past `limit`.
+    pub async fn read_small_body(
+        &mut self,
+        framing: Framing,
+        limit: usize,
+    ) -> Result<Vec<u8>, HttpError> {
+        let mut body = Vec::new();
+        self.read_body(framing, |d| {
+            if body.len() + d.len() > limit {
+                return Err(HttpError::BodyTooLarge { limit });
+            }
+            body.extend_from_slice(d);
+            Ok(())
+        })
+        .await?;
+        Ok(body)
+    }
+
     /// Streams the body framed by `framing` into `sink`, one contiguous piece at a time.
     ///
     /// # Errors
@@ -264,9 +331,9 @@ impl Conn {
             Framing::Length(mut left) => {
                 while left > 0 {
                     if self.unread().is_empty() && self.fill().await? == 0 {
-                        return Err(HttpError::Eof {
+                        return Err(HttpError::from(NetError::Eof {
                             during: "in a Content-Length body",
-                        }
+                        })
                         .into());
                     }
                     let avail = self.unread();
@@ -288,9 +355,9 @@ impl Conn {
                         break;
                     }
                     if d.consumed == 0 && d.data.is_empty() && self.fill().await? == 0 {
-                        return Err(HttpError::Eof {
+                        return Err(HttpError::from(NetError::Eof {
                             during: "in a chunked body",
-                        }
+                        })
                         .into());
                     }
                 }
@@ -329,10 +396,28 @@ impl Conn {
         let buf = std::mem::take(&mut self.buf);
         let (res, slice) = self.stream.read(buf.slice_mut(len..cap)).await;
         self.buf = slice.into_inner();
-        res.map_err(|source| HttpError::Io {
-            op: "reading the response",
-            source,
-        })
+        Ok(res.map_err(NetError::io("reading the response"))?)
+    }
+}
+
+/// The connection of one virtual client: made on first use, kept while the server keeps it
+/// alive, and made again when the server closes it or the next request goes elsewhere.
+#[derive(Default)]
+pub struct Link {
+    current: Option<(SocketAddr, Conn)>,
+}
+
+impl Link {
+    /// A connection to `addr` ready for a request.
+    ///
+    /// # Errors
+    /// When a new connection is needed and cannot be made.
+    pub async fn to(&mut self, addr: SocketAddr) -> Result<&mut Conn, HttpError> {
+        let conn = match self.current.take() {
+            Some((a, c)) if a == addr && !c.closing => c,
+            _ => Conn::connect(addr).await?,
+        };
+        Ok(&mut self.current.insert((addr, conn)).1)
     }
 }
 
@@ -384,8 +469,24 @@ mod tests {
             },
             "h:1",
         );
-        let text = String::from_utf8(out).unwrap();
+        let text = String::from_utf8(out.clone()).unwrap();
         assert!(text.starts_with("POST /o/r.git/git-upload-pack HTTP/1.1\r\nHost: h:1\r\n"));
         assert!(text.ends_with("Git-Protocol: version=2\r\nContent-Length: 4\r\n\r\n0000"));
+
+        // A streamed PUT announces its length; a GET without a body announces none.
+        let put = Request {
+            method: "PUT",
+            path: "/o",
+            headers: &[],
+            body: &[],
+        };
+        encode_head(&mut out, &put, "h", Some(1 << 20));
+        assert!(String::from_utf8_lossy(&out).ends_with("Content-Length: 1048576\r\n\r\n"));
+        let get = Request {
+            method: "GET",
+            ..put
+        };
+        encode_request(&mut out, &get, "h");
+        assert!(!String::from_utf8_lossy(&out).contains("Content-Length"));
     }
 }

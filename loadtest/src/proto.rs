@@ -1,7 +1,10 @@
-//! The client side of Git's wire protocol, sans-I/O: request bodies for protocol v2 `ls-refs`
-//! and `fetch` and for a v0 `receive-pack` push, and incremental parsers for the responses
-//! ([`PktStream`] turns body pieces into packets; [`FetchParser`] demultiplexes the side-band of
-//! a `packfile` section). Framing is gitplane's own [`gitplane::git::pktline`] codec.
+//! The client side of Git's wire protocol, sans-I/O: incremental parsers for what the server
+//! sends ([`PktStream`] turns body or stream pieces into packets; [`AdvertParser`] reads a v2
+//! capability advertisement or a v0 ref advertisement, whichever comes; [`LsRefsParser`];
+//! [`FetchParser`] demultiplexes the side-band of a pack, v2 `packfile` section or v0 after
+//! `NAK`; [`ReportParser`]) and the request bodies (`ls-refs`, `fetch`, v0 wants, a v0 push).
+//! Framing is gitplane's own [`gitplane::git::pktline`] codec. The order of a conversation is in
+//! [`crate::upload`].
 
 use gitplane::git::pktline::{self, Packet, PktDecode, PktError, DELIM, FLUSH};
 use thiserror::Error;
@@ -126,49 +129,127 @@ fn check_err(d: &[u8]) -> Result<(), ProtoError> {
     }
 }
 
-/// The v2 capability advertisement of `GET info/refs` with `Git-Protocol: version=2`.
+/// The v2 capabilities a client needs to know about.
 #[derive(Debug, Default, Clone)]
 pub struct V2Caps {
-    pub version2: bool,
     pub object_format: Option<String>,
     pub fetch: bool,
     pub ls_refs: bool,
 }
 
-/// Collects [`V2Caps`] from the packets of the advertisement (a `# service=` preamble and its
-/// flush, when present, are skipped).
+impl V2Caps {
+    fn on_line(&mut self, line: &str) {
+        if let Some(f) = line.strip_prefix("object-format=") {
+            self.object_format = Some(f.to_owned());
+        } else if line == "ls-refs" || line.starts_with("ls-refs=") {
+            self.ls_refs = true;
+        } else if line == "fetch" || line.starts_with("fetch=") {
+            self.fetch = true;
+        }
+    }
+}
+
+/// What the first response of a conversation advertised.
+#[derive(Debug, Clone)]
+pub enum Advert {
+    /// Protocol v2: commands and capabilities; refs come from `ls-refs`.
+    V2(V2Caps),
+    /// Protocol v0 (or v1, which only adds a `version 1` line): the refs themselves, and the
+    /// capabilities that followed the first one.
+    V0 { refs: Vec<Ref>, caps: Vec<String> },
+}
+
+/// Reads the advertisement that opens every upload-pack and receive-pack conversation: over
+/// smart HTTP after a `# service=` line and its flush (skipped), over a stream at once. The
+/// first line tells the version: `version 2` and capability lines, or v0 ref lines (the first
+/// carrying the capabilities after a NUL), up to a flush.
 #[derive(Default)]
-pub struct CapsParser {
-    pub caps: V2Caps,
+pub struct AdvertParser {
+    /// A `# service=` line was read and its flush is still to come.
+    in_preamble: bool,
+    v2: Option<V2Caps>,
+    v0_caps: Option<Vec<String>>,
+    refs: Vec<Ref>,
     pub done: bool,
 }
 
-impl CapsParser {
+impl AdvertParser {
     /// # Errors
-    /// On an `ERR` packet.
+    /// On an `ERR` packet, a malformed ref line, or a special packet other than flush.
     pub fn on_pkt(&mut self, p: Pkt<'_>) -> Result<(), ProtoError> {
+        let fresh = self.v2.is_none() && self.v0_caps.is_none();
         match p {
             Pkt::Data(d) => {
                 check_err(d)?;
                 let line = text(d);
-                if line.starts_with("# service=") {
-                    return Ok(());
-                }
-                if line == "version 2" {
-                    self.caps.version2 = true;
-                } else if let Some(f) = line.strip_prefix("object-format=") {
-                    self.caps.object_format = Some(f.to_owned());
-                } else if line == "ls-refs" || line.starts_with("ls-refs=") {
-                    self.caps.ls_refs = true;
-                } else if line == "fetch" || line.starts_with("fetch=") {
-                    self.caps.fetch = true;
+                if fresh && line.starts_with("# service=") {
+                    self.in_preamble = true;
+                } else if let Some(caps) = &mut self.v2 {
+                    caps.on_line(line);
+                } else if fresh && line == "version 2" {
+                    self.v2 = Some(V2Caps::default());
+                } else if fresh && line == "version 1" {
+                    // v1 is v0 with this line in front.
+                } else {
+                    self.on_ref_line(line)?;
                 }
             }
-            // The flush after a `# service=` preamble comes before any capability.
-            Pkt::Flush if self.caps.version2 => self.done = true,
-            _ => {}
+            Pkt::Flush if self.in_preamble => self.in_preamble = false,
+            Pkt::Flush => self.done = true,
+            _ => {
+                return Err(ProtoError::Unexpected(
+                    "special packet in the advertisement".into(),
+                ))
+            }
         }
         Ok(())
+    }
+
+    fn on_ref_line(&mut self, line: &str) -> Result<(), ProtoError> {
+        let (reference, caps) = match line.split_once('\0') {
+            Some((r, c)) => (r, Some(c)),
+            None => (line, None),
+        };
+        if self.v0_caps.is_none() {
+            self.v0_caps = Some(
+                caps.unwrap_or_default()
+                    .split(' ')
+                    .filter(|c| !c.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+            );
+        }
+        let (oid, name) = reference
+            .split_once(' ')
+            .ok_or_else(|| ProtoError::Unexpected(format!("advertised ref `{line}`")))?;
+        // An empty repository advertises `capabilities^{}` with the zero id.
+        if oid != ZERO_OID {
+            self.refs.push(Ref {
+                oid: oid.into(),
+                name: name.into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The advertisement, once its closing flush was read.
+    ///
+    /// # Errors
+    /// When the closing flush has not come, or nothing was advertised.
+    pub fn finish(self) -> Result<Advert, ProtoError> {
+        if !self.done {
+            return Err(ProtoError::Truncated(
+                "advertisement without its closing flush",
+            ));
+        }
+        match (self.v2, self.v0_caps) {
+            (Some(caps), _) => Ok(Advert::V2(caps)),
+            (None, Some(caps)) => Ok(Advert::V0 {
+                refs: self.refs,
+                caps,
+            }),
+            (None, None) => Err(ProtoError::Unexpected("an empty advertisement".into())),
+        }
     }
 }
 
@@ -254,23 +335,63 @@ impl LsRefsParser {
         }
         Ok(())
     }
+}
 
-    /// The distinct object ids of the branch heads (what `git clone` wants).
-    pub fn branch_wants(&self) -> Vec<String> {
-        let mut w: Vec<String> = self
-            .refs
-            .iter()
-            .filter(|r| r.name.starts_with("refs/heads/"))
-            .map(|r| r.oid.clone())
-            .collect();
-        w.sort();
-        w.dedup();
-        w
+/// The distinct object ids of the branch heads among `refs` (what `git clone` wants).
+pub fn branch_wants(refs: &[Ref]) -> Vec<String> {
+    let mut w: Vec<String> = refs
+        .iter()
+        .filter(|r| r.name.starts_with("refs/heads/"))
+        .map(|r| r.oid.clone())
+        .collect();
+    w.sort();
+    w.dedup();
+    w
+}
+
+/// A v0 upload request: `want` lines (the first carrying our capabilities), a flush, `done`.
+/// The pack must come side-band multiplexed, so `side-band-64k` is required of the server.
+///
+/// # Errors
+/// When the server does not offer `side-band-64k`.
+pub fn v0_want_request(wants: &[String], server_caps: &[String]) -> Result<Vec<u8>, ProtoError> {
+    let offered = |c: &str| server_caps.iter().any(|s| s == c);
+    if !offered("side-band-64k") {
+        return Err(ProtoError::Unexpected(
+            "the server does not offer side-band-64k".into(),
+        ));
     }
+    let mut caps = vec!["side-band-64k".to_owned()];
+    for c in ["ofs-delta", "no-progress"] {
+        if offered(c) {
+            caps.push(c.into());
+        }
+    }
+    caps.push(AGENT.into());
+    if let Some(f) = server_caps
+        .iter()
+        .find(|c| c.starts_with("object-format=") && *c != "object-format=sha1")
+    {
+        caps.push(f.clone());
+    }
+    let mut out = Vec::with_capacity(64 + wants.len() * 50);
+    for (i, w) in wants.iter().enumerate() {
+        let line = if i == 0 {
+            format!("want {w} {}\n", caps.join(" "))
+        } else {
+            format!("want {w}\n")
+        };
+        pktline::encode_str(&mut out, &line)?;
+    }
+    out.extend_from_slice(FLUSH);
+    pktline::encode_str(&mut out, "done\n")?;
+    Ok(out)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Section {
+    /// v0: `NAK` / `ACK` lines before the side-band pack.
+    Acks,
     /// Before the first section header, or right after a delimiter.
     Header,
     /// A section other than `packfile` (its lines are skipped).
@@ -278,9 +399,10 @@ enum Section {
     Packfile,
 }
 
-/// The `fetch` response: sections separated by delimiters; in `packfile`, side-band packets
-/// (band 1 pack data, 2 progress, 3 fatal error). Pack bytes are counted, and copied to
-/// `capture` when the caller asks for them (`--verify`).
+/// The response to a fetch. v2: sections separated by delimiters, the pack in the `packfile`
+/// section; v0: `NAK` (or `ACK` lines), then the pack. Either way the pack comes as side-band
+/// packets (band 1 pack data, 2 progress, 3 fatal error) and ends with a flush. Pack bytes are
+/// counted, and copied to `capture` when the caller asks for them (`--verify`).
 pub struct FetchParser {
     section: Section,
     pub pack_bytes: u64,
@@ -289,12 +411,21 @@ pub struct FetchParser {
 }
 
 impl FetchParser {
+    /// For a v2 `fetch` response.
     pub fn new(capture: bool) -> Self {
         Self {
             section: Section::Header,
             pack_bytes: 0,
             capture: capture.then(Vec::new),
             done: false,
+        }
+    }
+
+    /// For the response to a v0 upload request.
+    pub fn v0(capture: bool) -> Self {
+        Self {
+            section: Section::Acks,
+            ..Self::new(capture)
         }
     }
 
@@ -308,6 +439,15 @@ impl FetchParser {
                 return Err(ProtoError::Unexpected(
                     "response-end packet in fetch".into(),
                 ))
+            }
+            (Section::Acks, Pkt::Data(d)) => {
+                check_err(d)?;
+                let line = text(d);
+                if line != "NAK" && !line.starts_with("ACK ") {
+                    // The first side-band packet: the pack has begun.
+                    self.section = Section::Packfile;
+                    return self.on_pkt(Pkt::Data(d));
+                }
             }
             (Section::Header, Pkt::Data(d)) => {
                 check_err(d)?;
@@ -329,50 +469,6 @@ impl FetchParser {
                 Some((3, msg)) => return Err(ProtoError::Remote(text(msg).to_owned())),
                 _ => return Err(ProtoError::Unexpected("unknown side-band".into())),
             },
-        }
-        Ok(())
-    }
-}
-
-/// The v0 `info/refs?service=git-receive-pack` advertisement.
-#[derive(Default)]
-pub struct ReceiveAdvertParser {
-    pub refs: Vec<Ref>,
-    preamble_done: bool,
-    pub done: bool,
-}
-
-impl ReceiveAdvertParser {
-    /// # Errors
-    /// On an `ERR` packet or a malformed ref line.
-    pub fn on_pkt(&mut self, p: Pkt<'_>) -> Result<(), ProtoError> {
-        match p {
-            Pkt::Data(d) => {
-                check_err(d)?;
-                let line = text(d);
-                if line.starts_with("# service=") {
-                    return Ok(());
-                }
-                self.preamble_done = true;
-                let line = line.split('\0').next().unwrap_or_default();
-                let (oid, name) = line
-                    .split_once(' ')
-                    .ok_or_else(|| ProtoError::Unexpected(format!("advertised ref `{line}`")))?;
-                // An empty repository advertises `capabilities^{}` with the zero id.
-                if oid != ZERO_OID {
-                    self.refs.push(Ref {
-                        oid: oid.into(),
-                        name: name.into(),
-                    });
-                }
-            }
-            Pkt::Flush if self.preamble_done => self.done = true,
-            Pkt::Flush => self.preamble_done = true,
-            _ => {
-                return Err(ProtoError::Unexpected(
-                    "special packet in advertisement".into(),
-                ))
-            }
         }
         Ok(())
     }
@@ -485,8 +581,19 @@ mod tests {
         assert!(matches!(err, ProtoError::Remote(m) if m == "fatal: nope"));
     }
 
+    /// The advertisement parsed from `stream` fed in pieces of every size.
+    fn advert_at_every_split(stream: &[u8]) -> Advert {
+        let mut last = None;
+        for step in 1..=stream.len() {
+            let mut a = AdvertParser::default();
+            feed_all(stream, step, |p| a.on_pkt(p));
+            last = Some(a.finish().unwrap());
+        }
+        last.unwrap()
+    }
+
     #[test]
-    fn caps_and_ls_refs() {
+    fn v2_caps_over_http_and_ls_refs() {
         let advert = pkts(&[
             b"# service=git-upload-pack\n",
             b"<flush>",
@@ -496,11 +603,12 @@ mod tests {
             b"object-format=sha1\n",
             b"<flush>",
         ]);
-        let mut c = CapsParser::default();
-        feed_all(&advert, 3, |p| c.on_pkt(p));
-        assert!(c.done && c.caps.version2 && c.caps.fetch && c.caps.ls_refs);
-        assert_eq!(c.caps.object_format.as_deref(), Some("sha1"));
-        let req = ls_refs_request(&c.caps).unwrap();
+        let Advert::V2(caps) = advert_at_every_split(&advert) else {
+            panic!("not v2")
+        };
+        assert!(caps.fetch && caps.ls_refs);
+        assert_eq!(caps.object_format.as_deref(), Some("sha1"));
+        let req = ls_refs_request(&caps).unwrap();
         assert!(req.starts_with(b"0014command=ls-refs\n"));
         assert!(req.ends_with(b"0000"));
 
@@ -513,7 +621,61 @@ mod tests {
         let mut l = LsRefsParser::default();
         feed_all(&resp, 7, |p| l.on_pkt(p));
         assert!(l.done);
-        assert_eq!(l.branch_wants(), vec![a, b]);
+        assert_eq!(branch_wants(&l.refs), vec![a, b]);
+    }
+
+    #[test]
+    fn v0_upload_pack_advert_on_a_stream_and_its_want_request() {
+        let a = "a".repeat(40);
+        let head = format!("{a} HEAD\0multi_ack side-band-64k ofs-delta no-progress agent=git/2\n");
+        let main = format!("{a} refs/heads/main\n");
+        let tag = format!("{} refs/tags/v1\n", "c".repeat(40));
+        let advert = pkts(&[head.as_bytes(), main.as_bytes(), tag.as_bytes(), b"<flush>"]);
+        let Advert::V0 { refs, caps } = advert_at_every_split(&advert) else {
+            panic!("not v0")
+        };
+        assert_eq!(refs.len(), 3);
+        assert_eq!(branch_wants(&refs), vec![a.clone()]);
+        assert!(caps.iter().any(|c| c == "side-band-64k"));
+        let req = v0_want_request(&branch_wants(&refs), &caps).unwrap();
+        let text = String::from_utf8(req).unwrap();
+        let first = format!("want {a} side-band-64k ofs-delta no-progress {AGENT}\n");
+        assert_eq!(&text[..4], format!("{:04x}", first.len() + 4), "{text}");
+        assert!(text[4..].starts_with(&first), "{text}");
+        assert!(text.ends_with("00000009done\n"), "{text}");
+        // Without side-band the pack would come unframed: refused.
+        assert!(v0_want_request(&[a], &["ofs-delta".into()]).is_err());
+
+        // A v1 answer is v0 with a version line in front.
+        let v1 = pkts(&[b"version 1\n", head.as_bytes(), b"<flush>"]);
+        assert!(matches!(advert_at_every_split(&v1), Advert::V0 { refs, .. } if refs.len() == 1));
+    }
+
+    #[test]
+    fn advert_errors() {
+        let mut a = AdvertParser::default();
+        let mut s = PktStream::default();
+        let err = s
+            .feed(&pkts(&[b"ERR access denied\n"]), |p| a.on_pkt(p))
+            .unwrap_err();
+        assert!(matches!(err, ProtoError::Remote(m) if m == "access denied"));
+        let mut a = AdvertParser::default();
+        feed_all(&pkts(&[b"version 2\n"]), 2, |p| a.on_pkt(p));
+        assert!(matches!(a.finish(), Err(ProtoError::Truncated(_))));
+        let mut a = AdvertParser::default();
+        feed_all(&pkts(&[b"<flush>"]), 1, |p| a.on_pkt(p));
+        assert!(matches!(a.finish(), Err(ProtoError::Unexpected(_))));
+    }
+
+    #[test]
+    fn v0_fetch_response_skips_nak_then_demuxes() {
+        let stream = pkts(&[b"NAK\n", b"\x02Counting\n", b"\x01PACKxyz", b"<flush>"]);
+        for step in 1..=stream.len() {
+            let mut p = FetchParser::v0(true);
+            feed_all(&stream, step, |pkt| p.on_pkt(pkt));
+            assert!(p.done);
+            assert_eq!(p.capture.as_deref(), Some(&b"PACKxyz"[..]), "step {step}");
+        }
     }
 
     #[test]
@@ -526,9 +688,11 @@ mod tests {
             first.as_bytes(),
             b"<flush>",
         ]);
-        let mut a = ReceiveAdvertParser::default();
-        feed_all(&empty, 5, |p| a.on_pkt(p));
-        assert!(a.done && a.refs.is_empty());
+        let Advert::V0 { refs, caps } = advert_at_every_split(&empty) else {
+            panic!("not v0")
+        };
+        assert!(refs.is_empty());
+        assert_eq!(caps, vec!["report-status".to_owned()]);
         let line = format!("{oid} refs/heads/x\0report-status\n");
         let full = pkts(&[
             b"# service=git-receive-pack\n",
@@ -536,10 +700,11 @@ mod tests {
             line.as_bytes(),
             b"<flush>",
         ]);
-        let mut a = ReceiveAdvertParser::default();
-        feed_all(&full, 4, |p| a.on_pkt(p));
+        let Advert::V0 { refs, .. } = advert_at_every_split(&full) else {
+            panic!("not v0")
+        };
         assert_eq!(
-            a.refs,
+            refs,
             vec![Ref {
                 oid,
                 name: "refs/heads/x".into()

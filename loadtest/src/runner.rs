@@ -1,5 +1,5 @@
-//! Runs a load: one monoio runtime per `--threads`, each driving its share of the virtual
-//! clients, closed-loop (`Closed`: N clients, each starting its next iteration when the last ends)
+//! Runs a load: one runtime per `--threads` (monoio or tokio, as the [`Workload`] needs), each
+//! driving its share of the virtual clients, closed-loop (`Closed`: N clients, each starting its next iteration when the last ends)
 //! or open-loop (`Open`: iterations start on a fixed schedule whatever the server does, and their
 //! latency counts from the scheduled start, so a stalled server cannot hide its queueing: no
 //! coordinated omission). Every run is bounded by a deadline and/or an iteration budget, shared
@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use crate::scenario::{run_once, Ctx};
+use crate::runtime::Rt;
+use crate::scenario::{IterError, Iteration, Workload};
 use crate::stats::Recorder;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -27,6 +28,8 @@ pub enum Mode {
 /// A validated run: at least one bound, at least one thread.
 pub struct Plan {
     pub mode: Mode,
+    /// Give up on one iteration after this long.
+    pub timeout: Duration,
     pub threads: usize,
     pub duration: Option<Duration>,
     pub requests: Option<u64>,
@@ -86,21 +89,22 @@ impl Control {
 }
 
 /// Per-thread state shared by that thread's tasks (single-threaded: `Rc`).
-struct Local {
-    ctx: Arc<Ctx>,
+struct Local<W: Workload> {
+    work: Arc<W>,
     control: Arc<Control>,
+    timeout: Duration,
     rec: RefCell<Recorder>,
     packs: RefCell<Vec<Vec<u8>>>,
-    /// Free push-branch slots; a slot is held by one iteration at a time.
+    /// Free slots (push branch names); a slot is held by one iteration at a time.
     free_slots: RefCell<Vec<usize>>,
     next_slot: Cell<usize>,
     thread: usize,
     in_flight: Cell<usize>,
 }
 
-impl Local {
-    /// One iteration whose latency counts from `scheduled`.
-    async fn iterate(&self, scheduled: Instant) {
+impl<W: Workload> Local<W> {
+    /// One iteration of `client` whose latency counts from `scheduled`.
+    async fn iterate(&self, client: &W::Client, scheduled: Instant) {
         let slot = self.free_slots.borrow_mut().pop().unwrap_or_else(|| {
             let s = self.next_slot.get();
             self.next_slot.set(s + 1);
@@ -108,7 +112,13 @@ impl Local {
         });
         let name = format!("t{}-{slot}", self.thread);
         let capture = self.control.take_sample();
-        let result = run_once(&self.ctx, &name, capture).await;
+        let it = Iteration {
+            slot: &name,
+            capture,
+        };
+        let result = W::Rt::timeout(self.timeout, self.work.iterate(client, it))
+            .await
+            .unwrap_or(Err(IterError::Timeout(self.timeout)));
         self.free_slots.borrow_mut().push(slot);
         let end = Instant::now();
         match result {
@@ -136,11 +146,11 @@ impl Local {
     }
 }
 
-/// Runs `plan` against `ctx` and returns the merged measurements.
+/// Runs `plan` with `work` and returns the merged measurements.
 ///
 /// # Errors
 /// When a runtime cannot start (e.g. io_uring and epoll both unavailable) or a thread panics.
-pub fn run(ctx: Ctx, plan: &Plan) -> Result<RunOutput, RunError> {
+pub fn run<W: Workload>(work: W, plan: &Plan) -> Result<RunOutput, RunError> {
     let start = Instant::now();
     let control = Arc::new(Control {
         deadline: plan.duration.map(|d| start + d),
@@ -151,7 +161,7 @@ pub fn run(ctx: Ctx, plan: &Plan) -> Result<RunOutput, RunError> {
         bytes: AtomicU64::new(0),
         samples_left: AtomicUsize::new(plan.verify_samples),
     });
-    let ctx = Arc::new(ctx);
+    let work = Arc::new(work);
     let finished = Arc::new(AtomicBool::new(false));
     let progress = plan
         .progress
@@ -172,10 +182,10 @@ pub fn run(ctx: Ctx, plan: &Plan) -> Result<RunOutput, RunError> {
             },
         };
         let cpu = (!plan.cpus.is_empty()).then(|| plan.cpus[thread % plan.cpus.len()]);
-        let (ctx, control) = (ctx.clone(), control.clone());
+        let (work, control, timeout) = (work.clone(), control.clone(), plan.timeout);
         let h = std::thread::Builder::new()
             .name(format!("load-{thread}"))
-            .spawn(move || thread_main(thread, cpu, mode, ctx, control, start))
+            .spawn(move || thread_main(thread, cpu, mode, work, control, timeout, start))
             .map_err(|source| RunError::Runtime { thread, source })?;
         handles.push(h);
     }
@@ -212,25 +222,22 @@ fn share(total: usize, n: usize, i: usize) -> usize {
     total / n + usize::from(i < total % n)
 }
 
-fn thread_main(
+fn thread_main<W: Workload>(
     thread: usize,
     cpu: Option<usize>,
     mode: Mode,
-    ctx: Arc<Ctx>,
+    work: Arc<W>,
     control: Arc<Control>,
+    timeout: Duration,
     start: Instant,
 ) -> Result<(Recorder, Vec<Vec<u8>>), RunError> {
     if let Some(cpu) = cpu {
         pin_to(cpu);
     }
-    let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
-        .enable_timer()
-        .with_entries(1024)
-        .build()
-        .map_err(|source| RunError::Runtime { thread, source })?;
     let local = Rc::new(Local {
-        ctx,
+        work,
         control,
+        timeout,
         rec: RefCell::new(Recorder::new(start)),
         packs: RefCell::new(Vec::new()),
         free_slots: RefCell::new(Vec::new()),
@@ -239,7 +246,7 @@ fn thread_main(
         in_flight: Cell::new(0),
     });
     let l = local.clone();
-    rt.block_on(async move {
+    W::Rt::block_on(async move {
         match mode {
             Mode::Closed { concurrency } => closed_loop(l, concurrency).await,
             Mode::Open {
@@ -247,19 +254,22 @@ fn thread_main(
                 max_in_flight,
             } => open_loop(l, rate, max_in_flight).await,
         }
-    });
+    })
+    .map_err(|source| RunError::Runtime { thread, source })?;
     let rec = local.rec.borrow().clone();
     let packs = std::mem::take(&mut *local.packs.borrow_mut());
     Ok((rec, packs))
 }
 
-async fn closed_loop(local: Rc<Local>, concurrency: usize) {
+/// Each client runs its iterations one after the other, with its own state.
+async fn closed_loop<W: Workload>(local: Rc<Local<W>>, concurrency: usize) {
     let mut tasks = Vec::with_capacity(concurrency);
     for _ in 0..concurrency {
         let l = local.clone();
-        tasks.push(monoio::spawn(async move {
+        tasks.push(W::Rt::spawn(async move {
+            let client = l.work.client();
             while l.control.claim() {
-                l.iterate(Instant::now()).await;
+                l.iterate(&client, Instant::now()).await;
             }
         }));
     }
@@ -268,14 +278,16 @@ async fn closed_loop(local: Rc<Local>, concurrency: usize) {
     }
 }
 
-async fn open_loop(local: Rc<Local>, rate: f64, max_in_flight: usize) {
+/// Iterations start on the schedule and share the thread's one client state.
+async fn open_loop<W: Workload>(local: Rc<Local<W>>, rate: f64, max_in_flight: usize) {
     if rate <= 0.0 {
         return;
     }
+    let client = Rc::new(local.work.client());
     let interval = Duration::from_secs_f64(1.0 / rate);
     let mut next = Instant::now();
     loop {
-        monoio::time::sleep_until(next.into()).await;
+        W::Rt::sleep_until(next).await;
         if !local.control.claim() {
             break;
         }
@@ -293,14 +305,15 @@ async fn open_loop(local: Rc<Local>, rate: f64, max_in_flight: usize) {
             continue;
         }
         local.in_flight.set(local.in_flight.get() + 1);
-        let l = local.clone();
-        monoio::spawn(async move {
-            l.iterate(scheduled).await;
+        let (l, c) = (local.clone(), client.clone());
+        // Detached: the loop below waits for the in-flight count instead.
+        drop(W::Rt::spawn(async move {
+            l.iterate(&c, scheduled).await;
             l.in_flight.set(l.in_flight.get() - 1);
-        });
+        }));
     }
     while local.in_flight.get() > 0 {
-        monoio::time::sleep(Duration::from_millis(2)).await;
+        W::Rt::sleep_until(Instant::now() + Duration::from_millis(2)).await;
     }
 }
 

@@ -377,3 +377,96 @@ pub fn status_of(raw: &[u8]) -> u16 {
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no HTTP status in {text:?}"))
 }
+
+/// A loopback port nothing listens on right now (bound and released: for servers such as
+/// `git daemon` that cannot listen on port 0 and report the port).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// A real `git daemon` serving every repository under `base` (read-only, `--export-all`) on
+/// 127.0.0.1, stopped on drop.
+pub struct GitDaemon {
+    child: Child,
+    pub port: u16,
+}
+
+impl GitDaemon {
+    pub fn start(base: &Path) -> Self {
+        require_tool("git");
+        // Another process may take the released port first: the daemon then exits, and we try
+        // another one.
+        for _ in 0..5 {
+            let port = free_port();
+            let mut child = Command::new("git")
+                .arg("daemon")
+                .args(["--export-all", "--reuseaddr", "--listen=127.0.0.1"])
+                .arg(format!("--port={port}"))
+                .arg(format!("--base-path={}", base.display()))
+                .arg(base)
+                .env("GIT_CONFIG_NOSYSTEM", "1")
+                .env("GIT_CONFIG_GLOBAL", "/dev/null")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start git daemon");
+            let up = wait_for(Duration::from_secs(10), || {
+                matches!(child.try_wait(), Ok(None))
+                    && TcpStream::connect(("127.0.0.1", port)).is_ok()
+            });
+            if up {
+                return Self { child, port };
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!(
+            "`git daemon` did not start on a free loopback port in 5 attempts \
+             (it ships with Debian's `git`; run `git daemon --help` to check)"
+        );
+    }
+
+    /// `git://127.0.0.1:PORT/PATH`.
+    pub fn url(&self, path: &str) -> String {
+        format!("git://127.0.0.1:{}/{path}", self.port)
+    }
+}
+
+impl Drop for GitDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A new unencrypted Ed25519 key pair `dir/name` and `dir/name.pub` (OpenSSH format).
+pub fn ssh_keygen(dir: &Path, name: &str) -> PathBuf {
+    require_tool("ssh-keygen");
+    let key = dir.join(name);
+    let out = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+        .arg(&key)
+        .output()
+        .expect("run ssh-keygen");
+    assert!(out.status.success(), "ssh-keygen: {out:?}");
+    key
+}
+
+/// The value of one series (`name` or `name{labels}`) in the server's `/metrics`.
+pub fn metric(server: &Server, series: &str) -> u64 {
+    let raw = raw_request(
+        server.addr,
+        b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(10),
+    );
+    let body = String::from_utf8_lossy(&raw);
+    let key = format!("{series} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in metrics:\n{body}"))
+}
