@@ -2,7 +2,7 @@
 //! decodes exactly what an encoder produced.
 #![no_main]
 
-use gitplane::http::chunked::{ChunkedDecoder, ChunkedError};
+use gitplane_wire::http::chunked::{ChunkedDecoder, ChunkedError};
 use libfuzzer_sys::fuzz_target;
 
 #[derive(Debug, PartialEq, Eq)]

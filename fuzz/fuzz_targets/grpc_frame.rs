@@ -6,8 +6,8 @@
 //! then the stream bytes.
 #![no_main]
 
-use gitplane::rpc::frame::{decode, Decoded, Encoding, FrameError, MessageReader, PREFIX_LEN};
-use gitplane::rpc::status::parse_timeout;
+use gitplane_wire::rpc::frame::{decode, Decoded, Encoding, FrameError, MessageReader, PREFIX_LEN};
+use gitplane_wire::rpc::status::parse_timeout;
 use libfuzzer_sys::fuzz_target;
 
 fn read_all(

@@ -3,7 +3,7 @@
 //! head gives the same result).
 #![no_main]
 
-use gitplane::http::head::{parse_request_head, HeadLimits, HeadParse};
+use gitplane_wire::http::head::{parse_request_head, HeadLimits, HeadParse};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

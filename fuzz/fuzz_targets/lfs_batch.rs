@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use gitplane::lfs::api::{answer, check_request, valid_oid, ActionContext, BatchRequest, Known};
+use gitplane_wire::lfs::api::{answer, check_request, valid_oid, ActionContext, BatchRequest, Known};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

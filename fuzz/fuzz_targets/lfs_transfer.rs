@@ -4,7 +4,7 @@
 //! messages git-lfs 3.3 sends (as seen with `GIT_TRACE_PACKET=1`) plus a few malformed ones.
 #![no_main]
 
-use gitplane::ssh::lfs_transfer_proto::{Decoder, Event, Step};
+use gitplane_wire::ssh::lfs_transfer::{Decoder, Event, Step};
 use libfuzzer_sys::fuzz_target;
 
 /// Decodes `data` arriving in pieces of `step` bytes; returns the events as text and whether a

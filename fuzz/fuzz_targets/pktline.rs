@@ -2,7 +2,7 @@
 //! re-encoding what was decoded gives back the same bytes.
 #![no_main]
 
-use gitplane::git::pktline::{
+use gitplane_wire::git::pktline::{
     decode, encode_data, Packet, PktDecode, DELIM, FLUSH, MAX_PKT_LEN, RESPONSE_END,
 };
 use libfuzzer_sys::fuzz_target;

@@ -4,7 +4,7 @@
 
 use std::path::Component;
 
-use gitplane::git::repo_name::RepoName;
+use gitplane_wire::git::repo_name::RepoName;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -3,9 +3,9 @@
 //! output to a socket with splice.
 
 pub mod limiter;
-pub mod pktline;
 pub mod process;
 pub mod repo;
-pub mod repo_name;
 pub mod stream;
 pub mod tokio_child;
+
+pub use gitplane_wire::git::{pktline, repo_name};

@@ -2,11 +2,10 @@
 //! ([`conn`], [`body`], [`server`]).
 
 pub mod body;
-pub mod chunked;
 pub mod conn;
-pub mod head;
-pub mod response;
 pub mod server;
+
+pub use gitplane_wire::http::{chunked, head, response};
 
 /// The raw value of `key` in a query string (`a=1&b=2`), undecoded.
 pub fn query_param<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {

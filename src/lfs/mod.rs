@@ -6,9 +6,10 @@
 //! - [`storage`]: verified objects on local disk; [`s3`] and [`sigv4`]: or in S3-compatible storage;
 //! - [`http`]: the request handlers.
 
-pub mod api;
 pub mod http;
 pub mod pool;
 pub mod s3;
 pub mod sigv4;
 pub mod storage;
+
+pub use gitplane_wire::lfs::api;

@@ -10,13 +10,13 @@
 //! checks needs. Messages are generated from `proto/` into [`pb`].
 
 pub mod auth;
-pub mod frame;
 pub mod ops;
 pub mod pb;
 pub mod pool;
 pub mod server;
 pub mod service;
-pub mod status;
+
+pub use gitplane_wire::rpc::{frame, status};
 
 use std::future::Future;
 use std::pin::Pin;

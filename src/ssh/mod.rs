@@ -23,8 +23,9 @@ pub mod hostkey;
 pub mod keys;
 pub mod lfs;
 mod lfs_transfer;
-pub mod lfs_transfer_proto;
 pub mod limits;
+
+pub use gitplane_wire::ssh::lfs_transfer as lfs_transfer_proto;
 
 use std::borrow::Cow;
 use std::future::Future;

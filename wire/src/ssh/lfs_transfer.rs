@@ -3,7 +3,7 @@
 //! Every message is a run of pkt-lines ([`crate::git::pktline`]): a command line, `key=value`
 //! argument lines, optionally a delimiter followed by text lines (`batch`) or binary data
 //! (`put-object`), and a flush. [`Decoder`] turns bytes into [`Event`]s one packet at a time and
-//! never touches a socket; the connection loop in [`super::lfs_transfer`] feeds it channel data
+//! never touches a socket; the SSH channel loop in the gitplane crate feeds it channel data
 //! and acts on the events. The `encode_*` functions build the server's answers.
 //!
 //! Decoding is bounded: argument and text lines are capped in length and number, and a

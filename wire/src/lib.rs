@@ -1,0 +1,30 @@
+//! The parsers every gitplane front end puts between the network and the rest of the server.
+//! Each is sans-I/O: bytes in, typed values or typed errors out, bounded by explicit limits, so
+//! each can be unit-tested at every split point and fuzzed on its own.
+//!
+//! The gitplane crate re-exports these modules at the paths its front ends use
+//! (`gitplane::http::head`, `gitplane::git::pktline`, ...).
+
+pub mod http {
+    pub mod chunked;
+    pub mod head;
+    pub mod response;
+}
+
+pub mod git {
+    pub mod pktline;
+    pub mod repo_name;
+}
+
+pub mod rpc {
+    pub mod frame;
+    pub mod status;
+}
+
+pub mod lfs {
+    pub mod api;
+}
+
+pub mod ssh {
+    pub mod lfs_transfer;
+}
