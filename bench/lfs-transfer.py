@@ -10,7 +10,7 @@ For each server (both on 127.0.0.1, local-disk storage, each in its own temp dir
      every 20 ms: peak RSS.
 Both servers are driven the same way: a Batch API request for the hrefs, then PUT/GET on the
 href with Content-Length, streamed from a repeated random block (no big buffers in the client).
-gitplane is target/release/gitplane; rudolfs is found on PATH, in /tmp/rudolfs/bin, or installed
+gitplane is $GITPLANE_BIN or target/release/gitplane; rudolfs is found on PATH, in /tmp/rudolfs/bin, or installed
 with `cargo install rudolfs --root /tmp/rudolfs`. Every transfer is bounded by a timeout.
 """
 import argparse
@@ -73,7 +73,7 @@ class Gitplane:
     name = "gitplane"
 
     def __init__(self, tmp):
-        self.bin = os.path.join(ROOT, "target", "release", "gitplane")
+        self.bin = os.environ.get("GITPLANE_BIN") or os.path.join(ROOT, "target", "release", "gitplane")
         if not os.path.exists(self.bin):
             subprocess.run(["cargo", "build", "--release", "--bin", "gitplane"], cwd=ROOT, check=True)
         data = os.path.join(tmp, "gitplane")

@@ -278,6 +278,59 @@ fn uploads_are_verified_and_objects_scoped_per_repository() {
     );
 }
 
+/// Uploads overlap the socket read with the file write using a second pool buffer, taken only
+/// when one is free. With more uploads than buffers on one shard, every upload must still finish
+/// (falling back to one buffer) and store exactly what was sent.
+#[test]
+fn more_concurrent_uploads_than_pool_buffers_all_complete() {
+    let server = Server::start_with(ServerOptions {
+        shards: 1,
+        config: Some("[lfs]\nbuffer_kib = 64\nbuffers_per_shard = 3\n".into()),
+        ..ServerOptions::default()
+    });
+    server.create_repo("admin/tight", false);
+    let auth = basic("admin", &server.admin_password);
+    let objects: Vec<Vec<u8>> = (0..6).map(|i| random_bytes(3 << 20, 100 + i)).collect();
+    std::thread::scope(|scope| {
+        for data in &objects {
+            let (server, auth) = (&server, &auth);
+            scope.spawn(move || {
+                let oid = sha256_hex(data);
+                let raw = request(
+                    server,
+                    &format!(
+                        "PUT /admin/tight.git/info/lfs/objects/{oid} HTTP/1.1\r\nHost: x\r\n\
+                         Authorization: {auth}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        data.len()
+                    ),
+                    data,
+                );
+                assert_eq!(status_of(&raw), 200, "{}", String::from_utf8_lossy(&raw));
+            });
+        }
+    });
+    for data in &objects {
+        let oid = sha256_hex(data);
+        let path =
+            server
+                .data_dir()
+                .join(format!("lfs/objects/{}/{}/{oid}", &oid[0..2], &oid[2..4]));
+        assert!(std::fs::read(&path).unwrap() == *data, "{oid} differs");
+    }
+    let metrics = String::from_utf8_lossy(&raw_request(
+        server.addr,
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(10),
+    ))
+    .into_owned();
+    let bytes_in: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("gitplane_lfs_bytes_in_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("gitplane_lfs_bytes_in_total in /metrics");
+    assert_eq!(bytes_in, 6 * (3 << 20));
+}
+
 #[test]
 fn batch_api_refuses_bad_requests_cleanly() {
     let server = Server::start();

@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 use super::api::{self, ActionContext, BatchRequest, Known, Lock, Operation, CONTENT_TYPE};
 use super::pool::{BufferPool, PooledBuf};
 use super::s3::{S3Client, S3Error};
-use super::storage::DiskStore;
+use super::storage::{DiskStore, Writeback};
 use crate::access::{with_store, HttpAuth, Principal, Refusal};
 use crate::config::{LfsLimits, ServeConfig};
 use crate::git::repo_name::RepoName;
@@ -312,39 +312,39 @@ impl LfsHttp {
         Ok(Reuse::KeepAlive)
     }
 
-    /// Reads up to `want` request-body bytes into a pool buffer: what the connection already
-    /// buffered first, else straight from the socket into pool memory.
-    async fn body_chunk(
+    /// Fills `buf` (emptied first) with the next `min(want, capacity)` request-body bytes: what
+    /// the connection already buffered, then socket reads straight into pool memory. Whole
+    /// buffers mean fewer, larger file writes and hash updates than one per socket read.
+    async fn fill_body(
         &self,
         conn: &mut Conn,
+        mut buf: PooledBuf,
         want: u64,
         offset: u64,
         size: u64,
     ) -> Result<PooledBuf, Failure> {
-        let mut buf = self.pool.acquire().await;
+        buf.clear();
         let want = usize::try_from(want)
             .unwrap_or(usize::MAX)
             .min(buf.capacity());
         let buffered = conn.buffered();
-        if !buffered.is_empty() {
-            let take = buffered.len().min(want);
-            buf.fill_from(buffered.get(..take).unwrap_or_default());
-            conn.consume(take);
-        } else {
-            let (res, slice) = conn.stream().read(buf.slice_mut(0..want)).await;
+        let take = buffered.len().min(want);
+        buf.fill_from(buffered.get(..take).unwrap_or_default());
+        conn.consume(take);
+        while buf.filled().len() < want {
+            let filled = buf.filled().len();
+            let (res, slice) = conn.stream().read(buf.slice_mut(filled..want)).await;
             buf = slice.into_inner();
             match res {
                 Ok(0) => {
-                    return Err(fail(
-                        400,
-                        format!("body ended after {offset} of {size} bytes"),
-                    ))
+                    let got = offset + buf.filled().len() as u64;
+                    return Err(fail(400, format!("body ended after {got} of {size} bytes")));
                 }
                 Ok(_) => {}
                 Err(e) => return Err(io_failure(e)),
             }
         }
-        METRICS.lfs.bytes_in.add(buf.filled().len() as u64);
+        METRICS.lfs.bytes_in.add(want as u64);
         Ok(buf)
     }
 
@@ -377,18 +377,53 @@ impl LfsHttp {
             tracing::error!(path = %staged.display(), error = %e, "cannot create LFS staging file");
             fail(500, "internal error")
         })?;
+        let write_failed = |e: io::Error| {
+            tracing::error!(error = %e, "writing LFS staging file");
+            fail(507, "cannot store the object")
+        };
         let mut hasher = Sha256::new();
         let mut offset = 0u64;
-        while offset < size {
-            let buf = self.body_chunk(conn, size - offset, offset, size).await?;
-            let n = buf.filled().len() as u64;
-            hasher.update(buf.filled());
-            let (res, _buf) = file.write_all_at(buf, offset).await;
-            res.map_err(|e| {
-                tracing::error!(error = %e, "writing LFS staging file");
-                fail(507, "cannot store the object")
-            })?;
-            offset += n;
+        let mut spare: Option<PooledBuf> = None;
+        let mut writeback = Writeback::new(&file);
+        let mut next = match size {
+            0 => None,
+            _ => Some(
+                self.fill_body(conn, self.pool.acquire().await, size, 0, size)
+                    .await?,
+            ),
+        };
+        while let Some(chunk) = next.take() {
+            hasher.update(chunk.filled());
+            let chunk_offset = offset;
+            offset += chunk.filled().len() as u64;
+            let write = file.write_all_at(chunk, chunk_offset);
+            if offset == size {
+                write.await.0.map_err(write_failed)?;
+                break;
+            }
+            let remaining = size - offset;
+            // Receive the next chunk while this one is written, into a second buffer if one is
+            // free now. Never wait for it: transfers that each hold one buffer and wait for a
+            // second could take the whole pool between them and deadlock.
+            match spare.take().or_else(|| self.pool.try_acquire()) {
+                Some(buf) => {
+                    let ((res, written), received) =
+                        monoio::join!(write, self.fill_body(conn, buf, remaining, offset, size));
+                    res.map_err(write_failed)?;
+                    writeback.written_to(offset);
+                    spare = Some(written);
+                    next = Some(received?);
+                }
+                None => {
+                    let (res, written) = write.await;
+                    res.map_err(write_failed)?;
+                    writeback.written_to(offset);
+                    next = Some(
+                        self.fill_body(conn, written, remaining, offset, size)
+                            .await?,
+                    );
+                }
+            }
         }
         conn.body_finished();
         file.sync_all().await.map_err(|e| {
@@ -452,8 +487,9 @@ impl LfsHttp {
                 .map_err(s3_failure)?;
             let mut sent = 0u64;
             while sent < part_len {
+                let buf = self.pool.acquire().await;
                 let buf = self
-                    .body_chunk(conn, part_len - sent, offset + sent, size)
+                    .fill_body(conn, buf, part_len - sent, offset + sent, size)
                     .await?;
                 let n = buf.filled().len() as u64;
                 hasher.update(buf.filled());

@@ -108,6 +108,16 @@ impl BufferPool {
         }
     }
 
+    /// Takes a buffer only if one is free right now.
+    pub fn try_acquire(&self) -> Option<PooledBuf> {
+        let buf = self.0.free.borrow_mut().pop()?;
+        Some(PooledBuf {
+            buf: Some(buf),
+            len: 0,
+            pool: self.clone(),
+        })
+    }
+
     fn give_back(&self, buf: Pinned) {
         self.0.free.borrow_mut().push(buf);
         if let Some(w) = self.0.waiters.borrow_mut().pop_front() {
@@ -124,12 +134,8 @@ pub struct Acquire<'a> {
 impl Future for Acquire<'_> {
     type Output = PooledBuf;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<PooledBuf> {
-        if let Some(buf) = self.pool.0.free.borrow_mut().pop() {
-            return Poll::Ready(PooledBuf {
-                buf: Some(buf),
-                len: 0,
-                pool: self.pool.clone(),
-            });
+        if let Some(buf) = self.pool.try_acquire() {
+            return Poll::Ready(buf);
         }
         if !self.counted {
             self.counted = true;

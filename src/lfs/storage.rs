@@ -3,6 +3,7 @@
 //! wrong object. Blocking filesystem calls here run on the blocking pool.
 
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone)]
@@ -43,5 +44,45 @@ impl DiskStore {
         std::fs::create_dir_all(dir)?;
         std::fs::rename(staged, &target)?;
         std::fs::File::open(dir)?.sync_all()
+    }
+}
+
+/// Starts writeback of a staging file while it is still being received, so the fsync that
+/// makes the object durable finds little left to write: disk writes overlap the transfer instead
+/// of all following it. (The kernel would otherwise wait for `dirty_background_ratio` of RAM, gigabytes on a
+/// hosting node, before writing anything back.)
+pub struct Writeback {
+    fd: RawFd,
+    started_to: u64,
+}
+
+impl Writeback {
+    /// Bytes written between two writeback requests.
+    pub const STEP: u64 = 8 << 20;
+
+    pub fn new(file: &impl AsRawFd) -> Self {
+        Self {
+            fd: file.as_raw_fd(),
+            started_to: 0,
+        }
+    }
+
+    /// Called with the end of the data written so far, in order.
+    pub fn written_to(&mut self, end: u64) {
+        if end - self.started_to < Self::STEP {
+            return;
+        }
+        let (Ok(from), Ok(len)) = (
+            libc::off64_t::try_from(self.started_to),
+            libc::off64_t::try_from(end - self.started_to),
+        ) else {
+            return;
+        };
+        // SYNC_FILE_RANGE_WRITE only queues the dirty pages for writing and does not wait for
+        // them (the way PostgreSQL's checkpoint_flush_after and RocksDB's bytes_per_sync use it).
+        // A failure is not an error here: the fsync at the end is what reports and guarantees.
+        // SAFETY: plain syscall on a descriptor the caller keeps open.
+        unsafe { libc::sync_file_range(self.fd, from, len, libc::SYNC_FILE_RANGE_WRITE) };
+        self.started_to = end;
     }
 }
