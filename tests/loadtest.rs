@@ -138,6 +138,7 @@ fn clone_verifies_packs_and_matches_server_metrics() {
     assert_eq!(r["ok"], 6, "{r}");
     assert_eq!(r["errors_total"], 0, "{r}");
     assert_eq!(r["verified_packs"], 2, "{r}");
+    assert_eq!(r["protocols"]["v2"], 6, "{r}");
     assert!(r["bytes"].as_u64().expect("bytes") > 6 * 100, "{r}");
     assert!(r["latency_ms"]["p99"].as_f64().expect("p99") > 0.0);
     // Two POSTs (ls-refs, fetch) and one GET per clone.
@@ -389,6 +390,8 @@ fn clone_and_fetch_noop_over_git_daemon() {
     );
     assert_eq!(r["verified_packs"], 2, "{r}");
     assert_eq!(r["url"], u.as_str());
+    // The daemon passed our request for protocol v2 on to upload-pack.
+    assert_eq!(r["protocols"]["v2"], 5, "{r}");
     assert!(r["bytes"].as_u64().expect("bytes") > 5 * 100, "{r}");
     ok(&load(&[
         "fetch-noop",
@@ -466,6 +469,8 @@ fn ssh_clone_with_a_registered_key() {
         "{r}"
     );
     assert_eq!(r["verified_packs"], 2, "{r}");
+    // gitplane honours GIT_PROTOCOL from the env request.
+    assert_eq!(r["protocols"]["v2"], 6, "{r}");
     // A new SSH connection and one upload-pack per clone.
     assert_eq!((execs() - before.0, handshakes() - before.1), (6, 6));
     // Open loop works the same.

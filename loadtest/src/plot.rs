@@ -252,6 +252,7 @@ mod tests {
             latency_ms: Latency::default(),
             verified_packs: 0,
             error_samples: vec![],
+            protocols: Default::default(),
             timeline: vec![
                 Second {
                     t: 0,

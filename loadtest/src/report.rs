@@ -90,6 +90,9 @@ pub struct Report {
     pub verified_packs: usize,
     #[serde(default)]
     pub error_samples: Vec<String>,
+    /// Git scenarios: successful iterations by protocol version (`v2`, `v0`).
+    #[serde(default)]
+    pub protocols: BTreeMap<String, u64>,
     #[serde(default)]
     pub timeline: Vec<Second>,
     #[serde(default)]
@@ -174,6 +177,11 @@ impl Report {
             latency_ms,
             verified_packs,
             error_samples: rec.samples.clone(),
+            protocols: rec
+                .protocols
+                .iter()
+                .map(|(v, n)| (format!("v{v}"), *n))
+                .collect(),
             timeline,
             histogram: bins(h),
         }
@@ -207,6 +215,14 @@ impl Report {
             "  latency ms min {:.2}  mean {:.2}  p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
             l.min, l.mean, l.p50, l.p90, l.p99, l.p999, l.max
         );
+        if !self.protocols.is_empty() {
+            let by: Vec<String> = self
+                .protocols
+                .iter()
+                .map(|(v, n)| format!("{v} {n}"))
+                .collect();
+            let _ = writeln!(s, "  protocol   {}", by.join(", "));
+        }
         if self.verified_packs > 0 {
             let _ = writeln!(
                 s,

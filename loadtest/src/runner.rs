@@ -128,6 +128,9 @@ impl<W: Workload> Local<W> {
                     end.saturating_duration_since(scheduled),
                     out.bytes,
                 );
+                if let Some(v) = out.protocol {
+                    self.rec.borrow_mut().protocol(v);
+                }
                 self.control.done.fetch_add(1, Ordering::Relaxed);
                 self.control.bytes.fetch_add(out.bytes, Ordering::Relaxed);
                 if let Some(p) = out.pack {

@@ -49,6 +49,8 @@ pub struct Recorder {
     pub timeline: Vec<Bucket>,
     /// The first few error messages, for the report (the kinds alone rarely say enough).
     pub samples: Vec<String>,
+    /// Successful Git iterations by the protocol version the server spoke (2 or 0).
+    pub protocols: BTreeMap<u8, u64>,
 }
 
 const MAX_SAMPLES: usize = 5;
@@ -63,6 +65,7 @@ impl Recorder {
             bytes: 0,
             timeline: Vec::new(),
             samples: Vec::new(),
+            protocols: BTreeMap::new(),
         }
     }
 
@@ -85,6 +88,11 @@ impl Recorder {
         record(&mut b.latency, us, 1);
     }
 
+    /// A successful iteration spoke Git protocol `version`.
+    pub fn protocol(&mut self, version: u8) {
+        *self.protocols.entry(version).or_insert(0) += 1;
+    }
+
     pub fn failure(&mut self, end: Instant, kind: &str, message: String) {
         *self.errors.entry(kind.to_owned()).or_insert(0) += 1;
         if self.samples.len() < MAX_SAMPLES {
@@ -104,6 +112,9 @@ impl Recorder {
         self.bytes += other.bytes;
         for (k, v) in &other.errors {
             *self.errors.entry(k.clone()).or_insert(0) += v;
+        }
+        for (v, n) in &other.protocols {
+            *self.protocols.entry(*v).or_insert(0) += n;
         }
         for s in &other.samples {
             if self.samples.len() < MAX_SAMPLES {
@@ -157,7 +168,11 @@ mod tests {
             7,
         );
         b.failure(start, "connect", "refused".into());
+        b.protocol(2);
+        a.protocol(2);
+        a.protocol(0);
         a.merge(&b);
+        assert_eq!(a.protocols, BTreeMap::from([(0, 1), (2, 2)]));
         assert_eq!(a.ok, 101);
         assert_eq!(a.bytes, 507);
         assert_eq!(a.error_count(), 1);

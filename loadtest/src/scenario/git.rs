@@ -64,6 +64,7 @@ impl Workload for GitLoad {
         Ok(Outcome {
             bytes: session.pack_bytes,
             pack: session.pack,
+            protocol: session.version,
         })
     }
 }
@@ -214,7 +215,7 @@ impl GitLoad {
         }
         Ok(Outcome {
             bytes: pp.pack.len() as u64,
-            pack: None,
+            ..Outcome::default()
         })
     }
 }

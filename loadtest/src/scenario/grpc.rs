@@ -314,7 +314,10 @@ impl Workload for GrpcLoad {
             }
         };
         match self.call(send).await {
-            Ok(bytes) => Ok(Outcome { bytes, pack: None }),
+            Ok(bytes) => Ok(Outcome {
+                bytes,
+                ..Outcome::default()
+            }),
             Err(e) => {
                 if e.breaks_connection() {
                     client.conn.borrow_mut().take();

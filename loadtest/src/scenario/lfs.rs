@@ -56,7 +56,10 @@ impl Workload for LfsLoad {
             LfsOp::Upload => self.upload().await?.size,
             LfsOp::Download(object) => self.download(object).await?,
         };
-        Ok(Outcome { bytes, pack: None })
+        Ok(Outcome {
+            bytes,
+            ..Outcome::default()
+        })
     }
 }
 

@@ -95,6 +95,8 @@ pub struct Outcome {
     pub bytes: u64,
     /// The received pack, when the iteration was asked to capture it for `--verify`.
     pub pack: Option<Vec<u8>>,
+    /// Git upload-pack conversations: the protocol version the server answered with.
+    pub protocol: Option<u8>,
 }
 
 /// What the runner tells one iteration.

@@ -251,6 +251,7 @@ impl SshLoad {
             Ok(session) if !failed => Ok(Outcome {
                 bytes: session.pack_bytes,
                 pack: session.pack,
+                protocol: session.version,
             }),
             Ok(_) => Err(remote(&io).into()),
             // upload-pack hung up early and said why on stderr, or with its status.
