@@ -17,6 +17,7 @@ need ssh openssh-client
 need ssh-keygen openssh-client
 need python3 python3
 need curl curl
+need valgrind valgrind
 if [ "${#apt_missing[@]}" -gt 0 ]; then
     echo "test.sh: installing ${apt_missing[*]}"
     if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
@@ -73,6 +74,10 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 # --- tests ---------------------------------------------------------------------------------------
 echo "test.sh: cargo test"
 cargo test --workspace
+# Instruction counts of the wire-codec hot paths against bench/icount.baseline (callgrind), and
+# proof that the gate trips on a 10% rise; on another machine it checks repeatability only.
+echo "test.sh: instruction counts"
+bench/icount.sh --self-test
 
 # --- parsers under a bounded fuzz run -------------------------------------------------------------
 FUZZ_SECONDS="${FUZZ_SECONDS:-15}" scripts/fuzz.sh
