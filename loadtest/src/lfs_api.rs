@@ -242,10 +242,6 @@ impl ObjectMaker {
         maker
     }
 
-    pub fn size(&self) -> u64 {
-        self.size
-    }
-
     /// Object number `n` of this run.
     pub fn object(&self, n: u64) -> Object {
         let tail_len = usize::try_from(self.size - self.prefix_len).unwrap_or(0);

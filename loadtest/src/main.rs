@@ -21,7 +21,7 @@ use gitplane_load::runner::{self, Mode, Plan};
 use gitplane_load::runtime::{Monoio, Rt};
 use gitplane_load::scenario::git::{GitLoad, GitOp};
 use gitplane_load::scenario::grpc::GrpcLoad;
-use gitplane_load::scenario::lfs::{LfsLoad, LfsOp, Stored};
+use gitplane_load::scenario::lfs::{LfsDownload, LfsUpload, Stored};
 use gitplane_load::scenario::ssh::{HostKeyPolicy, SshLoad};
 use gitplane_load::scenario::{Scenario, Workload};
 use gitplane_load::url::{Scheme, SshTarget, Target};
@@ -167,7 +167,7 @@ fn lfs_upload(a: &LfsUploadArgs) -> Outcome {
     let target = http_target(&a.url, &a.auth)?;
     require_http(&target, Scenario::LfsUpload)?;
     let url = target.display_url();
-    let work = LfsLoad::new(target, LfsOp::Upload, a.object_size, run_nonce());
+    let work = LfsUpload::new(target, a.object_size, run_nonce());
     Ok(execute(Scenario::LfsUpload, work, url, &a.load, &plan)?)
 }
 
@@ -176,16 +176,18 @@ fn lfs_download(a: &LfsDownloadArgs) -> Outcome {
     let target = http_target(&a.url, &a.auth)?;
     require_http(&target, Scenario::LfsDownload)?;
     let url = target.display_url();
-    let mut work = LfsLoad::new(target, LfsOp::Upload, a.object_size, run_nonce());
     let object = match &a.oid {
         Some(oid) => Stored {
             oid: oid.clone(),
             size: a.object_size,
         },
         // Outside the measured window: the one object every iteration downloads.
-        None => Monoio::block_on(work.upload())
-            .context("starting a runtime for the upload before the run")?
-            .context("uploading the object to download")?,
+        None => {
+            let seed = LfsUpload::new(target.clone(), a.object_size, run_nonce());
+            Monoio::block_on(seed.upload())
+                .context("starting a runtime for the upload before the run")?
+                .context("uploading the object to download")?
+        }
     };
     if !a.load.quiet {
         eprintln!(
@@ -193,7 +195,7 @@ fn lfs_download(a: &LfsDownloadArgs) -> Outcome {
             object.oid, object.size
         );
     }
-    work.op = LfsOp::Download(object);
+    let work = LfsDownload::new(target, object);
     Ok(execute(Scenario::LfsDownload, work, url, &a.load, &plan)?)
 }
 

@@ -46,11 +46,6 @@ impl Scenario {
             Self::Grpc => "grpc",
         }
     }
-
-    /// Whether iterations receive packs that `--verify` can check.
-    pub fn receives_packs(self) -> bool {
-        matches!(self, Self::Clone | Self::SshClone)
-    }
 }
 
 /// Why one iteration failed.
