@@ -32,29 +32,8 @@ const MAX_TOKEN_LEN: usize = 1024;
 
 type HmacSha256 = Hmac<Sha256>;
 
-/// What a token allows, matching the LFS batch API operations.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Operation {
-    Download,
-    Upload,
-}
-
-impl Operation {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Download => "download",
-            Self::Upload => "upload",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "download" => Some(Self::Download),
-            "upload" => Some(Self::Upload),
-            _ => None,
-        }
-    }
-}
+/// What a token allows: the LFS batch API operations.
+pub use gitplane_wire::lfs::api::Operation;
 
 /// The server secret. Debug never prints it.
 #[derive(Clone)]

@@ -15,7 +15,6 @@
 //! Front ends do not import each other: SSH meets HTTP only in `git`, `auth`, `store` and
 //! `token`.
 
-pub mod command;
 mod conn;
 mod exec;
 mod handler;
@@ -25,7 +24,7 @@ pub mod lfs;
 mod lfs_transfer;
 pub mod limits;
 
-pub use gitplane_wire::ssh::lfs_transfer as lfs_transfer_proto;
+pub use gitplane_wire::ssh::{command, lfs_transfer as lfs_transfer_proto};
 
 use std::borrow::Cow;
 use std::future::Future;

@@ -14,6 +14,7 @@ pub mod http {
 pub mod git {
     pub mod pktline;
     pub mod repo_name;
+    pub mod service;
 }
 
 pub mod rpc {
@@ -26,5 +27,6 @@ pub mod lfs {
 }
 
 pub mod ssh {
+    pub mod command;
     pub mod lfs_transfer;
 }

@@ -15,6 +15,23 @@ pub enum Operation {
     Download,
 }
 
+impl Operation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Download => "download",
+            Self::Upload => "upload",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "download" => Some(Self::Download),
+            "upload" => Some(Self::Upload),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Deserialize)]
 pub struct BatchRequest {
     pub operation: Operation,

@@ -9,9 +9,9 @@
 //! - `git-lfs-authenticate PATH upload|download`;
 //! - `git-lfs-transfer PATH upload|download` (the pure-SSH LFS protocol).
 
-use crate::git::process::Service;
 use crate::git::repo_name::{RepoName, RepoNameError};
-use crate::token::Operation;
+use crate::git::service::Service;
+use crate::lfs::api::Operation;
 
 /// Longest exec command accepted, in bytes.
 pub const MAX_COMMAND_LEN: usize = 4096;
