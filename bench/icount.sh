@@ -162,7 +162,10 @@ compare() {
             printf "| %s | %d | %.1f | %.1f | %+.2f%% | %s |\n", name, iter, per, bper, change, verdict
         }
         END {
-            if (bad != "") printf "icount.sh: instruction count rose by more than %s%%:%s\n", tol, bad > "/dev/stderr"
+            if (bad != "") {
+                printf "icount.sh: instruction count rose by more than %s%%:%s\n", tol, bad > "/dev/stderr"
+                print "icount.sh: see where with callgrind_annotate (docs/BENCHMARKS.md, \"Instruction counts\"); if the rise is accepted, run bench/icount.sh --update and commit bench/icount.baseline" > "/dev/stderr"
+            }
             if (missing != "") printf "icount.sh: no baseline for:%s (record one with bench/icount.sh --update)\n", missing > "/dev/stderr"
             exit (bad != "" || missing != "") ? 1 : 0
         }' "$1" "$results"
