@@ -163,7 +163,9 @@ impl Drop for Path {
     }
 }
 
-/// A CPU-time clock as a criterion measurement: values are durations, shown as times.
+/// A CPU-time clock as a criterion measurement: values are durations, shown as times. The groups
+/// below time themselves with `iter_custom` and the clock of their choice; `start`/`end` (the
+/// calling thread's CPU clock) serve only criterion's own timing modes, which they do not use.
 struct CpuTime {
     wall: WallTime,
 }
