@@ -5,8 +5,11 @@
 
 notes.tsv: "server<TAB>reason" for servers that could not be measured.
 """
-import json
+import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from mdreport import esc, fmt, read_jsonl, read_notes  # noqa: E402
 
 SERVERS = [  # key, label for servers that were not measured
     ("gitplane", "gitplane"),
@@ -17,24 +20,10 @@ SERVERS = [  # key, label for servers that were not measured
 ]
 
 
-def esc(s):
-    return str(s).replace("|", "\\|").replace("\n", " ")
-
-
-def fmt(v, nd=2):
-    if v is None:
-        return "–"
-    return f"{v:.{nd}f}"
-
-
 def main():
-    rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+    rows = read_jsonl(sys.argv[1])
     levels = [int(c) for c in sys.argv[2].split()]
-    notes = {}
-    for line in sys.stdin:
-        if "\t" in line:
-            k, v = line.rstrip("\n").split("\t", 1)
-            notes[k] = v
+    notes = read_notes(sys.stdin)
     by = {}
     out = []
     out.append("| server | concurrency | clones | errors | clones/s | server CPU-s per clone "

@@ -3,7 +3,7 @@
 
   ssh_driver.py sessions --ssh "ssh -F /dev/null ..." --port P --dest USER@127.0.0.1 \
       --remote-command "git-upload-pack '/path.git'" --expect refs/heads/main \
-      --count N --concurrency C --root PID [--long-lived PIDS] \
+      --count N --concurrency C --root PID [--long-lived PIDS] [--cgroup DIR] \
       [--session-timeout 30] [--level-timeout 300]
 
       N bounded `ssh ... DEST REMOTE_COMMAND` sessions, C at a time: TCP connect, key
@@ -11,7 +11,7 @@
       the end, then a flush packet "0000" on stdin ("want nothing": upload-pack exits 0),
       channel close.
       A session is good when ssh exits 0 and its stdout contains --expect.  Server CPU and
-      peak RSS as in clone_driver.py (same code: the server tree under --root).
+      peak RSS: servertree.Measurement, as for clones.
 
   ssh_driver.py idle --port P --root PID [--long-lived PIDS] --connections 500 \
       [--per-source 30] [--mode version|silent] [--wait 3]
@@ -40,7 +40,7 @@ import time
 import concurrent.futures as cf
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import clone_driver as cd  # noqa: E402  (snapshot, settle, Sampler, tree_cpu_ticks, read_rss)
+import servertree as st  # noqa: E402
 
 
 def read_pss(pid):
@@ -55,17 +55,15 @@ def read_pss(pid):
 
 
 def long_lived_of(a):
-    if a.long_lived:
-        return {int(x) for v in a.long_lived for x in v.split(",") if x}
-    return set(cd.snapshot(a.root))
+    return st.parse_pids(a.long_lived) or set(st.snapshot(a.root))
 
 
 def tree_memory(roots, samples=5, interval=0.2):
     """Median over a few samples of (sum VmRSS, sum PSS, process count) of the tree."""
     rss, pss, n = [], [], []
     for i in range(samples):
-        tree = cd.snapshot(roots)
-        rss.append(sum(cd.read_rss(p) for p in tree))
+        tree = st.snapshot(roots)
+        rss.append(sum(st.read_rss(p) for p in tree))
         pss.append(sum(read_pss(p) for p in tree))
         n.append(len(tree))
         if i + 1 < samples:
@@ -75,12 +73,8 @@ def tree_memory(roots, samples=5, interval=0.2):
 
 # ------------------------------------------------------------------ sessions
 def sessions(a):
-    long_lived = long_lived_of(a)
-    tree0, settled0 = cd.settle(a.root, long_lived, 15)
-    long_lived &= set(tree0)
-    cpu_before = cd.tree_cpu_ticks(tree0)
-    sampler = cd.Sampler(a.root, long_lived)
-    sampler.start()
+    m = st.Measurement(a.root, st.parse_pids(a.long_lived), a.cgroup)
+    m.start()
     base = shlex.split(a.ssh) + ["-p", str(a.port), a.dest, a.remote_command]
     deadline = time.monotonic() + a.level_timeout
     expect = a.expect.encode()
@@ -106,12 +100,9 @@ def sessions(a):
         results = list(ex.map(one, range(a.count)))
     wall = time.monotonic() - t0
     c1 = os.times()
-    sampler.stop.set()
-    sampler.join()
-    tree1, settled1 = cd.settle(a.root, long_lived, 15)
-    cpu = cd.tree_cpu_ticks(tree1) - cpu_before
+    server = m.stop()
     ok = sum(1 for r in results if r["ok"])
-    client_cpu = (c1.children_user - c0.children_user) + (c1.children_system - c0.children_system)
+    client_cpu = st.children_cpu_s(c0, c1)
     secs = sorted(r["secs"] for r in results if r["ok"])
     out = {
         "concurrency": a.concurrency,
@@ -120,14 +111,11 @@ def sessions(a):
         "failures": a.count - ok,
         "wall_s": round(wall, 3),
         "sessions_per_s": round(ok / wall, 2) if wall > 0 else 0.0,
-        "server_cpu_ticks": cpu,
-        "server_cpu_ms_per_session": round(cpu / cd.CLK_TCK * 1000 / ok, 2) if ok else None,
+        "server_cpu_ms_per_session": round(server["server_cpu_s"] * 1000 / ok, 2) if ok else None,
         "client_cpu_ms_per_session": round(client_cpu * 1000 / ok, 2) if ok else None,
         "median_session_s": round(secs[len(secs) // 2], 3) if secs else None,
         "max_session_s": round(secs[-1], 3) if secs else None,
-        "peak_rss_bytes": sampler.peak_rss,
-        "cpu_check": "ok" if settled1 else "tree did not settle",
-        "settled_before": settled0,
+        **server,
         "error_samples": [r["err"] for r in results if not r["ok"]][:3],
     }
     json.dump(out, sys.stdout)
@@ -137,7 +125,7 @@ def sessions(a):
 # ------------------------------------------------------------------ idle
 def idle(a):
     long_lived = long_lived_of(a)
-    tree0, settled0 = cd.settle(a.root, long_lived, 15)
+    tree0, settled0 = st.settle(a.root, long_lived, 15)
     rss0, pss0, n0 = tree_memory(a.root)
     sel = selectors.DefaultSelector()
     socks = []
@@ -199,7 +187,7 @@ def idle(a):
                 pass
         sel.close()
     # Let the server notice the closes (not measured; keeps the next step clean).
-    cd.settle(a.root, long_lived, 15)
+    st.settle(a.root, long_lived, 15)
     held_min = min(held, held_before_sample)
     out = {
         "mode": a.mode,
@@ -239,6 +227,7 @@ def main():
     s.add_argument("--concurrency", type=int, required=True)
     s.add_argument("--root", type=int, action="append", required=True)
     s.add_argument("--long-lived", action="append", default=[])
+    s.add_argument("--cgroup", help="the cgroup directory the server runs in")
     s.add_argument("--session-timeout", type=float, default=30)
     s.add_argument("--level-timeout", type=float, default=300)
     i = sub.add_parser("idle")

@@ -6,33 +6,22 @@
 Arguments: the JSON lines, the clone concurrency levels, the session concurrency levels.
 notes.tsv: "server<TAB>reason" for servers that could not be measured (or broke mid-run).
 """
-import json
+import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from mdreport import esc, fmt, read_jsonl, read_notes  # noqa: E402
 
 SERVERS = [("gitplane", "gitplane"), ("sshd", "OpenSSH sshd + git-shell")]
 TARGET_CLONE_RATIO = 1.5
 TARGET_IDLE_BYTES = 64 * 1024
 
 
-def esc(s):
-    return str(s).replace("|", "\\|").replace("\n", " ")
-
-
-def fmt(v, nd=2):
-    if v is None:
-        return "–"
-    return f"{v:.{nd}f}"
-
-
 def main():
-    rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+    rows = read_jsonl(sys.argv[1])
     clone_levels = [int(c) for c in sys.argv[2].split()]
     session_levels = [int(c) for c in sys.argv[3].split()]
-    notes = {}
-    for line in sys.stdin:
-        if "\t" in line:
-            k, v = line.rstrip("\n").split("\t", 1)
-            notes[k] = v
+    notes = read_notes(sys.stdin)
     order = {k: i for i, (k, _) in enumerate(SERVERS)}
     rows.sort(key=lambda r: (order.get(r["server"], 99), r["kind"], r["result"].get("concurrency", 0)))
     by = {}
