@@ -101,7 +101,10 @@ kill_started() {
     stop_pids "${all[@]}"
     for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
     PIDS=()
-    for cg in "${CGROUPS[@]}"; do rmdir "$cg" 2>/dev/null || true; done
+    for cg in "${CGROUPS[@]}"; do # empty once the killed members are gone
+        for pid in 1 2 3 4 5 6 7 8 9 10; do rmdir "$cg" 2>/dev/null && break; sleep 0.2; done
+        [[ -d $cg ]] && log "could not remove cgroup $cg: $(cg_pids "$cg")"
+    done
     CGROUPS=()
     SERVER_CG=""
 }
