@@ -278,9 +278,8 @@ fn uploads_are_verified_and_objects_scoped_per_repository() {
     );
 }
 
-/// Uploads overlap the socket read with the file write using a second pool buffer, taken only
-/// when one is free. With more uploads than buffers on one shard, every upload must still finish
-/// (falling back to one buffer) and store exactly what was sent.
+/// More concurrent uploads than pool buffers on one shard: the extra uploads wait for a buffer
+/// (backpressure, no allocation), and every one finishes and stores exactly what was sent.
 #[test]
 fn more_concurrent_uploads_than_pool_buffers_all_complete() {
     let server = Server::start_with(ServerOptions {

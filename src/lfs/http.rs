@@ -383,47 +383,19 @@ impl LfsHttp {
         };
         let mut hasher = Sha256::new();
         let mut offset = 0u64;
-        let mut spare: Option<PooledBuf> = None;
         let mut writeback = Writeback::new(&file);
-        let mut next = match size {
-            0 => None,
-            _ => Some(
-                self.fill_body(conn, self.pool.acquire().await, size, 0, size)
-                    .await?,
-            ),
-        };
-        while let Some(chunk) = next.take() {
-            hasher.update(chunk.filled());
+        let mut buf = self.pool.acquire().await;
+        while offset < size {
+            buf = self
+                .fill_body(conn, buf, size - offset, offset, size)
+                .await?;
+            hasher.update(buf.filled());
             let chunk_offset = offset;
-            offset += chunk.filled().len() as u64;
-            let write = file.write_all_at(chunk, chunk_offset);
-            if offset == size {
-                write.await.0.map_err(write_failed)?;
-                break;
-            }
-            let remaining = size - offset;
-            // Receive the next chunk while this one is written, into a second buffer if one is
-            // free now. Never wait for it: transfers that each hold one buffer and wait for a
-            // second could take the whole pool between them and deadlock.
-            match spare.take().or_else(|| self.pool.try_acquire()) {
-                Some(buf) => {
-                    let ((res, written), received) =
-                        monoio::join!(write, self.fill_body(conn, buf, remaining, offset, size));
-                    res.map_err(write_failed)?;
-                    writeback.written_to(offset);
-                    spare = Some(written);
-                    next = Some(received?);
-                }
-                None => {
-                    let (res, written) = write.await;
-                    res.map_err(write_failed)?;
-                    writeback.written_to(offset);
-                    next = Some(
-                        self.fill_body(conn, written, remaining, offset, size)
-                            .await?,
-                    );
-                }
-            }
+            offset += buf.filled().len() as u64;
+            let (res, written) = file.write_all_at(buf, chunk_offset).await;
+            res.map_err(write_failed)?;
+            writeback.written_to(offset);
+            buf = written;
         }
         conn.body_finished();
         file.sync_all().await.map_err(|e| {

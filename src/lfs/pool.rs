@@ -109,7 +109,7 @@ impl BufferPool {
     }
 
     /// Takes a buffer only if one is free right now.
-    pub fn try_acquire(&self) -> Option<PooledBuf> {
+    fn try_acquire(&self) -> Option<PooledBuf> {
         let buf = self.0.free.borrow_mut().pop()?;
         Some(PooledBuf {
             buf: Some(buf),
