@@ -18,6 +18,7 @@ need ssh-keygen openssh-client
 need python3 python3
 need curl curl
 need valgrind valgrind
+need strace strace
 if [ "${#apt_missing[@]}" -gt 0 ]; then
     echo "test.sh: installing ${apt_missing[*]}"
     if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi

@@ -561,3 +561,64 @@ fn sigterm_ends_health_watch_with_not_serving_and_exits_zero() {
         server.log()
     );
 }
+
+/// A branch created over gRPC is on disk to stay before the call answers: libgit2 is told to
+/// fsync what it writes (it does not by default). Checked by tracing the server's fsync calls
+/// with strace while one CreateBranch runs (needs permission to ptrace the server: root, or
+/// kernel.yama.ptrace_scope=0).
+#[test]
+fn created_branch_is_fsynced_before_the_answer() {
+    require_tool("strace");
+    let (server, addr, token) = server_with_repo();
+    let trace = server.data_dir().join("fsync.trace");
+    let mut strace = Command::new("strace");
+    strace
+        .args(["-f", "-qq", "-e", "trace=fsync,fdatasync", "-o"])
+        .arg(&trace);
+    for task in std::fs::read_dir(format!("/proc/{}/task", server.pid())).unwrap() {
+        strace.arg("-p").arg(task.unwrap().file_name());
+    }
+    let mut strace = strace
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run strace");
+    // strace attaches before it writes anything; give it a moment and make sure it stayed.
+    std::thread::sleep(Duration::from_millis(500));
+    if let Some(status) = strace.try_wait().unwrap() {
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut strace.stderr.take().unwrap(), &mut err).unwrap();
+        panic!("strace could not attach to the server ({status}): {err}\nthis test needs ptrace permission: run as root or set kernel.yama.ptrace_scope=0");
+    }
+    let request = pb::CreateBranchRequest {
+        repository: "admin/small".into(),
+        name: "durable".into(),
+        start_point: "main".into(),
+    }
+    .encode_to_vec();
+    let auth = format!("Bearer {token}");
+    let answer = runtime().block_on(async {
+        let client = connect(addr).await;
+        call(
+            &client,
+            "/gitplane.v1.RepositoryService/CreateBranch",
+            &[("authorization", auth.as_str())],
+            &[frame(0, &request)],
+            false,
+        )
+        .await
+    });
+    // SIGINT: strace detaches and flushes its output.
+    unsafe { libc::kill(strace.id() as i32, libc::SIGINT) };
+    strace.wait().unwrap();
+    assert_eq!(answer.grpc_status(), Some(0), "{}", answer.grpc_message());
+    assert!(server
+        .repo_path("admin/small")
+        .join("refs/heads/durable")
+        .exists());
+    let calls = std::fs::read_to_string(&trace).unwrap();
+    let fsyncs = calls.lines().filter(|l| l.contains("fsync(")).count();
+    assert!(
+        fsyncs >= 1,
+        "CreateBranch answered without any fsync by the server:\n{calls}"
+    );
+}
