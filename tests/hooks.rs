@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{git, git_env, make_worktree, raw_request, wait_for, BIN};
+use common::{git, git_env, grpc, make_worktree, raw_request, wait_for, BIN};
 use gitplane::store::Store;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -283,6 +283,7 @@ fn hmac_hex(secret: &str, body: &[u8]) -> String {
 struct HookServer {
     child: Option<Child>,
     addr: SocketAddr,
+    rpc_addr: SocketAddr,
     data: PathBuf,
     config: String,
     log: PathBuf,
@@ -296,6 +297,7 @@ impl HookServer {
         let mut s = Self {
             child: None,
             addr: "127.0.0.1:0".parse().unwrap(),
+            rpc_addr: "127.0.0.1:0".parse().unwrap(),
             data,
             config: config.to_owned(),
             log: root.join("server.log"),
@@ -346,6 +348,9 @@ impl HookServer {
             }
             if let Some(a) = line.strip_prefix("gitplane: http listening on ") {
                 self.addr = a.parse().unwrap();
+            }
+            if let Some(a) = line.strip_prefix("gitplane: rpc listening on ") {
+                self.rpc_addr = a.parse().unwrap();
             }
         }
         // Keep reading stdout so the server never blocks on a full pipe.
@@ -598,6 +603,114 @@ fn push_triggers_signed_webhook_through_rabbitmq() {
 #[test]
 fn embedded_mode_passes_the_same_delivery_test() {
     push_triggers_signed_webhook(None, "embedded");
+}
+
+/// One unary call of the repository API with the server's bearer token; panics unless OK.
+fn grpc_ok<M: prost::Message>(server: &HookServer, method: &str, request: &M) {
+    let token = std::fs::read_to_string(server.data.join("rpc-token")).unwrap();
+    let auth = format!("Bearer {}", token.trim());
+    let answer = grpc::runtime().block_on(async {
+        let client = grpc::connect(server.rpc_addr).await;
+        grpc::call(
+            &client,
+            &format!("/gitplane.v1.RepositoryService/{method}"),
+            &[("authorization", auth.as_str())],
+            &[grpc::frame(0, &request.encode_to_vec())],
+            false,
+        )
+        .await
+    });
+    assert_eq!(
+        answer.grpc_status(),
+        Some(0),
+        "{method}: {}",
+        answer.grpc_message()
+    );
+}
+
+/// Refs changed through the gRPC API (CreateBranch, Merge, DeleteBranch) become hook events
+/// like a push does: recorded before the call answers, delivered as signed webhooks, with
+/// `via` naming the method and the exact before/after ids.
+#[test]
+fn grpc_ref_changes_trigger_webhooks() {
+    use gitplane::rpc::pb::v1 as pb;
+    let root = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start(200, Duration::ZERO);
+    let server = HookServer::start(
+        root.path(),
+        &config(None, &unique_prefix("grpc"), "", "webhooks = 8\n"),
+    );
+    server.repo_with_webhook("admin/api", &receiver.url(), "s3cret");
+    let mut pusher = Pusher::new(root.path(), &server, "admin/api");
+    let first = git(&pusher.dir, &["rev-parse", "HEAD"]).trim().to_owned();
+    let head = pusher.push(&[]);
+    assert!(wait_for(Duration::from_secs(30), || receiver.count() >= 1));
+
+    grpc_ok(
+        &server,
+        "CreateBranch",
+        &pb::CreateBranchRequest {
+            repository: "admin/api".into(),
+            name: "release".into(),
+            start_point: first.clone(),
+        },
+    );
+    grpc_ok(
+        &server,
+        "Merge",
+        &pb::MergeRequest {
+            repository: "admin/api".into(),
+            target: "release".into(),
+            source: "main".into(),
+            expected_target_id: first.clone(),
+            mode: pb::MergeMode::FastForwardOnly as i32,
+            ..Default::default()
+        },
+    );
+    grpc_ok(
+        &server,
+        "DeleteBranch",
+        &pb::DeleteBranchRequest {
+            repository: "admin/api".into(),
+            name: "release".into(),
+            expected_old_id: head.clone(),
+        },
+    );
+    assert!(
+        wait_for(Duration::from_secs(30), || receiver.count() >= 4),
+        "expected 4 deliveries, got {}:\n{}",
+        receiver.count(),
+        server.log()
+    );
+    let zero = "0000000000000000000000000000000000000000";
+    let mut seen: Vec<(String, serde_json::Value)> = receiver
+        .received()
+        .iter()
+        .skip(1)
+        .map(|r| {
+            assert_eq!(
+                r.headers["x-gitplane-signature-256"],
+                hmac_hex("s3cret", &r.body)
+            );
+            let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+            assert_eq!(body["repository"], "admin/api");
+            (
+                body["via"].as_str().unwrap_or("").to_owned(),
+                body["refs"].clone(),
+            )
+        })
+        .collect();
+    // Deliveries of different events may arrive in any order.
+    seen.sort_by(|a, b| a.0.cmp(&b.0));
+    let release = |before: &str, after: &str| serde_json::json!([{"ref": "refs/heads/release", "before": before, "after": after}]);
+    assert_eq!(
+        seen,
+        vec![
+            ("grpc:CreateBranch".to_owned(), release(zero, &first)),
+            ("grpc:DeleteBranch".to_owned(), release(&head, zero)),
+            ("grpc:Merge".to_owned(), release(&first, &head)),
+        ]
+    );
 }
 
 #[test]

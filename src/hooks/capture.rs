@@ -59,6 +59,7 @@ pub fn event_from_hook(
         repository,
         pusher: var("GITPLANE_USER").unwrap_or_default(),
         remote_addr: var("GITPLANE_REMOTE_ADDR").unwrap_or_default(),
+        via: String::new(),
         refs,
         push_options: push_options(&var),
         pushed_at,

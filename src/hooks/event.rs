@@ -53,6 +53,9 @@ pub struct PushEvent {
     pub pusher: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub remote_addr: String,
+    /// How the refs changed when it was not a `git push`: the gRPC method, e.g. `grpc:Merge`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub via: String,
     pub refs: Vec<RefUpdate>,
     #[serde(default)]
     pub push_options: Vec<String>,
@@ -183,6 +186,7 @@ mod tests {
             repository: "o/r".into(),
             pusher: "alice".into(),
             remote_addr: String::new(),
+            via: "grpc:Merge".into(),
             refs: vec![RefUpdate {
                 refname: "refs/heads/main".into(),
                 before: A.into(),

@@ -23,7 +23,9 @@ use super::status::{Code, Status};
 use crate::config::RpcLimits;
 use crate::git::repo::RepoRoot;
 use crate::git::repo_name::RepoName;
+use crate::hooks::event::{new_event_id, PushEvent, RefUpdate, ZERO_OID};
 use crate::lifecycle::ShutdownSignal;
+use crate::store::with_thread_store;
 
 /// Messages a streaming call may have in flight between its worker and the shard: with 64 KiB
 /// blob chunks, 4 keep the socket busy while bounding memory per call.
@@ -120,6 +122,8 @@ pub struct RpcState {
     pub pool: GitPool,
     pub repos: RepoRoot,
     pub git_binary: PathBuf,
+    /// Where the hook outbox lives, for the events of calls that change refs.
+    pub data_dir: PathBuf,
 }
 
 /// What a call runs with on the worker.
@@ -128,6 +132,38 @@ pub struct CallEnv {
     /// `owner/name`, for messages.
     pub name: String,
     pub git_binary: PathBuf,
+    pub data_dir: PathBuf,
+}
+
+impl CallEnv {
+    /// Records the ref change a call made as one hook event in the outbox, durably, before the
+    /// call answers: what post-receive does for a push, so webhooks and indexing see merges and
+    /// branches made through the API too.
+    fn record_ref_update(&self, method: &str, update: RefUpdate) -> OpResult<()> {
+        let event = PushEvent {
+            id: new_event_id(),
+            repository: self.name.clone(),
+            pusher: String::new(),
+            remote_addr: String::new(),
+            via: format!("grpc:{method}"),
+            refs: vec![update],
+            push_options: Vec::new(),
+            pushed_at: i64::try_from(crate::clock::unix_now()).unwrap_or(i64::MAX),
+        };
+        with_thread_store(&self.data_dir, |s| {
+            s.outbox_insert(&event.id, &event.repository, &event.to_json())
+                .map(drop)
+        })
+        .map_err(|e| {
+            ops::OpError::Status(Status::new(
+                Code::Internal,
+                format!(
+                    "{method} changed {} but its hook event was not recorded: {e}",
+                    event.refs[0].refname
+                ),
+            ))
+        })
+    }
 }
 
 /// How a call answers.
@@ -156,6 +192,7 @@ impl RpcState {
             ctx: ctx.clone(),
             name,
             git_binary: self.git_binary.clone(),
+            data_dir: self.data_dir.clone(),
         }
     }
 
@@ -253,18 +290,58 @@ impl RpcState {
                 .await
             }
             Method::CreateBranch => {
-                self.unary(body, ctx, |r, q, _| refs::create_branch(r, q))
-                    .await
+                self.unary(body, ctx, |r, q, e| {
+                    let resp = refs::create_branch(r, q)?;
+                    let after = resp.branch.as_ref().and_then(|b| b.target.as_ref());
+                    e.record_ref_update(
+                        "CreateBranch",
+                        RefUpdate {
+                            refname: refs::branch_ref(&q.name)?,
+                            before: ZERO_OID.into(),
+                            after: after.map(|c| c.id.clone()).unwrap_or_default(),
+                        },
+                    )?;
+                    Ok(resp)
+                })
+                .await
             }
             Method::DeleteBranch => {
-                self.unary(body, ctx, |r, q, _| refs::delete_branch(r, q))
-                    .await
+                self.unary(body, ctx, |r, q, e| {
+                    let resp = refs::delete_branch(r, q)?;
+                    e.record_ref_update(
+                        "DeleteBranch",
+                        RefUpdate {
+                            refname: refs::branch_ref(&q.name)?,
+                            before: resp.old_id.clone(),
+                            after: ZERO_OID.into(),
+                        },
+                    )?;
+                    Ok(resp)
+                })
+                .await
             }
             Method::CheckMergeability => {
                 self.unary(body, ctx, |r, q, _| merge::check_mergeability(r, q))
                     .await
             }
-            Method::Merge => self.unary(body, ctx, |r, q, _| merge::merge(r, q)).await,
+            Method::Merge => {
+                self.unary(body, ctx, |r, q, e| {
+                    let resp = merge::merge(r, q)?;
+                    if !resp.up_to_date {
+                        // The update was a compare-and-swap from expected_target_id.
+                        e.record_ref_update(
+                            "Merge",
+                            RefUpdate {
+                                refname: refs::branch_ref(&q.target)?,
+                                before: q.expected_target_id.to_ascii_lowercase(),
+                                after: resp.commit_id.clone(),
+                            },
+                        )?;
+                    }
+                    Ok(resp)
+                })
+                .await
+            }
             Method::RepositoryInfo => {
                 self.unary(body, ctx, |r, _: &pb::RepositoryInfoRequest, e| {
                     info::repository_info(r, &e.name, &e.ctx)

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod grpc;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_gitplane");
 
 /// Fails with a clear message when a tool the tests need is missing (never skips).
