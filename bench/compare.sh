@@ -38,10 +38,6 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-LOG_TAG=compare
-# shellcheck source=bench/lib/common.sh
-source "$ROOT/bench/lib/common.sh"
-
 # The command as run, for the report: the settings given in the environment, then the script.
 COMMAND=""
 for v in CONCURRENCY REQUESTS SERVERS LEVEL_TIMEOUT CLONE_TIMEOUT LOAD_THREADS BUILD GITPLANE_BIN LOAD_BIN \
@@ -49,6 +45,10 @@ for v in CONCURRENCY REQUESTS SERVERS LEVEL_TIMEOUT CLONE_TIMEOUT LOAD_THREADS B
     [[ -n ${!v:-} ]] && COMMAND+="$v=\"${!v}\" "
 done
 COMMAND+="bench/compare.sh${*:+ $*}"
+LOG_TAG=compare
+# shellcheck source=bench/lib/common.sh
+source "$ROOT/bench/lib/common.sh"
+
 DOCS=0
 for arg in "$@"; do
     case $arg in
@@ -145,7 +145,6 @@ bench_server() { # SERVER
     long=$(tree_pids ${roots//,/ })
     if [[ $scen == ssh-clone ]]; then
         GIT_SSH_COMMAND=$SSH_PROBE probe "$url" -c protocol.version=2 || { NOTE[$s]="git ls-remote over ssh failed or listed other refs: $(tail -2 "$TMP/probe.err" | tr '\n' ' ')"; return 0; }
-        EXTRA[$s]="${EXTRA[$s]:+${EXTRA[$s]}; }OpenSSH client probe negotiated $PROBE_KEX, $PROBE_CIPHER"
     else
         probe "$url" -c protocol.version=2 || { NOTE[$s]="git ls-remote failed or listed other refs: $(tail -2 "$TMP/probe.err" | tr '\n' ' ')"; return 0; }
     fi
@@ -183,9 +182,9 @@ bench_server() { # SERVER
     case $s in
     gitplane-*)
         # What the server says about the run (failures at high concurrency: the pack limiter,
-        # the SSH pre-auth caps), for the notes.
-        EXTRA[$s]="${EXTRA[$s]:+${EXTRA[$s]}; }metrics at the end: $(curl -s --max-time 5 --noproxy '*' "http://$GITPLANE_HTTP/metrics" 2>/dev/null |
-            grep -E '^gitplane_(pack_queue_(rejected|waits)_total|git_(spawned|killed)_total|ssh_(handshakes|execs|requests_refused|auth_rejected)_total|http_connections_rejected_total|http_responses_total\{[^}]*status="5)' | tr '\n' ';' | sed 's/;$//; s/;/; /g' || true)"
+        # the SSH pre-auth caps), for the notes: the counters that are not 0.
+        EXTRA[$s]="${EXTRA[$s]:+${EXTRA[$s]}; }metrics at the end (counters that are not 0): $(curl -s --max-time 5 --noproxy '*' "http://$GITPLANE_HTTP/metrics" 2>/dev/null |
+            grep -E '^gitplane_(pack_queue_(rejected|waits)_total|git_(spawned|killed)_total|ssh_(handshakes|execs|requests_refused|auth_rejected)_total|http_connections_rejected_total|http_responses_total\{[^}]*status="5)' | grep -vE ' 0$' | tr '\n' ';' | sed 's/;$//; s/;/; /g' || true)"
         cp "$GITPLANE_DATA.log" "$TMP/reports/$s-server.log" 2>/dev/null || true
         ;;
     sshd)
@@ -222,8 +221,9 @@ facts() {
     host_facts
     printf -- '- load average (1/5/15 min) at the start: %s; at the end: %s; per level in the JSON lines (client and servers share the same cores)\n' "$LOAD_START" "$LOAD_END"
     printf -- '- gitplane: %s; --shards %s; config: %s\n' "$(gitplane_bin_info "$GITPLANE_BIN")" "$GITPLANE_SHARDS" "${GITPLANE_CONFIG:-built-in defaults}"
-    printf -- '- gitplane-load: %s (built %s), %s runtime thread(s), closed loop, `--timeout %ss`, `--duration %ss`\n' \
-        "$("$LOAD_BIN" --version)" "$(date -u -r "$LOAD_BIN" +%Y-%m-%dT%H:%M:%SZ)" "$LOAD_THREADS" "$CLONE_TIMEOUT" "$LEVEL_TIMEOUT"
+    printf -- '- gitplane-load: %s (built %s; %s), %s runtime thread(s), closed loop, `--timeout %ss`, `--duration %ss`\n' \
+        "$("$LOAD_BIN" --version)" "$(date -u -r "$LOAD_BIN" +%Y-%m-%dT%H:%M:%SZ)" "${BUILT[$LOAD_BIN]:-not built by this run}" \
+        "$LOAD_THREADS" "$CLONE_TIMEOUT" "$LEVEL_TIMEOUT"
     printf -- '- git %s (git-http-backend, git daemon, git-shell, upload-pack); nginx %s (%s workers); fcgiwrap %s (%s children); OpenSSH %s\n' \
         "$(git --version | awk '{print $3}')" "$(nginx -v 2>&1 | sed 's/.*nginx\///')" "$NGINX_WORKERS" \
         "$(dpkg-query -W -f='${Version}' fcgiwrap 2>/dev/null || echo '?')" "$FCGI_CHILDREN" \

@@ -290,8 +290,9 @@ probe() {
         return 1
     fi
     if grep -q 'version 2' "$trace"; then PROBE_PROTO=v2; else PROBE_PROTO=v0; fi
-    PROBE_KEX=$(sed -n 's/.*debug1: kex: algorithm: \([^ ]*\).*/\1/p' "$TMP/probe.err" | head -1)
-    PROBE_CIPHER=$(sed -n 's/.*debug1: kex: server->client cipher: \([^ ]*\).*/\1/p' "$TMP/probe.err" | head -1)
+    # ssh's debug lines end in \r\n.
+    PROBE_KEX=$(tr -d '\r' <"$TMP/probe.err" | sed -n 's/.*debug1: kex: algorithm: \([^ ]*\).*/\1/p' | head -1)
+    PROBE_CIPHER=$(tr -d '\r' <"$TMP/probe.err" | sed -n 's/.*debug1: kex: server->client cipher: \([^ ]*\).*/\1/p' | head -1)
     rm -f "$trace"
 }
 
@@ -303,8 +304,8 @@ binary_stale() { # BIN: sources (the server's, the wire crate's, the load genera
 
 # gitplane_build MODE BIN PACKAGE...: `cargo build --release -p PACKAGE...` when MODE says so
 # (missing: BIN absent; auto: absent or older than the sources (binary_stale); always; never).
-# Returns non-zero with BUILD_FAILED set when the build fails; BUILD_INFO says what ran.
-BUILD_INFO="not built by this run"
+# Returns non-zero with BUILD_FAILED set when the build fails; BUILT[BIN] says why it ran.
+declare -A BUILT
 BUILD_FAILED=""
 gitplane_build() {
     local mode=$1 bin=$2 why="" rc=0 p args=()
@@ -327,7 +328,7 @@ gitplane_build() {
         BUILD_FAILED="cargo build --release ${args[*]} failed (exit $rc): $(grep -m1 -E '^error' "$TMP/build.log" || tail -1 "$TMP/build.log")"
         return 1
     fi
-    BUILD_INFO="cargo build ran ($why)"
+    BUILT[$bin]="cargo build ran ($why)"
 }
 
 # start_gitplane BIN SHARDS [serve flags...]: `gitplane serve` on free 127.0.0.1 ports (HTTP,
@@ -619,7 +620,7 @@ host_facts() { # Markdown list items: date, host, git
 gitplane_bin_info() { # BIN: when it was built, and whether the sources are newer
     local bin=$1 info="not present"
     if [[ -x $bin ]]; then
-        info="built $(date -u -r "$bin" +%Y-%m-%dT%H:%M:%SZ); $BUILD_INFO"
+        info="built $(date -u -r "$bin" +%Y-%m-%dT%H:%M:%SZ); ${BUILT[$bin]:-not built by this run}"
         binary_stale "$bin" && info+="; OLDER than the sources at report time"
     fi
     printf '%s (%s); worktree HEAD %s' "$bin" "$info" "$(git -C "$BENCH_ROOT" rev-parse --short HEAD 2>/dev/null || echo none)"

@@ -46,6 +46,9 @@ def notes_of(r):
     started = r.get("requested")
     if started is not None and started < r.get("requests", started):
         note.append(f"time limit: {started} of {r['requests']} clones started")
+    tcp = {k: v for k, v in r.get("tcp_machine_wide", {}).items() if v}
+    if tcp:
+        note.append("TcpExt (machine-wide): " + ", ".join(f"{k} +{v}" for k, v in sorted(tcp.items())))
     if r.get("cpu_check", "ok") != "ok":
         note.append("CPU: " + r["cpu_check"])
     cg, pt = r.get("server_cpu_s_cgroup"), r.get("server_cpu_s_proc_tree")
@@ -84,13 +87,19 @@ def table(rows, servers, levels, notes):
     return out
 
 
-def ratio(a, b, field, scale=1.0):
+def ratio(a, b, field):
+    """a / b; marked † when either row had errors (its clones/s and latencies are then not
+    like for like)."""
     if not usable(a) or not usable(b):
         return "n/a"
     x, y = a.get(field), b.get(field)
     if not x or not y:
         return "n/a"
-    return f"{x / y * scale:.2f}"
+    mark = " †" if a.get("errors_total") or b.get("errors_total") else ""
+    return f"{x / y:.2f}{mark}"
+
+
+DAGGER = "† a row behind this ratio had errors (see its notes): not a like-for-like comparison."
 
 
 def render(rows, levels, notes):
@@ -105,6 +114,7 @@ def render(rows, levels, notes):
         out.append(f"| {c} | {ratio(g, n, 'clones_per_s')} | {ratio(g, d, 'clones_per_s')} "
                    f"| {ratio(g, n, 'p99_ms')} | {ratio(g, n, 'server_cpu_s_per_clone')} "
                    f"| {ratio(g, d, 'server_cpu_s_per_clone')} | {ratio(g, n, 'peak_rss_bytes')} |")
+    out += ["", DAGGER]
     out += ["", "**SSH** (`gitplane-load ssh-clone`, a new SSH connection per clone):", ""]
     out += table(rows, SSH, levels, notes)
     out += ["", "gitplane's ratios (gitplane / sshd):", "",
@@ -114,6 +124,7 @@ def render(rows, levels, notes):
         g, o = rows.get(("gitplane-ssh", c)), rows.get(("sshd", c))
         out.append(f"| {c} | {ratio(g, o, 'clones_per_s')} | {ratio(g, o, 'p99_ms')} "
                    f"| {ratio(g, o, 'server_cpu_s_per_clone')} | {ratio(g, o, 'peak_rss_bytes')} |")
+    out += ["", DAGGER]
 
     out += ["", "Targets:", "", "| target | measured | met? |", "|---|---|---|"]
 

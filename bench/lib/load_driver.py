@@ -9,8 +9,10 @@ Used by bench/compare.sh; prints one JSON object on stdout.
 The command must write its report to --report (gitplane-load's `--json FILE`).  The output is
 that report's summary (ok, errors by kind, clones/s = gitplane-load's `throughput`, latency
 percentiles, protocol versions) merged with the server's CPU and peak RSS over the batch
-(servertree.Measurement) and the client's CPU (user + system of gitplane-load, from
-os.times() children: the command is the only child waited for in the window).
+(servertree.Measurement), the client's CPU (user + system of gitplane-load, from os.times()
+children: the command is the only child waited for in the window), and the machine-wide TcpExt
+ListenOverflows / ListenDrops / SyncookiesSent deltas over the batch (a server whose accept
+queue overflowed; anything else on the machine counts too).
 """
 import argparse
 import json
@@ -21,6 +23,23 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import servertree as st  # noqa: E402
+
+
+TCP_COUNTERS = ("ListenOverflows", "ListenDrops", "SyncookiesSent")
+
+
+def tcp_counters():
+    """Machine-wide TcpExt counters from /proc/net/netstat (a full accept queue shows here)."""
+    try:
+        with open("/proc/net/netstat") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return {}
+    for names, values in zip(lines[::2], lines[1::2]):
+        if names.startswith("TcpExt:"):
+            kv = dict(zip(names.split()[1:], values.split()[1:]))
+            return {k: int(kv[k]) for k in TCP_COUNTERS if k in kv}
+    return {}
 
 
 def main():
@@ -44,6 +63,7 @@ def main():
     m = st.Measurement(a.root, st.parse_pids(a.long_lived), a.cgroup, a.cgi_times_dir,
                        a.settle_timeout)
     m.start()
+    tcp0 = tcp_counters()
     c0 = os.times()
     t0 = time.monotonic()
     status = "ok"
@@ -56,11 +76,13 @@ def main():
         status = f"killed after the {a.timeout:.0f} s timeout"
     wall = time.monotonic() - t0
     c1 = os.times()
+    tcp1 = tcp_counters()
     server = m.stop()
     client_cpu = st.children_cpu_s(c0, c1)
 
     out = {"exit_code": rc, "status": status, "wall_s": round(wall, 3),
-           "client_cpu_s": round(client_cpu, 3)}
+           "client_cpu_s": round(client_cpu, 3),
+           "tcp_machine_wide": {k: tcp1[k] - tcp0[k] for k in tcp1 if k in tcp0}}
     try:
         with open(a.report) as f:
             r = json.load(f)
