@@ -109,7 +109,7 @@ impl BufferPool {
     }
 
     /// Takes a buffer only if one is free right now.
-    fn try_acquire(&self) -> Option<PooledBuf> {
+    pub fn try_acquire(&self) -> Option<PooledBuf> {
         let buf = self.0.free.borrow_mut().pop()?;
         Some(PooledBuf {
             buf: Some(buf),
