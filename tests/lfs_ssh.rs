@@ -21,18 +21,6 @@ fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }
 
-fn keygen(dir: &Path, name: &str) -> PathBuf {
-    require_tool("ssh-keygen");
-    let key = dir.join(name);
-    let out = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
-        .arg(&key)
-        .output()
-        .expect("run ssh-keygen");
-    assert!(out.status.success(), "{out:?}");
-    key
-}
-
 /// A server, a work dir, and a known_hosts file holding the server's host key.
 struct Ssh {
     server: Server,
@@ -48,14 +36,7 @@ impl Ssh {
         let server = Server::start_with(opts);
         let port = server.listening["ssh"].port();
         let work = tempfile::tempdir().expect("tempdir");
-        let host_pub = std::fs::read_to_string(server.data_dir().join("ssh_host_ed25519_key.pub"))
-            .expect("host public key");
-        let known_hosts = work.path().join("known_hosts");
-        std::fs::write(
-            &known_hosts,
-            format!("[127.0.0.1]:{port} {}", host_pub.trim()),
-        )
-        .expect("known_hosts");
+        let known_hosts = ssh_known_hosts(&server, work.path());
         Self {
             server,
             work,
@@ -70,7 +51,7 @@ impl Ssh {
 
     /// Registers a fresh key for `user` (who must exist).
     fn key_for(&self, user: &str) -> PathBuf {
-        let key = keygen(self.work.path(), &format!("{user}_key"));
+        let key = ssh_keygen(self.work.path(), &format!("{user}_key"));
         self.server.admin(
             &["key", "add", user, &format!("{}.pub", key.display())],
             None,
@@ -80,11 +61,7 @@ impl Ssh {
 
     /// `ssh` with only our options: no user config, no agent, strict host key checking.
     fn ssh_command(&self, key: &Path) -> String {
-        format!(
-            "ssh -F /dev/null -i {} -o IdentitiesOnly=yes -o IdentityAgent=none -o UserKnownHostsFile={} -o StrictHostKeyChecking=yes -o BatchMode=yes -o ConnectTimeout=10",
-            key.display(),
-            self.known_hosts.display()
-        )
+        openssh_command(key, &self.known_hosts)
     }
 
     fn url(&self, repo: &str) -> String {

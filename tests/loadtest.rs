@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use common::{git, make_worktree, metric, ssh_keygen, GitDaemon, Server};
+use common::{git, make_worktree, metric, ssh_keygen, ssh_known_hosts, GitDaemon, Server};
 
 /// The `gitplane-load` binary, built on first use. `cargo test --workspace` builds only the test
 /// harnesses of other packages, not their plain binaries, so the test asks cargo for it (a no-op
@@ -345,16 +345,6 @@ fn failures_are_counted_by_kind() {
     );
 }
 
-/// `ssh_addr`'s known_hosts line for the server's host key, in `dir`.
-fn known_hosts(server: &Server, dir: &Path) -> PathBuf {
-    let port = server.listening["ssh"].port();
-    let host_pub = std::fs::read_to_string(server.data_dir().join("ssh_host_ed25519_key.pub"))
-        .expect("host public key");
-    let path = dir.join("known_hosts");
-    std::fs::write(&path, format!("[127.0.0.1]:{port} {}\n", host_pub.trim())).expect("write");
-    path
-}
-
 fn ssh_url(server: &Server, repo: &str) -> String {
     format!("ssh://git@{}/{repo}.git", server.listening["ssh"])
 }
@@ -428,7 +418,7 @@ fn ssh_clone_with_a_registered_key() {
         &["key", "add", "admin", &format!("{}.pub", key.display())],
         None,
     );
-    let kh = known_hosts(&server, work.path());
+    let kh = ssh_known_hosts(&server, work.path());
     let (key_s, kh_s) = (key.to_str().expect("utf-8"), kh.to_str().expect("utf-8"));
     let u = ssh_url(&server, "admin/load");
     let execs = || metric(&server, "gitplane_ssh_execs_total");

@@ -21,18 +21,6 @@ struct Ssh {
     admin_key: PathBuf,
 }
 
-fn keygen(dir: &Path, name: &str) -> PathBuf {
-    require_tool("ssh-keygen");
-    let key = dir.join(name);
-    let out = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
-        .arg(&key)
-        .output()
-        .expect("run ssh-keygen");
-    assert!(out.status.success(), "{out:?}");
-    key
-}
-
 fn pub_of(key: &Path) -> String {
     format!("{}.pub", key.display())
 }
@@ -47,15 +35,8 @@ impl Ssh {
         let server = Server::start_with(opts);
         let addr = server.listening["ssh"];
         let work = tempfile::tempdir().expect("tempdir");
-        let host_pub = std::fs::read_to_string(server.data_dir().join("ssh_host_ed25519_key.pub"))
-            .expect("host public key");
-        let known_hosts = work.path().join("known_hosts");
-        std::fs::write(
-            &known_hosts,
-            format!("[127.0.0.1]:{} {}", addr.port(), host_pub.trim()),
-        )
-        .expect("known_hosts");
-        let admin_key = keygen(work.path(), "admin_key");
+        let known_hosts = ssh_known_hosts(&server, work.path());
+        let admin_key = ssh_keygen(work.path(), "admin_key");
         server.admin(&["key", "add", "admin", &pub_of(&admin_key)], None);
         Self {
             server,
@@ -72,11 +53,7 @@ impl Ssh {
 
     /// `ssh` with only our options: no user config, no agent, strict host key checking.
     fn ssh_base(&self, key: &Path) -> String {
-        format!(
-            "ssh -F /dev/null -i {} -o IdentitiesOnly=yes -o IdentityAgent=none -o UserKnownHostsFile={} -o StrictHostKeyChecking=yes -o BatchMode=yes -o ConnectTimeout=10",
-            key.display(),
-            self.known_hosts.display()
-        )
+        openssh_command(key, &self.known_hosts)
     }
 
     fn url(&self, repo: &str) -> String {
@@ -321,7 +298,7 @@ fn eight_concurrent_clones_pass_fsck() {
 #[test]
 fn unknown_key_and_wrong_user_are_refused() {
     let s = Ssh::with_repo(1);
-    let stranger = keygen(s.work.path(), "stranger");
+    let stranger = ssh_keygen(s.work.path(), "stranger");
     let out = s.ssh(&stranger, &[], &["git-upload-pack", "'admin/proj.git'"]);
     assert_eq!(out.status.code(), Some(255), "{out:?}");
     assert!(
@@ -358,7 +335,7 @@ fn unknown_key_and_wrong_user_are_refused() {
 fn read_only_key_cannot_push_and_strangers_see_nothing() {
     let s = Ssh::with_repo(1);
     s.server.add_user("bob", "pw-bob");
-    let bob = keygen(s.work.path(), "bob");
+    let bob = ssh_keygen(s.work.path(), "bob");
     s.server.admin(&["key", "add", "bob", &pub_of(&bob)], None);
     // Without a grant the private repository does not exist for bob.
     let dest = s.work.path().join("bob-clone");
@@ -520,7 +497,7 @@ fn lfs_authenticate_returns_a_signed_short_lived_token() {
     assert_eq!(batch(&forged), 401);
     // Someone without write access gets no upload token.
     s.server.add_user("carol", "pw");
-    let carol = keygen(s.work.path(), "carol");
+    let carol = ssh_keygen(s.work.path(), "carol");
     s.server
         .admin(&["key", "add", "carol", &pub_of(&carol)], None);
     s.server
@@ -852,7 +829,7 @@ fn sigterm_lets_a_running_ssh_clone_finish() {
 fn key_admin_commands() {
     let s = Ssh::start();
     s.server.add_user("dave", "pw");
-    let k = keygen(s.work.path(), "dave");
+    let k = ssh_keygen(s.work.path(), "dave");
     let added = s.server.admin(&["key", "add", "dave", &pub_of(&k)], None);
     assert!(added.contains("SHA256:"), "{added}");
     let fp = added.split_whitespace().nth(1).unwrap().to_owned();
@@ -877,7 +854,7 @@ fn key_admin_commands() {
         .admin_raw(&["key", "add", "dave", bad.to_str().unwrap()], None);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not an OpenSSH public key"));
-    let other = keygen(s.work.path(), "other");
+    let other = ssh_keygen(s.work.path(), "other");
     let out = s
         .server
         .admin_raw(&["key", "add", "nobody", &pub_of(&other)], None);

@@ -9,7 +9,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from mdreport import esc, fmt, read_jsonl, read_notes  # noqa: E402
+from mdreport import clone_row, esc, fmt, read_jsonl, read_notes  # noqa: E402
 
 SERVERS = [  # key, label for servers that were not measured
     ("gitplane", "gitplane"),
@@ -36,22 +36,7 @@ def main():
         res = r["result"]
         seen.add(r["server"])
         by[(r["server"], res.get("concurrency"))] = res
-        if res.get("driver_failed"):
-            out.append(f"| {esc(r['label'])} | {res['concurrency']} | {res['clones']} | {res['clones']} "
-                       f"| – | – | – | – | driver failed |")
-            continue
-        note = []
-        if res.get("cpu_check", "ok") != "ok":
-            note.append("CPU: " + res["cpu_check"])
-        if res.get("error_samples"):
-            note.append("errors: " + "; ".join(e[:160] for e in res["error_samples"][:2]))
-        if res.get("fsck_checked", 0) == 0:
-            note.append("no clone verified")
-        out.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
-            esc(r["label"]), res["concurrency"], res["clones"], res["errors"],
-            fmt(res["clones_per_s"]), fmt(res["server_cpu_s_per_clone"]),
-            fmt(res["peak_rss_bytes"] / 1e6, 1), fmt(res["client_cpu_s_per_clone"]),
-            esc("; ".join(note))))
+        out.append(clone_row(r["label"], res))
     for key, label in SERVERS:
         if key in notes and key not in seen:
             out.append(f"| {esc(label)} | – | – | – | – | – | – | – | not measured: {esc(notes[key])} |")

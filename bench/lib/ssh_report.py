@@ -10,7 +10,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from mdreport import esc, fmt, read_jsonl, read_notes  # noqa: E402
+from mdreport import clone_row, esc, fmt, read_jsonl, read_notes, result_notes  # noqa: E402
 
 SERVERS = [("gitplane", "gitplane"), ("sshd", "OpenSSH sshd + git-shell")]
 TARGET_CLONE_RATIO = 1.5
@@ -41,23 +41,7 @@ def main():
     for r in rows:
         if r["kind"] != "clones":
             continue
-        res = r["result"]
-        if res.get("driver_failed"):
-            out.append(f"| {esc(r['label'])} | {res['concurrency']} | {res['clones']} | {res['clones']} "
-                       "| – | – | – | – | driver failed |")
-            continue
-        note = []
-        if res.get("cpu_check", "ok") != "ok":
-            note.append("CPU: " + res["cpu_check"])
-        if res.get("error_samples"):
-            note.append("errors: " + "; ".join(e[:160] for e in res["error_samples"][:2]))
-        if res.get("fsck_checked", 0) == 0:
-            note.append("no clone verified")
-        out.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
-            esc(r["label"]), res["concurrency"], res["clones"], res["errors"],
-            fmt(res["clones_per_s"]), fmt(res["server_cpu_s_per_clone"]),
-            fmt(res["peak_rss_bytes"] / 1e6, 1), fmt(res["client_cpu_s_per_clone"]),
-            esc("; ".join(note))))
+        out.append(clone_row(r["label"], r["result"]))
     for key, lab in SERVERS:
         if key not in seen:
             out.append(f"| {esc(lab)} | – | – | – | – | – | – | – | not measured: "
@@ -79,11 +63,7 @@ def main():
             out.append(f"| {esc(r['label'])} | {res['concurrency']} | {res['sessions']} | {res['sessions']} "
                        "| – | – | – | – | – | driver failed |")
             continue
-        note = []
-        if res.get("cpu_check", "ok") != "ok":
-            note.append("CPU: " + res["cpu_check"])
-        if res.get("error_samples"):
-            note.append("errors: " + "; ".join(e[:160] for e in res["error_samples"][:2]))
+        note = result_notes(res)
         out.append("| {} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} |".format(
             esc(r["label"]), res["concurrency"], res["sessions"], res["failures"],
             fmt(res["sessions_per_s"], 1), fmt(res["server_cpu_ms_per_session"], 1),

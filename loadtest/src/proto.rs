@@ -528,10 +528,11 @@ impl ReportParser {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn pkts(lines: &[&[u8]]) -> Vec<u8> {
+    /// Pkt-lines from payloads, with `<flush>` and `<delim>` for the special packets.
+    pub(crate) fn pkts(lines: &[&[u8]]) -> Vec<u8> {
         let mut out = Vec::new();
         for l in lines {
             match *l {

@@ -194,20 +194,8 @@ impl UploadSession {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::tests::pkts;
     use crate::proto::PktStream;
-    use gitplane::git::pktline::{self, DELIM};
-
-    fn pkts(lines: &[&[u8]]) -> Vec<u8> {
-        let mut out = Vec::new();
-        for l in lines {
-            match *l {
-                b"<flush>" => out.extend_from_slice(FLUSH),
-                b"<delim>" => out.extend_from_slice(DELIM),
-                d => pktline::encode_data(&mut out, d).unwrap(),
-            }
-        }
-        out
-    }
 
     /// Plays a scripted server: each response is fed in pieces of `step` bytes, and every
     /// step the session takes is collected.

@@ -458,6 +458,26 @@ pub fn ssh_keygen(dir: &Path, name: &str) -> PathBuf {
     key
 }
 
+/// `dir/known_hosts` holding the server's SSH host key for `[127.0.0.1]:PORT`.
+pub fn ssh_known_hosts(server: &Server, dir: &Path) -> PathBuf {
+    let port = server.listening["ssh"].port();
+    let host_pub = std::fs::read_to_string(server.data_dir().join("ssh_host_ed25519_key.pub"))
+        .expect("host public key");
+    let path = dir.join("known_hosts");
+    std::fs::write(&path, format!("[127.0.0.1]:{port} {}\n", host_pub.trim()))
+        .expect("known_hosts");
+    path
+}
+
+/// OpenSSH with only the test's options: no user config, no agent, strict host key checking.
+pub fn openssh_command(key: &Path, known_hosts: &Path) -> String {
+    format!(
+        "ssh -F /dev/null -i {} -o IdentitiesOnly=yes -o IdentityAgent=none -o UserKnownHostsFile={} -o StrictHostKeyChecking=yes -o BatchMode=yes -o ConnectTimeout=10",
+        key.display(),
+        known_hosts.display()
+    )
+}
+
 /// The value of one series (`name` or `name{labels}`) in the server's `/metrics`.
 pub fn metric(server: &Server, series: &str) -> u64 {
     let raw = raw_request(
