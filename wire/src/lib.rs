@@ -5,6 +5,8 @@
 //! The gitplane crate re-exports these modules at the paths its front ends use
 //! (`gitplane::http::head`, `gitplane::git::pktline`, ...).
 
+mod hex;
+
 pub mod http {
     pub mod chunked;
     pub mod head;

@@ -4,6 +4,8 @@
 
 use thiserror::Error;
 
+use crate::hex::hex_value;
+
 /// Largest packet, the 4-byte length header included (Git's `LARGE_PACKET_MAX`).
 pub const MAX_PKT_LEN: usize = 65520;
 /// Largest payload of a data packet.
@@ -109,15 +111,6 @@ pub fn encode_data(out: &mut Vec<u8>, payload: &[u8]) -> Result<(), PktError> {
 /// carry their own (Git strips at most one on reading).
 pub fn encode_str(out: &mut Vec<u8>, line: &str) -> Result<(), PktError> {
     encode_data(out, line.as_bytes())
-}
-
-fn hex_value(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
 }
 
 /// Lower-case hex of the low 4 bits of `n`, as Git writes lengths.

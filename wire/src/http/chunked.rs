@@ -6,6 +6,8 @@ use std::ops::Range;
 
 use thiserror::Error;
 
+use crate::hex::hex_value;
+
 /// Longest chunk-size line, extensions included, line ending excluded.
 pub const MAX_SIZE_LINE: usize = 1024;
 /// Most hex digits in a chunk size; 16 always fit a `u64`.
@@ -280,15 +282,6 @@ fn trailer_total(total: usize) -> Result<usize, ChunkedError> {
         });
     }
     Ok(total + 1)
-}
-
-fn hex_value(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
 }
 
 #[cfg(test)]

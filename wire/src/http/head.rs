@@ -6,6 +6,8 @@
 
 use thiserror::Error;
 
+use crate::hex::hex_value;
+
 /// Malformed-input excerpts keep at most this many bytes of the input.
 const EXCERPT_MAX: usize = 64;
 /// Header slots kept on the stack; more (only with a raised limit) come from the heap.
@@ -469,15 +471,6 @@ fn parse_target(target: &str) -> Result<(String, Option<String>), HeadError> {
     }
     let path = String::from_utf8(path).map_err(|_| bad("path is not UTF-8"))?;
     Ok((path, query.map(str::to_owned)))
-}
-
-fn hex_value(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
 }
 
 #[cfg(test)]
