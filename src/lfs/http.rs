@@ -384,10 +384,15 @@ impl LfsHttp {
         let mut hasher = Sha256::new();
         let mut offset = 0u64;
         let mut writeback = Writeback::new(&file);
-        let mut buf = self.pool.acquire().await;
+        // Taken on the first chunk and reused, so an empty upload never waits for the pool.
+        let mut reuse = None;
         while offset < size {
-            buf = self
-                .fill_body(conn, buf, size - offset, offset, size)
+            let empty = match reuse.take() {
+                Some(b) => b,
+                None => self.pool.acquire().await,
+            };
+            let buf = self
+                .fill_body(conn, empty, size - offset, offset, size)
                 .await?;
             hasher.update(buf.filled());
             let chunk_offset = offset;
@@ -395,7 +400,7 @@ impl LfsHttp {
             let (res, written) = file.write_all_at(buf, chunk_offset).await;
             res.map_err(write_failed)?;
             writeback.written_to(offset);
-            buf = written;
+            reuse = Some(written);
         }
         conn.body_finished();
         file.sync_all().await.map_err(|e| {
