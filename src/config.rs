@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::git::pack_cache::PackCacheSettings;
+
 /// Default data directory, relative to the working directory.
 pub const DEFAULT_DATA_DIR: &str = "./gitplane-data";
 
@@ -254,6 +256,13 @@ pub struct GitSection {
     /// clone should wait its turn rather than fail (measured: at 32 concurrent clones on 2 cores
     /// the slowest waited 30 to 42 s).
     pub queue_timeout_secs: u64,
+    /// Share one generated pack between identical fetches (`DATA/cache/packs`). Default true.
+    pub pack_cache: bool,
+    /// Seconds a cached pack is served; it bounds how long a fetch can miss a tag created after
+    /// the pack. Default 300.
+    pub pack_cache_max_age_secs: u64,
+    /// Disk the cache may use, in MiB; the oldest packs go first. Default 4096.
+    pub pack_cache_max_mib: u64,
 }
 
 impl Default for GitSection {
@@ -264,6 +273,9 @@ impl Default for GitSection {
             max_concurrent_per_repo: 16,
             max_queued: 256,
             queue_timeout_secs: 120,
+            pack_cache: true,
+            pack_cache_max_age_secs: 300,
+            pack_cache_max_mib: 4096,
         }
     }
 }
@@ -686,6 +698,8 @@ pub struct GitLimits {
     pub max_concurrent_per_repo: usize,
     pub max_queued: usize,
     pub queue_timeout: Duration,
+    /// None: every fetch runs its own pack-objects.
+    pub pack_cache: Option<PackCacheSettings>,
 }
 
 fn positive_secs(field: &'static str, secs: u64) -> Result<Duration, ConfigError> {
@@ -782,6 +796,18 @@ impl ServeConfig {
             )?,
             max_queued: g.max_queued,
             queue_timeout: positive_secs("git.queue_timeout_secs", g.queue_timeout_secs)?,
+            pack_cache: if g.pack_cache {
+                Some(PackCacheSettings {
+                    dir: data_dir.join("cache").join("packs"),
+                    max_age: positive_secs(
+                        "git.pack_cache_max_age_secs",
+                        g.pack_cache_max_age_secs,
+                    )?,
+                    max_bytes: g.pack_cache_max_mib.saturating_mul(1 << 20),
+                })
+            } else {
+                None
+            },
         };
         let rpc = RpcLimits::build(file.rpc, &data_dir, shards)?;
         let lfs = LfsLimits::build(file.lfs)?;

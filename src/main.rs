@@ -46,6 +46,22 @@ enum Command {
     /// Check this node's kernel and limits against tuning/.
     #[command(subcommand)]
     Tune(TuneCommand),
+    /// The pack-objects cache, run by upload-pack as `uploadpack.packObjectsHook` (not by hand).
+    #[command(hide = true)]
+    PackObjectsHook(PackObjectsHookArgs),
+}
+
+#[derive(clap::Args)]
+struct PackObjectsHookArgs {
+    #[arg(long)]
+    dir: PathBuf,
+    #[arg(long)]
+    max_age_secs: u64,
+    #[arg(long)]
+    max_bytes: u64,
+    /// `git pack-objects ARGS`, as upload-pack appends it.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+    command: Vec<std::ffi::OsString>,
 }
 
 #[derive(Subcommand)]
@@ -182,6 +198,21 @@ fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("creating repository {name}"))?;
             println!("repository {name} created at {}", path.display());
             Ok(())
+        }
+        Command::PackObjectsHook(args) => {
+            let settings = gitplane::git::pack_cache::PackCacheSettings {
+                dir: args.dir,
+                max_age: std::time::Duration::from_secs(args.max_age_secs),
+                max_bytes: args.max_bytes,
+            };
+            // stderr reaches the client as remote progress: say what failed, nothing more.
+            match gitplane::git::pack_cache::run_hook(&settings, &args.command) {
+                Ok(status) => std::process::exit(status),
+                Err(e) => {
+                    eprintln!("gitplane: {e}");
+                    std::process::exit(128);
+                }
+            }
         }
         Command::Hook(HookCommand::PostReceive) => {
             // git shows the hook's stderr to the pusher; a failure must be loud there.

@@ -7,30 +7,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// A server with a private repo `admin/proj` holding `commits` commits, pushed by the admin.
-fn server_with_repo(commits: usize) -> (Server, tempfile::TempDir) {
-    let server = Server::start();
-    server.create_repo("admin/proj", false);
-    let work = tempfile::tempdir().unwrap();
-    let src = work.path().join("src");
-    make_worktree(&src, commits);
-    git(
-        &src,
-        &["push", "-q", &server.admin_url("admin/proj"), "main"],
-    );
-    (server, work)
-}
-
-fn rev_count(dir: &Path, rev: &str) -> usize {
-    git(dir, &["rev-list", "--count", rev])
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 #[test]
 fn clone_v0_and_v2_negotiate_the_asked_protocol() {
-    let (server, work) = server_with_repo(3);
+    let (server, work) = server_with_pushed_repo(3);
     let url = server.admin_url("admin/proj");
     for (version, expect_v2) in [("0", false), ("2", true)] {
         let dest = work.path().join(format!("clone-v{version}"));
@@ -66,7 +45,7 @@ fn clone_v0_and_v2_negotiate_the_asked_protocol() {
 
 #[test]
 fn shallow_clone_then_deepen() {
-    let (server, work) = server_with_repo(5);
+    let (server, work) = server_with_pushed_repo(5);
     let dest = work.path().join("shallow");
     git(
         work.path(),
@@ -89,7 +68,7 @@ fn shallow_clone_then_deepen() {
 
 #[test]
 fn partial_clone_fetches_blobs_lazily() {
-    let (server, work) = server_with_repo(4);
+    let (server, work) = server_with_pushed_repo(4);
     let dest = work.path().join("partial");
     git(
         work.path(),
@@ -148,7 +127,7 @@ fn partial_clone_fetches_blobs_lazily() {
 
 #[test]
 fn push_branch_force_push_delete_and_fetch() {
-    let (server, work) = server_with_repo(2);
+    let (server, work) = server_with_pushed_repo(2);
     let url = server.admin_url("admin/proj");
     let a = work.path().join("a");
     git(work.path(), &["clone", "-q", &url, a.to_str().unwrap()]);
@@ -202,7 +181,7 @@ fn push_branch_force_push_delete_and_fetch() {
 
 #[test]
 fn push_options_are_accepted() {
-    let (server, work) = server_with_repo(1);
+    let (server, work) = server_with_pushed_repo(1);
     let a = work.path().join("a");
     git(
         work.path(),
@@ -222,7 +201,7 @@ fn push_options_are_accepted() {
 
 #[test]
 fn push_over_50_megabytes_streams_a_chunked_body() {
-    let (server, work) = server_with_repo(1);
+    let (server, work) = server_with_pushed_repo(1);
     let a = work.path().join("big");
     git(
         work.path(),
@@ -261,7 +240,7 @@ fn push_over_50_megabytes_streams_a_chunked_body() {
 
 #[test]
 fn sixteen_concurrent_clones_pass_fsck() {
-    let (server, work) = server_with_repo(20);
+    let (server, work) = server_with_pushed_repo(20);
     let url = server.admin_url("admin/proj");
     let handles: Vec<_> = (0..16)
         .map(|i| {
@@ -489,7 +468,7 @@ fn malformed_and_oversized_heads_get_clean_errors() {
 
 #[test]
 fn metrics_and_health_endpoints() {
-    let (server, work) = server_with_repo(2);
+    let (server, work) = server_with_pushed_repo(2);
     let dest = work.path().join("c");
     git(
         work.path(),

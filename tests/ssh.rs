@@ -112,13 +112,6 @@ fn tail(log: &str) -> String {
     lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
-fn rev_count(dir: &Path, rev: &str) -> usize {
-    git(dir, &["rev-list", "--count", rev])
-        .trim()
-        .parse()
-        .expect("count")
-}
-
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }

@@ -1,8 +1,9 @@
 //! Everything git-facing that every front end shares: repository names and paths, the pkt-line
-//! codec, spawning `git` service processes, the pack concurrency limiter, and streaming a child's
+//! codec, spawning `git` service processes, the pack concurrency limiter, the pack-objects cache, and streaming a child's
 //! output to a socket with splice.
 
 pub mod limiter;
+pub mod pack_cache;
 pub mod process;
 pub mod repo;
 pub mod stream;

@@ -57,6 +57,11 @@ fn hooks_path() -> Option<PathBuf> {
     HOOKS_PATH.read().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
+/// Quotes `s` as one word for `/bin/sh` (git runs hook settings and our hook scripts through it).
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
 /// Accepts `GIT_PROTOCOL` values like `version=2` or `version=2:object-format=sha1`; anything
 /// else is dropped rather than passed to git.
 pub fn sanitize_git_protocol(value: &str) -> Option<&str> {
@@ -185,10 +190,17 @@ impl GitCommand<'_> {
             cmd.env(format!("GIT_CONFIG_KEY_{i}"), k)
                 .env(format!("GIT_CONFIG_VALUE_{i}"), v);
         }
+        let per_service = match self.service {
+            Service::ReceivePack => hooks_path().map(|p| ("core.hooksPath", p.into_os_string())),
+            Service::UploadPack => {
+                super::pack_cache::hook_command().map(|c| ("uploadpack.packObjectsHook", c))
+            }
+            Service::UploadArchive => None,
+        };
         let mut config_count = GIT_SETTINGS.len();
-        if let Some(hooks) = hooks_path().filter(|_| self.service == Service::ReceivePack) {
-            cmd.env(format!("GIT_CONFIG_KEY_{config_count}"), "core.hooksPath")
-                .env(format!("GIT_CONFIG_VALUE_{config_count}"), hooks);
+        if let Some((key, value)) = per_service {
+            cmd.env(format!("GIT_CONFIG_KEY_{config_count}"), key)
+                .env(format!("GIT_CONFIG_VALUE_{config_count}"), value);
             config_count += 1;
         }
         cmd.env("GIT_CONFIG_COUNT", config_count.to_string());
@@ -298,6 +310,12 @@ mod tests {
         assert_eq!(sanitize_git_protocol("version=2\nX=1"), None);
         assert_eq!(sanitize_git_protocol("a b"), None);
         assert_eq!(sanitize_git_protocol(""), None);
+    }
+
+    #[test]
+    fn quotes_for_the_shell() {
+        assert_eq!(shell_quote("/a b/c"), "'/a b/c'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use super::event::{new_event_id, parse_ref_updates, push_options, EventError, PushEvent};
+use crate::git::process::shell_quote;
 use crate::git::repo_name::RepoName;
 use crate::store::{Store, StoreError};
 
@@ -90,10 +91,6 @@ pub fn post_receive(data_dir: &Path, stdin: impl Read) -> Result<Option<PushEven
 }
 
 /// Single-quotes `s` for a POSIX shell.
-fn shell_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
-}
-
 /// Writes `DATA/hooks/post-receive`, which execs `exe hook post-receive` for `data_dir`, and
 /// returns the hooks directory (for `core.hooksPath`). Written to a temporary name and renamed,
 /// so a push running during a restart never sees half a script.
@@ -126,12 +123,6 @@ pub fn install_hooks(data_dir: &Path, exe: &Path) -> Result<PathBuf, CaptureErro
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn quotes_for_the_shell() {
-        assert_eq!(shell_quote("/a b/c"), "'/a b/c'");
-        assert_eq!(shell_quote("it's"), r"'it'\''s'");
-    }
 
     #[test]
     fn records_an_event_and_installs_the_script() {

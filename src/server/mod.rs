@@ -43,6 +43,10 @@ pub enum ServeError {
     Rpc(#[from] crate::rpc::RpcError),
     #[error("cannot load the LFS token secret: {0}")]
     TokenSecret(#[from] crate::token::SecretError),
+    #[error("cannot find the gitplane executable: {0}")]
+    Exe(io::Error),
+    #[error(transparent)]
+    PackCache(#[from] crate::git::pack_cache::PackCacheError),
     #[error("cannot prepare LFS storage under {path}: {source}")]
     LfsStorage {
         path: std::path::PathBuf,
@@ -93,6 +97,10 @@ fn build_frontends(config: &Arc<ServeConfig>) -> Result<Frontends, ServeError> {
             path: config.data_dir.join("lfs"),
             source,
         })?;
+    if let Some(cache) = &config.git.pack_cache {
+        let exe = std::env::current_exe().map_err(ServeError::Exe)?;
+        crate::git::pack_cache::enable(&exe, cache)?;
+    }
     let http_listeners = f.listen("http", config.http_listen, cores)?;
     let (packs, ssh_tokens) = (Arc::clone(&state.limiter), token_secret.clone());
     f.shard.push(Arc::new(http::HttpService::new(

@@ -40,6 +40,9 @@ pub struct ServerOptions {
     pub shards: usize,
     pub config: Option<String>,
     pub force_epoll: bool,
+    /// Runs the server in a user and mount namespace of its own with `DATA/lfs` on a ramfs
+    /// mount, a filesystem that refuses O_DIRECT. Its files are visible to the server only.
+    pub lfs_on_ramfs: bool,
 }
 
 impl Default for ServerOptions {
@@ -48,6 +51,7 @@ impl Default for ServerOptions {
             shards: 2,
             config: None,
             force_epoll: false,
+            lfs_on_ramfs: false,
         }
     }
 }
@@ -61,7 +65,19 @@ impl Server {
         require_tool("git");
         let data = tempfile::tempdir().expect("tempdir");
         let stderr_log = data.path().join("server.log");
-        let mut cmd = Command::new(BIN);
+        let mut cmd = if opts.lfs_on_ramfs {
+            require_tool("unshare");
+            let lfs = data.path().join("d/lfs");
+            std::fs::create_dir_all(&lfs).expect("lfs dir");
+            let mut c = Command::new("unshare");
+            c.args(["--user", "--map-root-user", "--mount", "sh", "-c"])
+                .arg(r#"mount -t ramfs ramfs "$0" && exec "$@""#)
+                .arg(lfs)
+                .arg(BIN);
+            c
+        } else {
+            Command::new(BIN)
+        };
         cmd.arg("--data-dir")
             .arg(data.path().join("d"))
             .args(["serve", "--http-listen", "127.0.0.1:0", "--shards"])
@@ -122,6 +138,12 @@ impl Server {
 
     pub fn data_dir(&self) -> PathBuf {
         self.data.path().join("d")
+    }
+
+    /// Where the disk LFS backend keeps object `oid`.
+    pub fn lfs_object_path(&self, oid: &str) -> PathBuf {
+        self.data_dir()
+            .join(format!("lfs/objects/{}/{}/{oid}", &oid[0..2], &oid[2..4]))
     }
 
     pub fn pid(&self) -> u32 {
@@ -314,6 +336,32 @@ pub fn make_worktree(dir: &Path, commits: usize) {
         git(dir, &["add", "."]);
         git(dir, &["commit", "-q", "-m", &format!("commit {i}")]);
     }
+}
+
+/// A server with a private repo `admin/proj` holding `commits` commits, pushed by the admin over
+/// HTTP; the temp dir holds the source worktree at `src`.
+pub fn server_with_pushed_repo(commits: usize) -> (Server, tempfile::TempDir) {
+    let server = Server::start();
+    let work = push_new_repo(&server, "admin/proj", commits);
+    (server, work)
+}
+
+/// Creates private `name` on `server` and pushes `commits` commits to it over HTTP from a new
+/// worktree at `src` in the returned temp dir.
+pub fn push_new_repo(server: &Server, name: &str, commits: usize) -> tempfile::TempDir {
+    server.create_repo(name, false);
+    let work = tempfile::tempdir().expect("tempdir");
+    let src = work.path().join("src");
+    make_worktree(&src, commits);
+    git(&src, &["push", "-q", &server.admin_url(name), "main"]);
+    work
+}
+
+pub fn rev_count(dir: &Path, rev: &str) -> usize {
+    git(dir, &["rev-list", "--count", rev])
+        .trim()
+        .parse()
+        .expect("count")
 }
 
 /// Creates `name` on the server holding one commit with `size` random bytes, pushed straight to
