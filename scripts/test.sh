@@ -19,6 +19,7 @@ need python3 python3
 need curl curl
 need valgrind valgrind
 need strace strace
+need unshare util-linux
 if [ "${#apt_missing[@]}" -gt 0 ]; then
     echo "test.sh: installing ${apt_missing[*]}"
     if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi

@@ -61,6 +61,19 @@ fn request(server: &Server, head: &str, body: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A basic-transfer PUT of `body` as object `oid` of `repo`; returns the whole response.
+fn put_object(server: &Server, repo: &str, oid: &str, auth: &str, body: &[u8]) -> Vec<u8> {
+    request(
+        server,
+        &format!(
+            "PUT /{repo}.git/info/lfs/objects/{oid} HTTP/1.1\r\nHost: x\r\n\
+             Authorization: {auth}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        ),
+        body,
+    )
+}
+
 fn body_of(raw: &[u8]) -> &[u8] {
     let at = raw
         .windows(4)
@@ -95,10 +108,7 @@ fn push_and_clone_large_objects_through_git_lfs() {
 
     // The objects are on the server, verified, under their SHA-256.
     for (_, oid) in &expected {
-        let path =
-            server
-                .data_dir()
-                .join(format!("lfs/objects/{}/{}/{oid}", &oid[0..2], &oid[2..4]));
+        let path = server.lfs_object_path(oid);
         assert!(path.exists(), "{oid} missing on the server");
     }
     // A fresh clone gets the real contents back.
@@ -209,10 +219,7 @@ fn uploads_are_verified_and_objects_scoped_per_repository() {
         let _ = s.read_to_end(&mut out);
         out
     };
-    let object_path =
-        server
-            .data_dir()
-            .join(format!("lfs/objects/{}/{}/{oid}", &oid[0..2], &oid[2..4]));
+    let object_path = server.lfs_object_path(&oid);
     // Wrong content for the id: 422, nothing visible.
     let mut wrong = data.clone();
     wrong[1000] ^= 1;
@@ -295,26 +302,17 @@ fn more_concurrent_uploads_than_pool_buffers_all_complete() {
             let (server, auth) = (&server, &auth);
             scope.spawn(move || {
                 let oid = sha256_hex(data);
-                let raw = request(
-                    server,
-                    &format!(
-                        "PUT /admin/tight.git/info/lfs/objects/{oid} HTTP/1.1\r\nHost: x\r\n\
-                         Authorization: {auth}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                        data.len()
-                    ),
-                    data,
-                );
+                let raw = put_object(server, "admin/tight", &oid, auth, data);
                 assert_eq!(status_of(&raw), 200, "{}", String::from_utf8_lossy(&raw));
             });
         }
     });
     for data in &objects {
         let oid = sha256_hex(data);
-        let path =
-            server
-                .data_dir()
-                .join(format!("lfs/objects/{}/{}/{oid}", &oid[0..2], &oid[2..4]));
-        assert!(std::fs::read(&path).unwrap() == *data, "{oid} differs");
+        assert!(
+            std::fs::read(server.lfs_object_path(&oid)).unwrap() == *data,
+            "{oid} differs"
+        );
     }
     let metrics = String::from_utf8_lossy(&raw_request(
         server.addr,
@@ -328,6 +326,170 @@ fn more_concurrent_uploads_than_pool_buffers_all_complete() {
         .and_then(|v| v.trim().parse().ok())
         .expect("gitplane_lfs_bytes_in_total in /metrics");
     assert_eq!(bytes_in, 6 * (3 << 20));
+}
+
+/// Sizes on both sides of the O_DIRECT boundaries, for 64 KiB pool buffers: empty, less than
+/// one 4 KiB block, one block, one buffer, whole buffers, whole blocks past them, one byte more,
+/// and several MiB ending in a partial block.
+const EDGE_SIZES: [usize; 8] = [
+    0,
+    1000,
+    4096,
+    65_536,
+    196_608,
+    200_704,
+    200_705,
+    (5 << 20) + 123,
+];
+const EDGE_CONFIG: &str = "[lfs]\nbuffer_kib = 64\n";
+const DIRECT_REFUSED_LOG: &str = "refuses O_DIRECT; uploads use buffered writes";
+
+/// PUTs one object of each of [`EDGE_SIZES`] to `admin/sizes`; returns the objects.
+fn upload_edge_sizes(server: &Server) -> Vec<Vec<u8>> {
+    server.create_repo("admin/sizes", false);
+    let auth = basic("admin", &server.admin_password);
+    let objects: Vec<Vec<u8>> = EDGE_SIZES
+        .iter()
+        .zip(1..)
+        .map(|(size, seed)| random_bytes(*size, 500 + seed))
+        .collect();
+    for data in &objects {
+        let oid = sha256_hex(data);
+        let raw = put_object(server, "admin/sizes", &oid, &auth, data);
+        assert_eq!(
+            status_of(&raw),
+            200,
+            "{} bytes: {}",
+            data.len(),
+            String::from_utf8_lossy(&raw)
+        );
+    }
+    objects
+}
+
+/// Checks that each object downloads byte-exact from `admin/sizes`.
+fn download_edge_sizes(server: &Server, objects: &[Vec<u8>]) {
+    let auth = basic("admin", &server.admin_password);
+    for data in objects {
+        let oid = sha256_hex(data);
+        let raw = request(
+            server,
+            &format!(
+                "GET /admin/sizes.git/info/lfs/objects/{oid} HTTP/1.1\r\nHost: x\r\n\
+                 Authorization: {auth}\r\nConnection: close\r\n\r\n"
+            ),
+            b"",
+        );
+        assert_eq!(status_of(&raw), 200, "{} bytes", data.len());
+        assert!(body_of(&raw) == &data[..], "{} bytes differ", data.len());
+    }
+}
+
+fn accepts_o_direct(dir: &Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    let probe = dir.join("o_direct-probe");
+    let ok = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&probe)
+        .is_ok();
+    let _ = std::fs::remove_file(&probe);
+    ok
+}
+
+fn on_tmpfs(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: statfs fills the zeroed struct for a NUL-terminated path.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statfs(c.as_ptr(), &mut st) }, 0);
+    st.f_type == libc::TMPFS_MAGIC
+}
+
+/// How many of `path`'s pages are in the page cache (mincore on a read-only mapping, which
+/// reads nothing).
+fn cached_pages(path: &Path) -> usize {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).unwrap();
+    let len = usize::try_from(file.metadata().unwrap().len()).unwrap();
+    if len == 0 {
+        return 0;
+    }
+    // SAFETY: a private read-only mapping of an open file, queried and unmapped here.
+    unsafe {
+        let map = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        );
+        assert_ne!(map, libc::MAP_FAILED);
+        let page = usize::try_from(libc::sysconf(libc::_SC_PAGESIZE)).unwrap();
+        let mut resident = vec![0u8; len.div_ceil(page)];
+        assert_eq!(libc::mincore(map, len, resident.as_mut_ptr()), 0);
+        libc::munmap(map, len);
+        resident.iter().filter(|r| **r & 1 == 1).count()
+    }
+}
+
+/// Where the filesystem takes O_DIRECT, uploads of every alignment go to disk without the page
+/// cache (at most the last partial block is written through it) and are stored byte-exact, on
+/// io_uring and on the epoll fallback.
+#[test]
+fn direct_uploads_of_every_alignment_are_stored_byte_exact() {
+    for force_epoll in [false, true] {
+        let server = Server::start_with(ServerOptions {
+            config: Some(EDGE_CONFIG.into()),
+            force_epoll,
+            ..ServerOptions::default()
+        });
+        let staging = server.data_dir().join("lfs/tmp");
+        let direct = accepts_o_direct(&staging);
+        // Check the cache before anything reads the objects back.
+        let cache_bypassed = direct && !on_tmpfs(&staging);
+        let objects = upload_edge_sizes(&server);
+        for data in &objects {
+            let oid = sha256_hex(data);
+            let path = server.lfs_object_path(&oid);
+            if cache_bypassed {
+                let cached = cached_pages(&path);
+                assert!(
+                    cached <= 1,
+                    "{} bytes: {cached} pages went through the page cache",
+                    data.len()
+                );
+            }
+            assert!(std::fs::read(&path).unwrap() == *data, "{oid} differs");
+        }
+        download_edge_sizes(&server, &objects);
+        assert_eq!(
+            server.log().contains(DIRECT_REFUSED_LOG),
+            !direct,
+            "epoll: {force_epoll}; log: {}",
+            server.log()
+        );
+    }
+}
+
+/// On a filesystem that refuses O_DIRECT (ramfs), uploads fall back to buffered writes and are
+/// stored byte-exact all the same.
+#[test]
+fn uploads_fall_back_to_buffered_writes_where_o_direct_is_refused() {
+    let server = Server::start_with(ServerOptions {
+        config: Some(EDGE_CONFIG.into()),
+        lfs_on_ramfs: true,
+        ..ServerOptions::default()
+    });
+    let objects = upload_edge_sizes(&server);
+    download_edge_sizes(&server, &objects);
+    assert!(
+        server.log().contains(DIRECT_REFUSED_LOG),
+        "{}",
+        server.log()
+    );
 }
 
 #[test]
@@ -458,17 +620,7 @@ fn s3_backend_multipart_uploads_verified_objects() {
     let data = random_bytes(12 << 20, 5);
     let oid = sha256_hex(&data);
     let key = format!("/lfs-bucket/lfs/{}/{}/{oid}", &oid[0..2], &oid[2..4]);
-    let put = |body: &[u8]| {
-        request(
-            &server,
-            &format!(
-                "PUT /admin/media.git/info/lfs/objects/{oid} HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n\
-                 Content-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            ),
-            body,
-        )
-    };
+    let put = |body: &[u8]| put_object(&server, "admin/media", &oid, &auth, body);
     // Wrong content: refused, and the aborted multipart upload leaves nothing in the bucket.
     let mut wrong = data.clone();
     wrong[7 << 20] ^= 0xff;

@@ -136,9 +136,7 @@ impl Ssh {
     }
 
     fn object_path(&self, oid: &str) -> PathBuf {
-        self.server
-            .data_dir()
-            .join(format!("lfs/objects/{}/{}/{oid}", &oid[0..2], &oid[2..4]))
+        self.server.lfs_object_path(oid)
     }
 
     /// Files left in the LFS staging directory.

@@ -2,9 +2,9 @@
 //!
 //! Object bytes only ever sit in pinned pool buffers: an upload reads from the socket into a
 //! pool buffer, hashes it and writes it to the staging file; a download reads the file into a
-//! pool buffer and writes it to the socket. A buffer is taken per chunk and returned at once,
-//! so buffers circulate between transfers and a shard's transfer memory is the pool's size,
-//! whatever the object sizes and concurrency.
+//! pool buffer and writes it to the socket. A transfer holds at most a few buffers (a disk
+//! upload up to one more than [`WRITES_IN_FLIGHT`], and only one while another transfer waits),
+//! so a shard's transfer memory is the pool's size, whatever the object sizes and concurrency.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 use super::api::{self, ActionContext, BatchRequest, Known, Lock, Operation, CONTENT_TYPE};
 use super::pool::{BufferPool, PooledBuf};
 use super::s3::{S3Client, S3Error};
-use super::storage::{DiskStore, Writeback};
+use super::storage::{DirectWriter, DiskStore, Staging, Writeback};
 use crate::access::{with_store, HttpAuth, Principal, Refusal};
 use crate::config::{LfsLimits, ServeConfig};
 use crate::git::repo_name::RepoName;
@@ -33,6 +33,9 @@ use crate::http::server::Reuse;
 use crate::metrics::METRICS;
 use crate::store::{Access, LockQuery, LockRecord};
 
+/// Most O_DIRECT writes one upload keeps going while it receives the next chunk (each holds a
+/// pool buffer).
+const WRITES_IN_FLIGHT: usize = 2;
 /// Largest JSON request body (batch, locks) accepted.
 const MAX_JSON_BODY: u64 = 1 << 20;
 const DEFAULT_LOCK_PAGE: usize = 100;
@@ -366,24 +369,123 @@ impl LfsHttp {
         .await
     }
 
-    /// Streams `size` body bytes into `staged` through pool buffers; returns the SHA-256.
+    /// Streams `size` body bytes into `staged` through pool buffers, then fsyncs it; returns the
+    /// SHA-256.
     async fn stage(
         &self,
         conn: &mut Conn,
         staged: &std::path::Path,
         size: u64,
     ) -> Result<[u8; 32], Failure> {
-        let file = monoio::fs::File::create(staged).await.map_err(|e| {
+        let Staging { file, direct } = self.disk.create_staging(staged).await.map_err(|e| {
             tracing::error!(path = %staged.display(), error = %e, "cannot create LFS staging file");
             fail(500, "internal error")
         })?;
-        let write_failed = |e: io::Error| {
-            tracing::error!(error = %e, "writing LFS staging file");
-            fail(507, "cannot store the object")
-        };
         let mut hasher = Sha256::new();
+        if direct {
+            let mut writer = DirectWriter::new(file);
+            let streamed = self
+                .stream_direct(conn, &mut writer, size, &mut hasher)
+                .await;
+            // After a failure, writes may still be in flight, holding pool buffers and the file.
+            let drained = writer.drain().await.map_err(write_failed);
+            streamed.and(drained)?;
+            conn.body_finished();
+            sync(writer.file()).await?;
+        } else {
+            self.stream_buffered(conn, &file, size, &mut hasher).await?;
+            conn.body_finished();
+            sync(&file).await?;
+            let _ = file.close().await;
+        }
+        Ok(hasher.finalize().into())
+    }
+
+    /// O_DIRECT staging: full buffers are written while the next ones arrive (see
+    /// [`DirectWriter`]).
+    async fn stream_direct(
+        &self,
+        conn: &mut Conn,
+        writer: &mut DirectWriter,
+        size: u64,
+        hasher: &mut Sha256,
+    ) -> Result<(), Failure> {
         let mut offset = 0u64;
-        let mut writeback = Writeback::new(&file);
+        while offset < size {
+            let empty = self.direct_buffer(writer).await?;
+            let (buf, chunk_offset) = self
+                .next_chunk(conn, empty, &mut offset, size, hasher)
+                .await?;
+            if offset < size {
+                writer.submit(buf, chunk_offset);
+            } else {
+                writer
+                    .finish(buf, chunk_offset)
+                    .await
+                    .map_err(write_failed)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The buffer for an O_DIRECT upload's next chunk. A free one from the pool while fewer than
+    /// [`WRITES_IN_FLIGHT`] writes are going, otherwise the oldest write's once it is done. When
+    /// another transfer waits for the pool, the upload drops back to one buffer and gives the
+    /// rest back: overlap must never keep another transfer from starting. Never waits for the
+    /// pool while holding a buffer, so uploads cannot deadlock on each other.
+    async fn direct_buffer(&self, writer: &mut DirectWriter) -> Result<PooledBuf, Failure> {
+        if self.pool.contended() {
+            let mut keep = None;
+            while let Some(done) = writer.reclaim().await {
+                let buf = done.map_err(write_failed)?;
+                keep.get_or_insert(buf);
+            }
+            return Ok(match keep {
+                Some(buf) => buf,
+                None => self.pool.acquire().await,
+            });
+        }
+        if writer.in_flight() < WRITES_IN_FLIGHT {
+            if let Some(buf) = self.pool.try_acquire() {
+                return Ok(buf);
+            }
+        }
+        match writer.reclaim().await {
+            Some(done) => done.map_err(write_failed),
+            None => Ok(self.pool.acquire().await),
+        }
+    }
+
+    /// Fills `empty` with the body bytes at `*offset`, hashes them and advances `*offset`;
+    /// returns the buffer and where its bytes belong in the object.
+    async fn next_chunk(
+        &self,
+        conn: &mut Conn,
+        empty: PooledBuf,
+        offset: &mut u64,
+        size: u64,
+        hasher: &mut Sha256,
+    ) -> Result<(PooledBuf, u64), Failure> {
+        let buf = self
+            .fill_body(conn, empty, size - *offset, *offset, size)
+            .await?;
+        hasher.update(buf.filled());
+        let at = *offset;
+        *offset += buf.filled().len() as u64;
+        Ok((buf, at))
+    }
+
+    /// Buffered staging, where the filesystem refuses O_DIRECT: one buffer, written through the
+    /// page cache with writeback started as it goes.
+    async fn stream_buffered(
+        &self,
+        conn: &mut Conn,
+        file: &monoio::fs::File,
+        size: u64,
+        hasher: &mut Sha256,
+    ) -> Result<(), Failure> {
+        let mut offset = 0u64;
+        let mut writeback = Writeback::new(file);
         // Taken on the first chunk and reused, so an empty upload never waits for the pool.
         let mut reuse = None;
         while offset < size {
@@ -391,24 +493,15 @@ impl LfsHttp {
                 Some(b) => b,
                 None => self.pool.acquire().await,
             };
-            let buf = self
-                .fill_body(conn, empty, size - offset, offset, size)
+            let (buf, chunk_offset) = self
+                .next_chunk(conn, empty, &mut offset, size, hasher)
                 .await?;
-            hasher.update(buf.filled());
-            let chunk_offset = offset;
-            offset += buf.filled().len() as u64;
             let (res, written) = file.write_all_at(buf, chunk_offset).await;
             res.map_err(write_failed)?;
             writeback.written_to(offset);
             reuse = Some(written);
         }
-        conn.body_finished();
-        file.sync_all().await.map_err(|e| {
-            tracing::error!(error = %e, "fsync of LFS staging file");
-            fail(507, "cannot store the object")
-        })?;
-        let _ = file.close().await;
-        Ok(hasher.finalize().into())
+        Ok(())
     }
 
     /// S3: a multipart upload to the final key, fed part by part from pool buffers, completed
@@ -826,6 +919,18 @@ enum Source {
     Empty,
     Disk(monoio::fs::File),
     S3(super::s3::Response),
+}
+
+fn write_failed(e: io::Error) -> Failure {
+    tracing::error!(error = %e, "writing LFS staging file");
+    fail(507, "cannot store the object")
+}
+
+async fn sync(file: &monoio::fs::File) -> Result<(), Failure> {
+    file.sync_all().await.map_err(|e| {
+        tracing::error!(error = %e, "fsync of LFS staging file");
+        fail(507, "cannot store the object")
+    })
 }
 
 fn verify_digest(oid: &str, digest: [u8; 32]) -> Result<(), Failure> {

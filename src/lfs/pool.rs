@@ -100,6 +100,12 @@ impl BufferPool {
         (self.0.free.borrow().len(), self.0.total, self.0.waits.get())
     }
 
+    /// Whether a transfer is waiting for a buffer: a transfer holding more than one gives the
+    /// extras back then, so overlap never costs another transfer its start.
+    pub fn contended(&self) -> bool {
+        !self.0.waiters.borrow().is_empty()
+    }
+
     /// Takes a buffer, waiting while none is free.
     pub fn acquire(&self) -> Acquire<'_> {
         Acquire {
