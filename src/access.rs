@@ -9,7 +9,7 @@ use std::cell::RefCell;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::auth::{decide, parse_basic, BasicCredentials, CredentialCache, Decision};
+use crate::auth::{decide, parse_basic, BasicCredentials, CredentialCache, Decision, PasswordGate};
 use crate::git::repo_name::RepoName;
 use crate::store::{Access, RepoAccess, Store, StoreError};
 use crate::token::{self, TokenSecret};
@@ -17,6 +17,11 @@ use crate::token::{self, TokenSecret};
 /// How long a verified password is trusted without re-hashing it.
 const CREDENTIAL_TTL: Duration = Duration::from_secs(60);
 const CREDENTIAL_CACHE_ENTRIES: usize = 10_000;
+
+/// Password checks at once on the node: bounds their memory (about 19 MiB each) during a burst.
+const PARALLEL_PASSWORD_CHECKS: usize = 2;
+static PASSWORD_GATE: std::sync::LazyLock<PasswordGate> =
+    std::sync::LazyLock::new(|| PasswordGate::new(PARALLEL_PASSWORD_CHECKS, CREDENTIAL_TTL));
 
 /// Runs a store call on the blocking pool, with one database connection per pool thread.
 pub async fn with_store<R: Send + 'static>(
@@ -83,10 +88,7 @@ impl HttpAuth {
         Self {
             data_dir,
             secret,
-            credentials: RefCell::new(CredentialCache::new(
-                CREDENTIAL_TTL,
-                CREDENTIAL_CACHE_ENTRIES,
-            )),
+            credentials: RefCell::new(CredentialCache::new(CREDENTIAL_CACHE_ENTRIES)),
         }
     }
 
@@ -127,37 +129,40 @@ impl HttpAuth {
                 }
             }
         };
-        let password = match &presented {
-            Presented::Basic(c) if verified_here => Some(c.password.clone()),
+        let to_verify = match &presented {
+            Presented::Basic(c) if verified_here => Some(c.clone()),
             _ => None,
         };
         let lookup_repo = repo.clone();
         let lookup_user = user.clone();
+        // None: the password was wrong. Otherwise until when a password checked here is trusted.
         let result = with_store(self.data_dir.clone(), move |store| {
-            if let (Some(u), Some(p)) = (&lookup_user, &password) {
-                if !store.verify_password(u, p)? {
-                    return Ok((false, None));
+            let trusted_until = match &to_verify {
+                Some(c) => {
+                    match PASSWORD_GATE.verify(c, || store.verify_password(&c.user, &c.password))? {
+                        Some(until) => Some(until),
+                        None => return Ok(None),
+                    }
                 }
-            }
+                None => None,
+            };
             let access: Option<RepoAccess> =
                 store.repo_access(&lookup_repo, lookup_user.as_deref())?;
-            Ok((true, access))
+            Ok(Some((trusted_until, access)))
         })
         .await;
-        let (verified, access) = match result {
-            Ok(r) => r,
+        let (trusted_until, access) = match result {
+            Ok(Some(r)) => r,
+            Ok(None) => return Err(Refusal::Unauthorized("invalid credentials".into())),
             Err(e) => {
                 tracing::error!(error = %e, "store lookup failed");
                 return Err(Refusal::Internal("internal error".into()));
             }
         };
-        if !verified {
-            return Err(Refusal::Unauthorized("invalid credentials".into()));
-        }
-        if let Presented::Basic(c) = &presented {
-            if verified_here {
-                self.credentials.borrow_mut().remember(c, Instant::now());
-            }
+        if let (Presented::Basic(c), Some(until)) = (&presented, trusted_until) {
+            self.credentials
+                .borrow_mut()
+                .remember(c, Instant::now(), until);
         }
         match decide(access, user.is_some(), need) {
             Decision::Allow => Ok(Principal { user }),

@@ -3,6 +3,7 @@
 //! credentials on every request of a clone), and the access decision for a repository.
 
 use std::collections::HashMap;
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -88,28 +89,21 @@ pub fn decide(repo: Option<RepoAccess>, authenticated: bool, need: Access) -> De
 /// Remembers recently verified passwords by a keyed hash, never the password itself.
 pub struct CredentialCache {
     key: [u8; 32],
-    ttl: Duration,
     capacity: usize,
     entries: HashMap<[u8; 32], Instant>,
 }
 
 impl CredentialCache {
-    pub fn new(ttl: Duration, capacity: usize) -> Self {
+    pub fn new(capacity: usize) -> Self {
         Self {
             key: rand::random(),
-            ttl,
             capacity,
             entries: HashMap::new(),
         }
     }
 
     fn fingerprint(&self, creds: &BasicCredentials) -> [u8; 32] {
-        let mut h = Sha256::new();
-        h.update(self.key);
-        h.update(creds.user.as_bytes());
-        h.update([0]);
-        h.update(creds.password.as_bytes());
-        h.finalize().into()
+        fingerprint(&self.key, creds)
     }
 
     pub fn is_verified(&self, creds: &BasicCredentials, now: Instant) -> bool {
@@ -118,7 +112,9 @@ impl CredentialCache {
             .is_some_and(|&expires| expires > now)
     }
 
-    pub fn remember(&mut self, creds: &BasicCredentials, now: Instant) {
+    /// Trusts `creds` until `expires` (the moment the node-wide [`PasswordGate`] stops trusting
+    /// them, so a changed password stops working within one lifetime on every shard).
+    pub fn remember(&mut self, creds: &BasicCredentials, now: Instant, expires: Instant) {
         if self.entries.len() >= self.capacity {
             self.entries.retain(|_, &mut expires| expires > now);
             if self.entries.len() >= self.capacity {
@@ -126,8 +122,124 @@ impl CredentialCache {
             }
         }
         let fp = self.fingerprint(creds);
-        self.entries.insert(fp, now + self.ttl);
+        self.entries.insert(fp, expires);
     }
+}
+
+/// The node-wide gate in front of password hashing. One argon2id check holds about 19 MiB and
+/// tens of milliseconds of CPU, and the per-shard [`CredentialCache`] misses on every shard at
+/// once when a burst of clients arrives with the same credentials (8 LFS clients starting together
+/// took the server from 26 to 105 MB). So at most `max_parallel` checks run at once, whatever the
+/// burst; a request whose credentials are already being checked waits for that answer instead of
+/// hashing them again; and a valid answer is trusted node-wide for `trust_for` (the per-shard
+/// cache's lifetime), so a shard that has not seen the credentials yet does not hash them again.
+pub struct PasswordGate {
+    key: [u8; 32],
+    max_parallel: usize,
+    trust_for: Duration,
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+/// How long a refusal is handed to requests that waited for it: long enough to collapse a burst,
+/// short enough that a password just set is not refused for long.
+const SHARE_REFUSAL_FOR: Duration = Duration::from_secs(5);
+/// Answers kept at most; past this the finished ones are dropped (they are only a cache).
+const MAX_ANSWERS: usize = 10_000;
+
+#[derive(Default)]
+struct GateState {
+    running: usize,
+    checks: HashMap<[u8; 32], Check>,
+}
+
+enum Check {
+    Running,
+    Done { valid: bool, until: Instant },
+}
+
+impl PasswordGate {
+    pub fn new(max_parallel: usize, trust_for: Duration) -> Self {
+        Self {
+            key: rand::random(),
+            max_parallel: max_parallel.max(1),
+            trust_for,
+            state: Mutex::new(GateState::default()),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Answers whether `creds` are valid: Some(until when they are trusted) or None. Runs
+    /// `check` (the hashing) only when no answer for the same credentials is fresh or on its way.
+    /// Blocks: call it from a blocking-pool thread.
+    pub fn verify<E>(
+        &self,
+        creds: &BasicCredentials,
+        check: impl FnOnce() -> Result<bool, E>,
+    ) -> Result<Option<Instant>, E> {
+        let fp = fingerprint(&self.key, creds);
+        let mut state = self.lock();
+        loop {
+            match state.checks.get(&fp) {
+                Some(Check::Done { valid, until }) if *until > Instant::now() => {
+                    return Ok(valid.then_some(*until));
+                }
+                Some(Check::Running) => {}
+                _ if state.running < self.max_parallel => break,
+                _ => {}
+            }
+            state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+        state.running += 1;
+        state.checks.insert(fp, Check::Running);
+        drop(state);
+        let result = check();
+        let mut state = self.lock();
+        state.running -= 1;
+        let now = Instant::now();
+        state
+            .checks
+            .retain(|_, c| !matches!(c, Check::Done { until, .. } if *until <= now));
+        if state.checks.len() >= MAX_ANSWERS {
+            state.checks.retain(|_, c| matches!(c, Check::Running));
+        }
+        match &result {
+            Ok(valid) => {
+                let lasts = if *valid {
+                    self.trust_for
+                } else {
+                    SHARE_REFUSAL_FOR
+                };
+                state.checks.insert(
+                    fp,
+                    Check::Done {
+                        valid: *valid,
+                        until: now + lasts,
+                    },
+                );
+            }
+            // A failed check (the store, not the password) is not an answer to share.
+            Err(_) => {
+                state.checks.remove(&fp);
+            }
+        }
+        drop(state);
+        self.changed.notify_all();
+        result.map(|valid| valid.then_some(now + self.trust_for))
+    }
+}
+
+fn fingerprint(key: &[u8; 32], creds: &BasicCredentials) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(key);
+    h.update(creds.user.as_bytes());
+    h.update([0]);
+    h.update(creds.password.as_bytes());
+    h.finalize().into()
 }
 
 #[cfg(test)]
@@ -194,7 +306,7 @@ mod tests {
 
     #[test]
     fn cache_expires_and_distinguishes_passwords() {
-        let mut cache = CredentialCache::new(Duration::from_secs(10), 2);
+        let mut cache = CredentialCache::new(2);
         let now = Instant::now();
         let a = BasicCredentials {
             user: "a".into(),
@@ -204,9 +316,83 @@ mod tests {
             user: "a".into(),
             password: "2".into(),
         };
-        cache.remember(&a, now);
+        cache.remember(&a, now, now + Duration::from_secs(10));
         assert!(cache.is_verified(&a, now));
         assert!(!cache.is_verified(&wrong, now));
         assert!(!cache.is_verified(&a, now + Duration::from_secs(11)));
+    }
+
+    fn creds(user: &str, password: &str) -> BasicCredentials {
+        BasicCredentials {
+            user: user.into(),
+            password: password.into(),
+        }
+    }
+
+    #[test]
+    fn gate_hashes_a_burst_of_the_same_credentials_once() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let gate = PasswordGate::new(2, Duration::from_secs(5));
+        let calls = AtomicUsize::new(0);
+        let answers: Vec<bool> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| {
+                    s.spawn(|| {
+                        gate.verify(&creds("alice", "pw"), || {
+                            calls.fetch_add(1, Ordering::SeqCst);
+                            std::thread::sleep(Duration::from_millis(100));
+                            Ok::<_, ()>(true)
+                        })
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap().unwrap().is_some())
+                .collect()
+        });
+        assert_eq!(answers, [true; 8]);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        // Trusted afterwards too, from any thread (any shard), without hashing again.
+        let trusted = gate.verify(&creds("alice", "pw"), || {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, ()>(true)
+        });
+        assert!(trusted.unwrap().is_some_and(|until| until > Instant::now()));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        // A different password is a different check, and a wrong one is answered as such.
+        assert_eq!(
+            gate.verify(&creds("alice", "nope"), || Ok::<_, ()>(false)),
+            Ok(None)
+        );
+    }
+
+    #[test]
+    fn gate_bounds_parallel_checks_and_does_not_share_errors() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let gate = PasswordGate::new(2, Duration::from_secs(5));
+        let (now, peak) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        std::thread::scope(|s| {
+            for i in 0..6 {
+                let (gate, now, peak) = (&gate, &now, &peak);
+                s.spawn(move || {
+                    gate.verify(&creds(&format!("user{i}"), "pw"), || {
+                        let running = now.fetch_add(1, Ordering::SeqCst) + 1;
+                        peak.fetch_max(running, Ordering::SeqCst);
+                        std::thread::sleep(Duration::from_millis(50));
+                        now.fetch_sub(1, Ordering::SeqCst);
+                        Ok::<_, ()>(true)
+                    })
+                });
+            }
+        });
+        assert_eq!(peak.load(Ordering::SeqCst), 2);
+        assert_eq!(
+            gate.verify(&creds("bob", "pw"), || Err::<bool, _>("db down")),
+            Err("db down")
+        );
+        assert!(gate
+            .verify(&creds("bob", "pw"), || Ok::<_, &str>(true))
+            .is_ok_and(|trusted| trusted.is_some()));
     }
 }
