@@ -285,11 +285,18 @@ impl Default for GitSection {
 pub struct ShutdownSection {
     /// Seconds in-flight transfers may run after SIGTERM before they are cut. Default 30.
     pub grace_secs: u64,
+    /// After SIGTERM, seconds an idle HTTP keep-alive connection may take to send its next
+    /// request before it is closed. A git clone or push is several requests on one connection;
+    /// closing between them would cut it. Default 10.
+    pub keepalive_drain_secs: u64,
 }
 
 impl Default for ShutdownSection {
     fn default() -> Self {
-        Self { grace_secs: 30 }
+        Self {
+            grace_secs: 30,
+            keepalive_drain_secs: 10,
+        }
     }
 }
 
@@ -680,6 +687,8 @@ pub struct HttpLimits {
     pub max_connections_per_shard: usize,
     pub head_timeout: Duration,
     pub idle_timeout: Duration,
+    /// Idle limit between requests once shutdown has begun (`shutdown.keepalive_drain_secs`).
+    pub drain_idle_timeout: Duration,
     pub max_head_bytes: usize,
 }
 
@@ -770,6 +779,7 @@ impl ServeConfig {
             )?,
             head_timeout: positive_secs("http.head_timeout_secs", h.head_timeout_secs)?,
             idle_timeout: positive_secs("http.idle_timeout_secs", h.idle_timeout_secs)?,
+            drain_idle_timeout: Duration::from_secs(file.shutdown.keepalive_drain_secs),
             max_head_bytes: h.max_head_bytes,
         };
         let t = file.tcp;

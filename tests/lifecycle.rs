@@ -160,6 +160,98 @@ fn sigterm_lets_an_in_flight_clone_finish_then_exits_zero() {
     );
 }
 
+/// Reads one HTTP response (Content-Length or chunked) from a keep-alive connection.
+fn read_response(sock: &mut TcpStream) -> Vec<u8> {
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        if let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&out[..end]).to_ascii_lowercase();
+            let length = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map(|v| v.trim().parse::<usize>().unwrap());
+            let complete = match length {
+                Some(n) => out.len() >= end + 4 + n,
+                None => out.ends_with(b"\r\n0\r\n\r\n"),
+            };
+            if complete {
+                return out;
+            }
+        }
+        let n = sock.read(&mut buf).expect("response cut or stalled");
+        assert!(
+            n > 0,
+            "connection closed mid-response: {:?}",
+            String::from_utf8_lossy(&out)
+        );
+        out.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[test]
+fn sigterm_keeps_a_clone_conversation_alive_and_closes_idle_connections() {
+    let mut server = Server::start_with(ServerOptions {
+        config: Some("[shutdown]\ngrace_secs = 60\nkeepalive_drain_secs = 2\n".into()),
+        ..ServerOptions::default()
+    });
+    let want = make_big_repo(&server, "admin/big", 1 << 20);
+    let fetch = v2_fetch_request(&server, "admin/big", &want);
+    let auth = String::from_utf8_lossy(&fetch)
+        .lines()
+        .find(|l| l.starts_with("Authorization:"))
+        .unwrap()
+        .to_string();
+    // The first request of a clone, answered before shutdown.
+    let mut clone = TcpStream::connect(server.addr).unwrap();
+    write!(
+        clone,
+        "GET /admin/big.git/info/refs?service=git-upload-pack HTTP/1.1\r\nHost: x\r\n\
+         {auth}\r\nGit-Protocol: version=2\r\n\r\n"
+    )
+    .unwrap();
+    let refs = read_response(&mut clone);
+    assert_eq!(status_of(&refs), 200);
+    let mut idle = TcpStream::connect(server.addr).unwrap();
+    let start = Instant::now();
+    server.signal(libc::SIGTERM);
+    assert!(
+        wait_for(Duration::from_secs(5), || TcpStream::connect(server.addr)
+            .is_err()),
+        "still accepting after SIGTERM"
+    );
+    // The clone's next request, on its open connection, is still served in full.
+    clone.write_all(&fetch).unwrap();
+    let pack = read_response(&mut clone);
+    assert_eq!(status_of(&pack), 200);
+    assert!(
+        pack.windows(9).any(|w| w == b"packfile\n"),
+        "no packfile section in the fetch response"
+    );
+    // A connection that sends nothing is closed after the drain window, not the grace period.
+    idle.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    assert_eq!(
+        idle.read(&mut [0u8; 16]).unwrap(),
+        0,
+        "idle connection not closed"
+    );
+    drop(clone);
+    assert_eq!(
+        server.wait_exit(Duration::from_secs(20)),
+        Some(0),
+        "server log:\n{}",
+        server.log()
+    );
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(30),
+        "exit after {took:?}: expected the 2 s drain window, well inside the 60 s grace"
+    );
+}
+
 #[test]
 fn sigterm_cuts_transfers_that_outlive_the_grace_period() {
     let mut server = Server::start_with(ServerOptions {

@@ -39,16 +39,17 @@ pub async fn serve_connection<H: Handler>(
         ..HeadLimits::default()
     };
     loop {
-        // None: the peer closed, went idle too long, sent garbage (already answered), or we
-        // are shutting down between requests.
+        // None: the peer closed, went idle too long (a short while once shutting down), or sent
+        // garbage (already answered).
         let Some(head) = next_head(conn, limits, &head_limits, shutdown).await else {
             break;
         };
-        let keep_alive = head.keep_alive && !shutdown.is_triggered();
+        // Keep-alive survives shutdown: a git clone or push is several requests on one
+        // connection, and the client cannot reconnect once the listener is closed.
         let has_body = !matches!(head.framing, BodyFraming::None | BodyFraming::Length(0));
-        conn.begin_request(keep_alive, has_body);
+        conn.begin_request(head.keep_alive, has_body);
         match handler.handle(head, conn).await {
-            Ok(Reuse::KeepAlive) if conn.reusable() && !shutdown.is_triggered() => {
+            Ok(Reuse::KeepAlive) if conn.reusable() => {
                 conn.release_buffer();
             }
             Ok(_) => break,
@@ -61,6 +62,21 @@ pub async fn serve_connection<H: Handler>(
     conn.shutdown().await;
 }
 
+/// Idle between requests: waits without a buffer until the peer sends something. Gives up after
+/// the idle timeout, or after the shorter drain timeout once shutdown has begun, so that idle
+/// connections do not hold the process for the whole grace period.
+async fn wait_for_request(conn: &Conn, limits: &HttpLimits, shutdown: &ShutdownSignal) -> bool {
+    let started = monoio::time::Instant::now();
+    let readable = monoio::select! {
+        r = timeout(limits.idle_timeout, conn.readable()) => r,
+        _ = shutdown.wait() => {
+            let idle_left = limits.idle_timeout.saturating_sub(started.elapsed());
+            timeout(idle_left.min(limits.drain_idle_timeout), conn.readable()).await
+        }
+    };
+    matches!(readable, Ok(Ok(())))
+}
+
 /// Reads the next request head. Errors have already been answered (or the peer is gone).
 async fn next_head(
     conn: &mut Conn,
@@ -68,16 +84,8 @@ async fn next_head(
     head_limits: &HeadLimits,
     shutdown: &ShutdownSignal,
 ) -> Option<RequestHead> {
-    if conn.buffered().is_empty() {
-        // Idle between requests: wait without a buffer, for data, the idle timeout or shutdown.
-        monoio::select! {
-            r = timeout(limits.idle_timeout, conn.readable()) => {
-                if !matches!(r, Ok(Ok(()))) {
-                    return None;
-                }
-            }
-            _ = shutdown.wait() => return None,
-        }
+    if conn.buffered().is_empty() && !wait_for_request(conn, limits, shutdown).await {
+        return None;
     }
     let deadline = monoio::time::Instant::now() + limits.head_timeout;
     let mut first = true;
