@@ -541,76 +541,12 @@ fn batch_api_refuses_bad_requests_cleanly() {
     assert_eq!(status_of(&post(&big, Some(&auth))), 413);
 }
 
-/// A real S3-compatible server (moto's), on a free loopback port, for the life of the test.
-struct S3Server {
-    child: std::process::Child,
-    addr: std::net::SocketAddr,
-}
-
-impl S3Server {
-    fn start() -> Self {
-        let ok = std::process::Command::new("python3")
-            .args(["-c", "import moto.server"])
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "the S3 test needs moto's server (python3 -m pip install 'moto[server]'): run scripts/test.sh, which installs it");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = std::process::Command::new("python3")
-            .args([
-                "-m",
-                "moto.server",
-                "-H",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-            ])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        assert!(
-            wait_for(Duration::from_secs(30), || TcpStream::connect(addr).is_ok()),
-            "moto server did not start"
-        );
-        Self { child, addr }
-    }
-
-    /// A raw (unsigned: moto does not check signatures) request; returns the response.
-    fn call(&self, head: &str) -> Vec<u8> {
-        raw_request(
-            self.addr,
-            format!(
-                "{head} HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                self.addr
-            )
-            .as_bytes(),
-            Duration::from_secs(20),
-        )
-    }
-}
-
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn s3_backend_multipart_uploads_verified_objects() {
     require_tool("git-lfs");
     let s3 = S3Server::start();
-    assert_eq!(status_of(&s3.call("PUT /lfs-bucket")), 200);
     let server = Server::start_with(ServerOptions {
-        config: Some(format!(
-            "[lfs.s3]\nendpoint = \"{}\"\nbucket = \"lfs-bucket\"\naccess_key_id = \"test\"\nsecret_access_key = \"test\"\npart_size_mib = 5\n",
-            s3.addr
-        )),
+        config: Some(s3.bucket_config("lfs-bucket")),
         ..ServerOptions::default()
     });
     server.create_repo("admin/media", false);
@@ -619,7 +555,7 @@ fn s3_backend_multipart_uploads_verified_objects() {
     // 12 MiB: three parts of at most 5 MiB.
     let data = random_bytes(12 << 20, 5);
     let oid = sha256_hex(&data);
-    let key = format!("/lfs-bucket/lfs/{}/{}/{oid}", &oid[0..2], &oid[2..4]);
+    let key = S3Server::object_key("lfs-bucket", &oid);
     let put = |body: &[u8]| put_object(&server, "admin/media", &oid, &auth, body);
     // Wrong content: refused, and the aborted multipart upload leaves nothing in the bucket.
     let mut wrong = data.clone();
@@ -630,11 +566,7 @@ fn s3_backend_multipart_uploads_verified_objects() {
         404,
         "a refused upload must not be visible"
     );
-    let pending = String::from_utf8_lossy(&s3.call("GET /lfs-bucket?uploads")).into_owned();
-    assert!(
-        !pending.contains("<Upload>"),
-        "multipart upload left open: {pending}"
-    );
+    assert!(!s3.open_uploads("lfs-bucket"), "multipart upload left open");
     // Right content: completed from its parts, readable from S3 and through gitplane with Range.
     assert_eq!(status_of(&put(&data)), 200);
     let stored = s3.call(&format!("GET {key}"));

@@ -588,19 +588,63 @@ fn malformed_input_gets_an_error_status_never_a_hang() {
 }
 
 #[test]
-fn s3_storage_refuses_git_lfs_transfer_so_git_lfs_uses_http() {
+fn git_lfs_transfer_with_s3_storage_stores_verified_objects_in_s3() {
+    let s3 = S3Server::start();
     let s = Ssh::start_with(ServerOptions {
-        config: Some(
-            "[lfs.s3]\nendpoint = \"127.0.0.1:9\"\nbucket = \"b\"\naccess_key_id = \"k\"\nsecret_access_key = \"s\"\n"
-                .into(),
-        ),
+        config: Some(s3.bucket_config("ssh-lfs")),
         ..ServerOptions::default()
     });
     let key = s.key_for("admin");
-    s.server.create_repo("admin/raw", false);
-    let out = s.raw(&key, "git-lfs-transfer admin/raw upload", &start_session());
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("not available with S3"), "{err}");
-    assert!(out.stdout.is_empty());
+    s.server.create_repo("admin/media", false);
+
+    // A corrupt put-object is refused before anything reaches S3.
+    let good = random_bytes(6 << 20, 31);
+    let oid = sha256_hex(&good);
+    let mut bad = good.clone();
+    bad[3 << 20] ^= 1;
+    let mut input = start_session();
+    put_object(&mut input, &oid, good.len(), &bad);
+    quit(&mut input);
+    let out = s.raw(&key, "git-lfs-transfer admin/media upload", &input);
+    let got = answers(&out);
+    assert!(got.contains(&"status 422".to_owned()), "{got:?}");
+    let key_of = |oid: &str| S3Server::object_key("ssh-lfs", oid);
+    assert_eq!(
+        status_of(&s3.call(&format!("GET {}", key_of(&oid)))),
+        404,
+        "a refused upload reached S3"
+    );
+
+    // The real client, pure SSH both ways: 12 MiB (three 5 MiB parts), 1 byte and 6 MiB.
+    let src = s.worktree("src", &key, "admin/media");
+    git(&src, &["lfs", "track", "*.bin"]);
+    let mut expected = Vec::new();
+    for (i, data) in [random_bytes(12 << 20, 41), vec![7u8], good]
+        .into_iter()
+        .enumerate()
+    {
+        expected.push((format!("f{i}.bin"), sha256_hex(&data), data.len()));
+        std::fs::write(src.join(format!("f{i}.bin")), data).unwrap();
+    }
+    git(&src, &["add", "."]);
+    git(&src, &["commit", "-q", "-m", "binaries"]);
+    assert_pure_ssh(&s.git_traced(&src, &["push", "-q", "origin", "main"]));
+    for (name, oid, size) in &expected {
+        let stored = s3.call(&format!("GET {}", key_of(oid)));
+        assert_eq!(status_of(&stored), 200, "{name} not in S3");
+        let body = &stored[stored.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4..];
+        assert_eq!(body.len(), *size, "{name}: size in S3");
+        assert_eq!(&sha256_hex(body), oid, "{name}: content in S3");
+        assert!(!s.object_path(oid).exists(), "{name} also on local disk");
+    }
+    assert!(!s3.open_uploads("ssh-lfs"), "multipart upload left open");
+    assert_eq!(s.staged_files(), 0, "staging files left behind");
+
+    let dest = s.worktree("dest", &key, "admin/media");
+    assert_pure_ssh(&s.git_traced(&dest, &["pull", "-q", "origin", "main"]));
+    for (name, oid, _) in &expected {
+        let got = std::fs::read(dest.join(name)).unwrap();
+        assert_eq!(&sha256_hex(&got), oid, "{name} differs after the clone");
+    }
+    assert_eq!(s.metric("gitplane_lfs_batch_requests_total"), 0);
 }

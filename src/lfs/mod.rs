@@ -4,11 +4,13 @@
 //! - [`api`]: the JSON and the batch decision (no I/O);
 //! - [`pool`]: the per-shard pool of pinned, page-aligned transfer buffers that bounds memory;
 //! - [`storage`]: verified objects on local disk; [`s3`] and [`sigv4`]: or in S3-compatible storage;
+//! - [`s3_bridge`]: that S3 client on a thread of its own, for the tokio SSH sidecars;
 //! - [`http`]: the request handlers.
 
 pub mod http;
 pub mod pool;
 pub mod s3;
+pub mod s3_bridge;
 pub mod sigv4;
 pub mod storage;
 

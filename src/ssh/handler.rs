@@ -574,16 +574,6 @@ impl Handler for ConnHandler {
                 },
             ),
         };
-        if matches!(request, ExecRequest::LfsTransfer { .. }) && self.shared.config.lfs.s3.is_some()
-        {
-            // The transfer loop streams to local disk only; refusing makes git-lfs fall back
-            // to HTTP through git-lfs-authenticate, which serves S3.
-            return self.refuse(
-                channel,
-                session,
-                "git-lfs-transfer is not available with S3 storage; git-lfs falls back to HTTP (git-lfs-authenticate)",
-            );
-        }
         let user = match self.authorize(&repo, need).await? {
             Ok(u) => u,
             Err(msg) => {

@@ -13,6 +13,9 @@
 //!   object recorded and linked to the repository. Anything else removes the staging file.
 //! - `get-object` reads the file in packet-sized pieces into one buffer and sends each as a
 //!   pkt-line. A session holds at most those two buffers whatever the object sizes.
+//! - With S3 storage the upload is staged and verified the same way, then handed to the
+//!   [`S3Bridge`] (a multipart upload from the staging file, which is removed afterwards), and a
+//!   download comes from the bridge in bounded chunks.
 //! - Authorisation happened before the session started (read for `download`, write for
 //!   `upload`); what needs write (`put-object`, `verify-object`, `lock`, `unlock`) is refused in a
 //!   `download` session, which git-lfs only uses for `batch`, `get-object` and `list-lock`.
@@ -45,6 +48,7 @@ use crate::auth::{decide, Decision};
 use crate::git::pktline::{FLUSH, MAX_PAYLOAD_LEN};
 use crate::git::repo_name::RepoName;
 use crate::lfs::api::rfc3339;
+use crate::lfs::s3_bridge::{BridgeError, S3Bridge};
 use crate::lfs::storage::DiskStore;
 use crate::metrics::METRICS;
 use crate::store::{Access, LockQuery, LockRecord, StoreError};
@@ -76,6 +80,8 @@ enum TransferError {
     ShortObject { oid: String, size: u64 },
     #[error("blocking task failed: {0}")]
     Blocking(String),
+    #[error("S3 storage: {0}")]
+    S3(#[from] BridgeError),
 }
 
 /// How one request went wrong.
@@ -540,19 +546,31 @@ impl<'a> Session<'a> {
         let Some((file, mut staged)) = put.file.take() else {
             return Err(refuse(507, "cannot store the object"));
         };
-        let (disk, oid, path) = (self.disk.clone(), put.oid.clone(), staged.path.clone());
-        let published = blocking(move || {
-            file.sync_all().map_err(|e| ("fsync", e))?;
+        if let Some(s3) = &self.ctx.shared.lfs_s3 {
             drop(file);
-            disk.publish(&path, &oid).map_err(|e| ("publish", e))
-        })
-        .await?;
-        if let Err((op, source)) = published {
-            tracing::error!(oid = %put.oid, op, error = %source, "storing LFS object failed");
-            return Err(refuse(507, "cannot store the object"));
+            let sent = s3
+                .upload(staged.path.clone(), put.oid.clone(), put.size)
+                .await;
+            if let Err(e) = sent {
+                tracing::error!(oid = %put.oid, error = %e, "storing LFS object in S3 failed");
+                return Err(refuse(507, "cannot store the object"));
+            }
+            // In S3 now; `staged` removes the local copy when it drops.
+        } else {
+            let (disk, oid, path) = (self.disk.clone(), put.oid.clone(), staged.path.clone());
+            let published = blocking(move || {
+                file.sync_all().map_err(|e| ("fsync", e))?;
+                drop(file);
+                disk.publish(&path, &oid).map_err(|e| ("publish", e))
+            })
+            .await?;
+            if let Err((op, source)) = published {
+                tracing::error!(oid = %put.oid, op, error = %source, "storing LFS object failed");
+                return Err(refuse(507, "cannot store the object"));
+            }
+            // Renamed into place: nothing to clean up any more.
+            staged.armed = false;
         }
-        // Renamed into place: nothing to clean up any more.
-        staged.armed = false;
         let (repo, oid, size) = (self.repo_key(), put.oid.clone(), put.size);
         self.store(move |s| s.lfs_record_object(&repo, &oid, size))
             .await?;
@@ -593,6 +611,9 @@ impl<'a> Session<'a> {
             } => s,
             _ => return Err(refuse(404, "object not found")),
         };
+        if let Some(s3) = &self.ctx.shared.lfs_s3 {
+            return send_from_s3(s3, oid, size, out, resp).await;
+        }
         let path = self.disk.object_path(&oid);
         let p = path.clone();
         let mut file = match blocking(move || File::open(&p)).await? {
@@ -761,6 +782,64 @@ async fn write_chunk(put: &mut Put) -> Result<(), TransferError> {
 }
 
 /// Sends bytes; the writer waits for the client's SSH window.
+/// [`Session::get_object`] from S3: the head once the first bytes have arrived (so a missing or
+/// unreachable object is still an error status), then one pkt-line per piece, then a flush.
+async fn send_from_s3<W: AsyncWrite + Unpin>(
+    s3: &S3Bridge,
+    oid: String,
+    size: u64,
+    out: &mut W,
+    resp: &mut Vec<u8>,
+) -> Result<(), Fault> {
+    let mut chunks = s3.download(oid.clone(), size, MAX_PAYLOAD_LEN);
+    let mut chunk = if size > 0 {
+        next_chunk(&mut chunks, &oid, size).await.map_err(|e| {
+            tracing::error!(%oid, error = %e, "LFS object recorded but not readable from S3");
+            refuse(500, "internal error")
+        })?
+    } else {
+        Vec::new()
+    };
+    encode_object_head(resp, size);
+    send(out, resp).await?;
+    resp.clear();
+    let _active = Active::start();
+    let mut packet: Vec<u8> = Vec::with_capacity(4 + MAX_PAYLOAD_LEN);
+    let mut sent = 0u64;
+    while sent < size {
+        if chunk.is_empty() {
+            chunk = next_chunk(&mut chunks, &oid, size).await?;
+        }
+        for piece in chunk.chunks(MAX_PAYLOAD_LEN) {
+            packet.clear();
+            packet.extend_from_slice(&data_header(piece.len()).map_err(TransferError::Framing)?);
+            packet.extend_from_slice(piece);
+            send(out, &packet).await?;
+        }
+        METRICS.lfs.bytes_out.add(chunk.len() as u64);
+        sent += chunk.len() as u64;
+        chunk.clear();
+    }
+    resp.extend_from_slice(FLUSH);
+    tracing::debug!(%oid, size, "git-lfs-transfer get-object sent from S3");
+    Ok(())
+}
+
+async fn next_chunk(
+    chunks: &mut tokio::sync::mpsc::Receiver<Result<Vec<u8>, BridgeError>>,
+    oid: &str,
+    size: u64,
+) -> Result<Vec<u8>, TransferError> {
+    match chunks.recv().await {
+        Some(Ok(chunk)) => Ok(chunk),
+        Some(Err(e)) => Err(TransferError::S3(e)),
+        None => Err(TransferError::ShortObject {
+            oid: oid.to_owned(),
+            size,
+        }),
+    }
+}
+
 async fn send<W: AsyncWrite + Unpin>(out: &mut W, bytes: &[u8]) -> Result<(), TransferError> {
     out.write_all(bytes)
         .await

@@ -10,7 +10,7 @@
 //! [`crate::git::tokio_child`] and streams it over the channel with SSH flow control.
 //! `git-lfs-authenticate` answers with [`lfs`] JSON holding a [`crate::token`];
 //! `git-lfs-transfer` speaks the pure-SSH LFS protocol ([`lfs_transfer_proto`]) in
-//! [`lfs_transfer`], on local-disk LFS storage.
+//! [`lfs_transfer`], on local-disk or S3 LFS storage.
 //!
 //! Front ends do not import each other: SSH meets HTTP only in `git`, `auth`, `store` and
 //! `token`.
@@ -41,6 +41,7 @@ use russh::{cipher, kex, MethodKind, MethodSet, Preferred, SshId};
 use crate::config::{ServeConfig, SshLimits};
 use crate::git::limiter::PackLimiter;
 use crate::git::repo::RepoRoot;
+use crate::lfs::s3_bridge::S3Bridge;
 use crate::server::shard::ListenerSet;
 use crate::server::sidecar::{stopped, SidecarService, StopSignal};
 use crate::store::{Store, StoreError};
@@ -55,6 +56,8 @@ pub enum SshError {
     Russh(#[from] russh::Error),
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    #[error("starting the S3 bridge for git-lfs-transfer: {0}")]
+    S3Bridge(std::io::Error),
 }
 
 /// Key exchanges: the post-quantum hybrid first, then curve25519 (and its libssh.org alias).
@@ -92,6 +95,8 @@ pub struct SshShared {
     tokens: TokenSecret,
     /// Where the HTTP listener really listens (for LFS hrefs).
     http_addr: SocketAddr,
+    /// `git-lfs-transfer`'s way to S3 when LFS objects are stored there.
+    lfs_s3: Option<S3Bridge>,
 }
 
 /// The SSH front end, run on every sidecar core.
@@ -149,9 +154,17 @@ impl SshService {
             limits.max_unauthenticated,
             limits.max_unauthenticated_per_ip,
         );
+        let lfs_s3 = config
+            .lfs
+            .s3
+            .clone()
+            .map(S3Bridge::start)
+            .transpose()
+            .map_err(SshError::S3Bridge)?;
         Ok(Self {
             listeners,
             shared: Arc::new(SshShared {
+                lfs_s3,
                 repos: RepoRoot::new(&config.data_dir),
                 config,
                 limits,

@@ -540,3 +540,84 @@ pub fn metric(server: &Server, series: &str) -> u64 {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no {series} in metrics:\n{body}"))
 }
+
+/// A real S3-compatible server (moto's), on a free loopback port, for the life of the test.
+pub struct S3Server {
+    child: std::process::Child,
+    pub addr: std::net::SocketAddr,
+}
+
+impl S3Server {
+    pub fn start() -> Self {
+        let ok = std::process::Command::new("python3")
+            .args(["-c", "import moto.server"])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "the S3 test needs moto's server (python3 -m pip install 'moto[server]'): run scripts/test.sh, which installs it");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new("python3")
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        assert!(
+            wait_for(Duration::from_secs(30), || TcpStream::connect(addr).is_ok()),
+            "moto server did not start"
+        );
+        Self { child, addr }
+    }
+
+    /// A raw (unsigned: moto does not check signatures) request; returns the response.
+    pub fn call(&self, head: &str) -> Vec<u8> {
+        raw_request(
+            self.addr,
+            format!(
+                "{head} HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                self.addr
+            )
+            .as_bytes(),
+            Duration::from_secs(20),
+        )
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl S3Server {
+    /// A bucket made for the test, and the `[lfs.s3]` config section that points gitplane at it.
+    pub fn bucket_config(&self, bucket: &str) -> String {
+        assert_eq!(status_of(&self.call(&format!("PUT /{bucket}"))), 200);
+        format!(
+            "[lfs.s3]\nendpoint = \"{}\"\nbucket = \"{bucket}\"\naccess_key_id = \"test\"\nsecret_access_key = \"test\"\npart_size_mib = 5\n",
+            self.addr
+        )
+    }
+
+    /// Where gitplane keeps `oid` in `bucket` (default `lfs/` prefix).
+    pub fn object_key(bucket: &str, oid: &str) -> String {
+        format!("/{bucket}/lfs/{}/{}/{oid}", &oid[0..2], &oid[2..4])
+    }
+
+    /// Whether `bucket` has multipart uploads neither completed nor aborted.
+    pub fn open_uploads(&self, bucket: &str) -> bool {
+        String::from_utf8_lossy(&self.call(&format!("GET /{bucket}?uploads"))).contains("<Upload>")
+    }
+}
