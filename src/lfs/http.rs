@@ -515,26 +515,14 @@ impl LfsHttp {
     ) -> Result<(), Failure> {
         if size == 0 {
             verify_digest(oid, Sha256::digest([]).into())?;
-            return s3.put_empty(oid).await.map_err(s3_failure);
+            return s3.put_empty(oid).await.map_err(Failure::from);
         }
-        let upload_id = s3.create_multipart(oid).await.map_err(s3_failure)?;
-        let parts = self.upload_parts(s3, conn, oid, &upload_id, size).await;
-        let result = match parts {
-            Ok((digest, etags)) => match verify_digest(oid, digest) {
-                Ok(()) => s3
-                    .complete(oid, &upload_id, &etags)
-                    .await
-                    .map_err(s3_failure),
-                Err(f) => Err(f),
-            },
-            Err(f) => Err(f),
-        };
-        if result.is_err() {
-            if let Err(e) = s3.abort(oid, &upload_id).await {
-                tracing::warn!(%oid, error = %e, "cannot abort S3 multipart upload");
-            }
-        }
-        result
+        s3.multipart(oid, async |upload_id: &str| {
+            let (digest, etags) = self.upload_parts(s3, conn, oid, upload_id, size).await?;
+            verify_digest(oid, digest)?;
+            Ok(etags)
+        })
+        .await
     }
 
     async fn upload_parts(
@@ -554,7 +542,7 @@ impl LfsHttp {
             let mut part = s3
                 .start_part(oid, upload_id, number, part_len)
                 .await
-                .map_err(s3_failure)?;
+                .map_err(Failure::from)?;
             let mut sent = 0u64;
             while sent < part_len {
                 let buf = self.pool.acquire().await;
@@ -565,14 +553,14 @@ impl LfsHttp {
                 hasher.update(buf.filled());
                 let (res, _buf) = part.write_all(buf).await;
                 res.map_err(|e| {
-                    s3_failure(S3Error::Io {
+                    Failure::from(S3Error::Io {
                         endpoint: "part upload".into(),
                         source: e,
                     })
                 })?;
                 sent += n;
             }
-            etags.push(s3.finish_part(part).await.map_err(s3_failure)?);
+            etags.push(s3.finish_part(part).await.map_err(Failure::from)?);
             offset += part_len;
         }
         conn.body_finished();
@@ -625,7 +613,7 @@ impl LfsHttp {
         }
         let mut source = match (&self.s3, len) {
             (_, 0) => Source::Empty,
-            (Some(s3), _) => Source::S3(s3.get(oid, start, end).await.map_err(s3_failure)?),
+            (Some(s3), _) => Source::S3(s3.get(oid, start, end).await.map_err(Failure::from)?),
             (None, _) => Source::Disk(
                 monoio::fs::File::open(self.disk.object_path(oid))
                     .await
@@ -941,9 +929,11 @@ fn verify_digest(oid: &str, digest: [u8; 32]) -> Result<(), Failure> {
     Err(fail(422, "content does not match the object id (SHA-256)"))
 }
 
-fn s3_failure(e: S3Error) -> Failure {
-    tracing::error!(error = %e, "S3 request failed");
-    fail(502, "object storage failed")
+impl From<S3Error> for Failure {
+    fn from(e: S3Error) -> Self {
+        tracing::error!(error = %e, "S3 request failed");
+        fail(502, "object storage failed")
+    }
 }
 
 fn io_failure(e: io::Error) -> Failure {

@@ -362,6 +362,30 @@ impl S3Client {
         self.expect_ok(r, "AbortMultipartUpload").await.map(|_| ())
     }
 
+    /// One multipart upload of `oid`. `send_parts` gets the upload id and returns the parts'
+    /// ETags, or refuses; the upload is completed only after it succeeds and aborted otherwise,
+    /// so S3 never shows a partial or refused object.
+    pub async fn multipart<E: From<S3Error>>(
+        &self,
+        oid: &str,
+        send_parts: impl AsyncFnOnce(&str) -> Result<Vec<String>, E>,
+    ) -> Result<(), E> {
+        let upload_id = self.create_multipart(oid).await?;
+        let result = match send_parts(&upload_id).await {
+            Ok(etags) => self
+                .complete(oid, &upload_id, &etags)
+                .await
+                .map_err(E::from),
+            Err(e) => Err(e),
+        };
+        if result.is_err() {
+            if let Err(e) = self.abort(oid, &upload_id).await {
+                tracing::warn!(%oid, error = %e, "cannot abort S3 multipart upload");
+            }
+        }
+        result
+    }
+
     /// An empty object (multipart needs at least one byte per upload on some servers).
     pub async fn put_empty(&self, oid: &str) -> Result<(), S3Error> {
         let stream = self.send_head("PUT", &self.path(oid), &[], &[], 0).await?;

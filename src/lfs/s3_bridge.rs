@@ -159,21 +159,11 @@ async fn upload(client: &S3Client, staged: &Path, oid: &str, size: u64) -> Resul
         path: staged.to_path_buf(),
         source,
     })?;
-    let upload_id = client.create_multipart(oid).await?;
-    let sent = upload_parts(client, &file, staged, oid, &upload_id, size).await;
-    let result = match sent {
-        Ok(etags) => client
-            .complete(oid, &upload_id, &etags)
-            .await
-            .map_err(Into::into),
-        Err(e) => Err(e),
-    };
-    if result.is_err() {
-        if let Err(e) = client.abort(oid, &upload_id).await {
-            tracing::warn!(%oid, error = %e, "cannot abort S3 multipart upload");
-        }
-    }
-    result
+    client
+        .multipart(oid, async |upload_id: &str| {
+            upload_parts(client, &file, staged, oid, upload_id, size).await
+        })
+        .await
 }
 
 async fn upload_parts(
