@@ -313,7 +313,24 @@ impl Metrics {
         self.hooks.render(&mut out);
         self.ssh.render(&mut out);
         self.lfs.render(&mut out);
+        render_pack_cache(&mut out);
         out
+    }
+}
+
+/// The pack cache's counters, which the hook processes keep in shared memory.
+fn render_pack_cache(out: &mut String) {
+    use crate::git::pack_cache_stats::Counter as PackCounter;
+    let Some(stats) = crate::git::pack_cache::stats() else {
+        return;
+    };
+    for counter in PackCounter::ALL {
+        let (name, help) = counter.describe();
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+            stats.get(counter)
+        );
     }
 }
 

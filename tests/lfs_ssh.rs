@@ -121,20 +121,6 @@ impl Ssh {
         child.wait_with_output().expect("wait ssh")
     }
 
-    fn metric(&self, name: &str) -> u64 {
-        let raw = raw_request(
-            self.server.addr,
-            b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-            Duration::from_secs(10),
-        );
-        let text = String::from_utf8_lossy(&raw);
-        let prefix = format!("{name} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(prefix.as_str()))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
-    }
-
     fn object_path(&self, oid: &str) -> PathBuf {
         self.server.lfs_object_path(oid)
     }
@@ -286,7 +272,7 @@ fn push_and_clone_binaries_over_git_lfs_transfer() {
         );
     }
     let total: u64 = sizes.iter().map(|n| *n as u64).sum();
-    assert!(s.metric("gitplane_lfs_bytes_in_total") >= total);
+    assert!(metric(&s.server, "gitplane_lfs_bytes_in_total") >= total);
     assert_eq!(s.staged_files(), 0, "staging files left behind");
 
     // Elsewhere: fetch over SSH and check the contents.
@@ -297,14 +283,14 @@ fn push_and_clone_binaries_over_git_lfs_transfer() {
         let got = std::fs::read(dest.join(name)).unwrap();
         assert_eq!(&sha256_hex(&got), oid, "{name} differs after the clone");
     }
-    assert!(s.metric("gitplane_lfs_bytes_out_total") >= total);
+    assert!(metric(&s.server, "gitplane_lfs_bytes_out_total") >= total);
     // Objects streamed through small buffers: the server's peak memory grew by far less than
     // one object (50 MiB), let alone both.
     let grown = peak_rss_kib(s.server.pid()).saturating_sub(peak_before);
     eprintln!("server peak RSS grew by {grown} KiB during the SSH LFS push and pull");
     assert!(grown < 24 * 1024, "peak RSS grew by {grown} KiB");
     // Nothing went through the HTTP LFS API.
-    assert_eq!(s.metric("gitplane_lfs_batch_requests_total"), 0);
+    assert_eq!(metric(&s.server, "gitplane_lfs_batch_requests_total"), 0);
     assert!(s
         .server
         .log()
@@ -361,7 +347,7 @@ fn locks_over_ssh_with_a_conflict_between_users() {
     s.git_traced(&c, &["lfs", "unlock", "--force", "cover.psd"]);
     let after = git_raw(&b, &["lfs", "locks"], &[]);
     assert!(!String::from_utf8_lossy(&after.stdout).contains("cover.psd"));
-    assert_eq!(s.metric("gitplane_lfs_batch_requests_total"), 0);
+    assert_eq!(metric(&s.server, "gitplane_lfs_batch_requests_total"), 0);
 }
 
 #[test]
@@ -416,7 +402,7 @@ fn corrupt_put_object_is_refused_and_leaves_nothing() {
         "a corrupt object became visible"
     );
     assert_eq!(s.staged_files(), 0, "staging files left behind");
-    assert!(s.metric("gitplane_lfs_verify_failures_total") >= 1);
+    assert!(metric(&s.server, "gitplane_lfs_verify_failures_total") >= 1);
 
     // The same object with the right bytes is stored, verified and served back.
     let mut input = start_session();
@@ -646,5 +632,5 @@ fn git_lfs_transfer_with_s3_storage_stores_verified_objects_in_s3() {
         let got = std::fs::read(dest.join(name)).unwrap();
         assert_eq!(&sha256_hex(&got), oid, "{name} differs after the clone");
     }
-    assert_eq!(s.metric("gitplane_lfs_batch_requests_total"), 0);
+    assert_eq!(metric(&s.server, "gitplane_lfs_batch_requests_total"), 0);
 }

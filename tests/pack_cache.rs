@@ -60,6 +60,22 @@ fn identical_clones_share_a_pack_and_new_commits_are_never_missed() {
         assert_eq!(rev_count(dest, "main"), 5);
     }
     assert_eq!(cached_packs(&server), 1);
+    // The hooks' counters reach the server's /metrics.
+    assert_eq!(metric(&server, "gitplane_pack_cache_misses_total"), 1);
+    assert_eq!(metric(&server, "gitplane_pack_cache_hits_total"), 1);
+    assert_eq!(metric(&server, "gitplane_pack_cache_bypassed_total"), 0);
+    let pack_bytes = std::fs::read_dir(server.data_dir().join("cache/packs"))
+        .unwrap()
+        .flatten()
+        .find(|e| e.path().extension().is_some_and(|x| x == "pack"))
+        .unwrap()
+        .metadata()
+        .unwrap()
+        .len();
+    assert_eq!(
+        metric(&server, "gitplane_pack_cache_hit_bytes_total"),
+        pack_bytes
+    );
 
     // A push changes what clients want, so the next clone is a miss that sees the new commit.
     let src = w.join("src");

@@ -20,10 +20,12 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::RwLock;
+use std::sync::{OnceLock, RwLock};
 use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
+
+use super::pack_cache_stats::{Counter, Stats};
 
 /// Cache settings, passed to the hook on its command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +45,8 @@ const MAX_KEYED_INPUT: usize = 16 << 20;
 const STDERR_ONLY_ARGS: &[&str] = &["--progress", "--quiet", "-q", "--all-progress-implied"];
 
 static HOOK_COMMAND: RwLock<Option<OsString>> = RwLock::new(None);
+/// The server's view of the counters the hooks update.
+static STATS: OnceLock<Stats> = OnceLock::new();
 
 #[derive(Debug, thiserror::Error)]
 pub enum PackCacheError {
@@ -82,7 +86,20 @@ pub fn enable(exe: &Path, settings: &PackCacheSettings) -> Result<(), PackCacheE
         settings.max_bytes,
     );
     *HOOK_COMMAND.write().unwrap_or_else(|p| p.into_inner()) = Some(command.into());
+    match Stats::open(&dir) {
+        Ok(stats) => {
+            let _ = STATS.set(stats);
+        }
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "pack cache counters unavailable")
+        }
+    }
     Ok(())
+}
+
+/// The cache's counters, when the cache is enabled.
+pub fn stats() -> Option<&'static Stats> {
+    STATS.get()
 }
 
 /// The `uploadpack.packObjectsHook` value, when the cache is enabled.
@@ -128,21 +145,36 @@ pub fn run_hook(settings: &PackCacheSettings, command: &[OsString]) -> Result<i3
         .take(MAX_KEYED_INPUT as u64 + 1)
         .read_to_end(&mut input)?;
     let stdout = &mut io::stdout().lock();
+    let stats = Stats::open(&settings.dir).ok();
+    let count = |counter: Counter, n: u64| {
+        if let Some(s) = &stats {
+            s.add(counter, n);
+        }
+    };
+    let bypass = |input: Input<'_>, stdout: &mut io::StdoutLock<'_>| {
+        count(Counter::Bypassed, 1);
+        generate(program, args, input, None, stdout)
+    };
+    let hit = |pack: File, stdout: &mut io::StdoutLock<'_>| {
+        count(Counter::Hits, 1);
+        count(Counter::HitBytes, pack.metadata().map_or(0, |m| m.len()));
+        serve(pack, stdout)
+    };
     if input.len() > MAX_KEYED_INPUT {
-        return generate(program, args, Input::Rest(input), None, stdout);
+        return bypass(Input::Rest(input), stdout);
     }
     let Some(entry) = Entry::for_request(settings, args, &input) else {
-        return generate(program, args, Input::Whole(&input), None, stdout);
+        return bypass(Input::Whole(&input), stdout);
     };
     if let Some(pack) = entry.fresh_pack(settings.max_age) {
-        return serve(pack, stdout);
+        return hit(pack, stdout);
     }
     // Held until the entry exists or generation failed; released by the kernel if we are killed.
     let Ok(_lock) = entry.lock() else {
-        return generate(program, args, Input::Whole(&input), None, stdout);
+        return bypass(Input::Whole(&input), stdout);
     };
     if let Some(pack) = entry.fresh_pack(settings.max_age) {
-        return serve(pack, stdout);
+        return hit(pack, stdout);
     }
     let tmp = entry.temp_file();
     let status = generate(
@@ -152,9 +184,10 @@ pub fn run_hook(settings: &PackCacheSettings, command: &[OsString]) -> Result<i3
         tmp.as_ref().map(|(_, f)| f),
         stdout,
     )?;
+    let mut published = false;
     if let Some((tmp_path, file)) = tmp {
         // Synced before the rename: after a power cut the name must never point at a torn pack.
-        let published =
+        published =
             status == 0 && file.sync_data().is_ok() && fs::rename(&tmp_path, &entry.pack).is_ok();
         if published {
             evict(settings);
@@ -162,6 +195,14 @@ pub fn run_hook(settings: &PackCacheSettings, command: &[OsString]) -> Result<i3
             let _ = fs::remove_file(&tmp_path);
         }
     }
+    count(
+        if published {
+            Counter::Misses
+        } else {
+            Counter::Bypassed
+        },
+        1,
+    );
     Ok(status)
 }
 
