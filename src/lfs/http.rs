@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 
 use super::api::{self, ActionContext, BatchRequest, Known, Lock, Operation, CONTENT_TYPE};
 use super::pool::{BufferPool, PooledBuf};
-use super::s3::{S3Client, S3Error};
+use super::s3::{Parts, S3Client, S3Error};
 use super::storage::{DirectWriter, DiskStore, Staging, Writeback};
 use crate::access::{with_store, HttpAuth, Principal, Refusal};
 use crate::config::{LfsLimits, ServeConfig};
@@ -534,11 +534,13 @@ impl LfsHttp {
         size: u64,
     ) -> Result<([u8; 32], Vec<String>), Failure> {
         let mut hasher = Sha256::new();
-        let mut etags = Vec::new();
+        let mut parts = Parts::new(s3);
         let mut offset = 0u64;
         while offset < size {
             let part_len = s3.part_size().min(size - offset);
-            let number = u32::try_from(etags.len() + 1).map_err(|_| fail(413, "too many parts"))?;
+            let number = parts
+                .next_number()
+                .map_err(|_| fail(413, "too many parts"))?;
             let mut part = s3
                 .start_part(oid, upload_id, number, part_len)
                 .await
@@ -560,11 +562,11 @@ impl LfsHttp {
                 })?;
                 sent += n;
             }
-            etags.push(s3.finish_part(part).await.map_err(Failure::from)?);
+            parts.sent(part).await?;
             offset += part_len;
         }
         conn.body_finished();
-        Ok((hasher.finalize().into(), etags))
+        Ok((hasher.finalize().into(), parts.finish().await?))
     }
 
     async fn download(

@@ -11,6 +11,7 @@
 //! completed after LFS has checked the SHA-256 and size; otherwise it is aborted, and S3 never
 //! shows a partial or wrong object.
 
+use std::collections::VecDeque;
 use std::io;
 
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
@@ -22,6 +23,8 @@ use crate::http::chunked::ChunkedDecoder;
 /// Largest response body read into memory (XML answers, errors).
 const MAX_SMALL_BODY: usize = 1 << 20;
 const MAX_RESPONSE_HEAD: usize = 16 * 1024;
+/// Parts of one upload whose bytes are all sent and whose answers are still awaited.
+const PARTS_AWAITED: usize = 4;
 
 #[derive(Debug, Clone)]
 pub struct S3Settings {
@@ -409,6 +412,64 @@ impl S3Client {
             });
         }
         Ok(r)
+    }
+}
+
+/// The parts of one multipart upload, in order. A part's answer (its ETag) comes only once S3 has
+/// stored it; awaiting it in the background lets the next part stream meanwhile, with at most
+/// [`PARTS_AWAITED`] answers outstanding per upload.
+pub struct Parts {
+    client: S3Client,
+    awaited: VecDeque<monoio::task::JoinHandle<Result<String, S3Error>>>,
+    etags: Vec<String>,
+}
+
+impl Parts {
+    pub fn new(client: &S3Client) -> Self {
+        Self {
+            client: client.clone(),
+            awaited: VecDeque::new(),
+            etags: Vec::new(),
+        }
+    }
+
+    /// The number for the next part (S3 numbers parts from 1, up to 10,000).
+    pub fn next_number(&self) -> Result<u32, S3Error> {
+        u32::try_from(self.etags.len() + self.awaited.len() + 1)
+            .ok()
+            .filter(|n| *n <= 10_000)
+            .ok_or(S3Error::Protocol {
+                op: "UploadPart",
+                reason: "more than 10,000 parts".into(),
+            })
+    }
+
+    /// Takes a part whose bytes are all written; waits for the oldest answer first when
+    /// [`PARTS_AWAITED`] are outstanding.
+    pub async fn sent(&mut self, stream: TcpStream) -> Result<(), S3Error> {
+        if self.awaited.len() >= PARTS_AWAITED {
+            self.collect_oldest().await?;
+        }
+        let client = self.client.clone();
+        self.awaited.push_back(monoio::spawn(
+            async move { client.finish_part(stream).await },
+        ));
+        Ok(())
+    }
+
+    async fn collect_oldest(&mut self) -> Result<(), S3Error> {
+        if let Some(answer) = self.awaited.pop_front() {
+            self.etags.push(answer.await?);
+        }
+        Ok(())
+    }
+
+    /// Every part's ETag, in part order, once S3 has answered for all of them.
+    pub async fn finish(mut self) -> Result<Vec<String>, S3Error> {
+        while !self.awaited.is_empty() {
+            self.collect_oldest().await?;
+        }
+        Ok(std::mem::take(&mut self.etags))
     }
 }
 

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use monoio::io::AsyncWriteRentExt;
 use tokio::sync::{mpsc, oneshot};
 
-use super::s3::{S3Client, S3Error, S3Settings};
+use super::s3::{Parts, S3Client, S3Error, S3Settings};
 
 /// Chunks of a download waiting for the SSH channel; with the one being read and the one being
 /// sent, a download holds at most this plus two chunks.
@@ -174,21 +174,22 @@ async fn upload_parts(
     upload_id: &str,
     size: u64,
 ) -> Result<Vec<String>, BridgeError> {
-    let mut etags = Vec::new();
+    let mut parts = Parts::new(client);
     let mut buf = Vec::with_capacity(UPLOAD_READ);
     let mut offset = 0u64;
     while offset < size {
         let part_len = client.part_size().min(size - offset);
-        let number = u32::try_from(etags.len() + 1).unwrap_or(u32::MAX);
-        let mut part = client.start_part(oid, upload_id, number, part_len).await?;
+        let mut part = client
+            .start_part(oid, upload_id, parts.next_number()?, part_len)
+            .await?;
         let part_end = offset + part_len;
         while offset < part_end {
             let want = usize::try_from(part_end - offset)
                 .unwrap_or(UPLOAD_READ)
                 .min(UPLOAD_READ);
             buf.resize(want, 0);
-            // The staged file was just written and fsync'ed, so this read comes from the page
-            // cache; a blocking read on the bridge thread is shorter than a pool hop.
+            // The staged file was just written, so this read comes from the page cache; a
+            // blocking read on the bridge thread is shorter than a pool hop.
             file.read_exact_at(&mut buf, offset)
                 .map_err(|source| BridgeError::Staged {
                     path: staged.to_path_buf(),
@@ -202,9 +203,9 @@ async fn upload_parts(
             })?;
             offset += want as u64;
         }
-        etags.push(client.finish_part(part).await?);
+        parts.sent(part).await?;
     }
-    Ok(etags)
+    Ok(parts.finish().await?)
 }
 
 async fn download(
