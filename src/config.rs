@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::git::pack_cache::PackCacheSettings;
+use crate::http::forwarded::IpRange;
 
 /// Default data directory, relative to the working directory.
 pub const DEFAULT_DATA_DIR: &str = "./gitplane-data";
@@ -191,6 +192,10 @@ pub struct HttpSection {
     pub idle_timeout_secs: u64,
     /// Largest request head accepted, in bytes. Default 16384.
     pub max_head_bytes: usize,
+    /// Load balancers and proxies (addresses or ranges like `10.0.0.0/8`) whose
+    /// `X-Forwarded-For` is believed when naming the client (push events, logs). Default none:
+    /// the socket peer is the client.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for HttpSection {
@@ -201,6 +206,7 @@ impl Default for HttpSection {
             head_timeout_secs: 10,
             idle_timeout_secs: 60,
             max_head_bytes: 16 * 1024,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -690,6 +696,7 @@ pub struct HttpLimits {
     /// Idle limit between requests once shutdown has begun (`shutdown.keepalive_drain_secs`).
     pub drain_idle_timeout: Duration,
     pub max_head_bytes: usize,
+    pub trusted_proxies: Vec<IpRange>,
 }
 
 #[derive(Debug, Clone)]
@@ -781,6 +788,12 @@ impl ServeConfig {
             idle_timeout: positive_secs("http.idle_timeout_secs", h.idle_timeout_secs)?,
             drain_idle_timeout: Duration::from_secs(file.shutdown.keepalive_drain_secs),
             max_head_bytes: h.max_head_bytes,
+            trusted_proxies: h
+                .trusted_proxies
+                .iter()
+                .map(|r| r.parse())
+                .collect::<Result<_, _>>()
+                .map_err(|e| invalid("http.trusted_proxies", format!("{e}")))?,
         };
         let t = file.tcp;
         if t.keepalive_probes == 0 {

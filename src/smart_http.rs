@@ -21,6 +21,7 @@ use crate::git::repo_name::RepoName;
 use crate::git::stream::{Framing, RunningGit, StreamError};
 use crate::http::body::BodyReader;
 use crate::http::conn::Conn;
+use crate::http::forwarded::client_addr;
 use crate::http::head::RequestHead;
 use crate::http::query_param;
 use crate::http::response::{encode_head, BodyLength, NO_CACHE};
@@ -121,12 +122,17 @@ impl SmartHttp {
         who: &Principal,
     ) -> Result<RunningGit, String> {
         let dir = self.state.repos.path_of(repo);
-        let peer = conn.peer.ip().to_string();
+        let client = client_addr(
+            conn.peer.ip(),
+            head.x_forwarded_for.as_deref(),
+            &self.state.config.http.trusted_proxies,
+        )
+        .to_string();
         let repo_text = repo.to_string();
         let env = [
             ("GITPLANE_REPO", repo_text.as_str()),
             ("GITPLANE_USER", who.user.as_deref().unwrap_or("")),
-            ("GITPLANE_REMOTE_ADDR", peer.as_str()),
+            ("GITPLANE_REMOTE_ADDR", client.as_str()),
         ];
         let cmd = GitCommand {
             git: &self.state.config.git.binary,

@@ -534,6 +534,7 @@ fn push_triggers_signed_webhook(amqp: Option<&str>, test: &str) {
     let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
     assert_eq!(body["repository"], "admin/proj");
     assert_eq!(body["pusher"], "admin");
+    assert_eq!(body["remote_addr"], "127.0.0.1");
     assert_eq!(body["id"], event_id(r).as_str());
     assert_eq!(
         body["refs"],
@@ -606,6 +607,44 @@ fn embedded_mode_passes_the_same_delivery_test() {
 }
 
 /// One unary call of the repository API with the server's bearer token; panics unless OK.
+#[test]
+fn push_events_name_the_client_behind_trusted_proxies() {
+    let root = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start(200, Duration::ZERO);
+    let config = format!(
+        "{}\n[http]\ntrusted_proxies = [\"127.0.0.0/8\", \"10.0.0.0/8\"]\n",
+        config(None, &unique_prefix("xff"), "", "webhooks = 8\n")
+    );
+    let server = HookServer::start(root.path(), &config);
+    server.repo_with_webhook("admin/proj", &receiver.url(), "s3cret");
+    let mut pusher = Pusher::new(root.path(), &server, "admin/proj");
+    let remote_addr_of_push = |pusher: &mut Pusher, n: usize| {
+        pusher.push(&[]);
+        assert!(
+            wait_for(Duration::from_secs(30), || receiver.count() >= n),
+            "no webhook delivery:\n{}",
+            server.log()
+        );
+        let body: serde_json::Value =
+            serde_json::from_slice(&receiver.received()[n - 1].body).unwrap();
+        body["remote_addr"].as_str().unwrap_or_default().to_owned()
+    };
+    // The loopback peer and 10.1.2.3 are trusted proxies; 198.51.100.23 is the first hop that is
+    // not, so it is the client. 6.6.6.6 is what a client could have forged, and is not reached.
+    git(
+        &pusher.dir,
+        &[
+            "config",
+            "http.extraHeader",
+            "X-Forwarded-For: 6.6.6.6, 198.51.100.23, 10.1.2.3",
+        ],
+    );
+    assert_eq!(remote_addr_of_push(&mut pusher, 1), "198.51.100.23");
+    // Without the header, the socket peer.
+    git(&pusher.dir, &["config", "--unset", "http.extraHeader"]);
+    assert_eq!(remote_addr_of_push(&mut pusher, 2), "127.0.0.1");
+}
+
 fn grpc_ok<M: prost::Message>(server: &HookServer, method: &str, request: &M) {
     let token = std::fs::read_to_string(server.data.join("rpc-token")).unwrap();
     let auth = format!("Bearer {}", token.trim());

@@ -3,6 +3,7 @@
 //! head gives the same result).
 #![no_main]
 
+use gitplane_wire::http::forwarded::{client_addr, IpRange};
 use gitplane_wire::http::head::{parse_request_head, HeadLimits, HeadParse};
 use libfuzzer_sys::fuzz_target;
 
@@ -38,6 +39,7 @@ fn check(data: &[u8], limits: &HeadLimits) {
             assert!(!head.path.bytes().any(|b| b.is_ascii_control()));
             assert!(!head.expect_continue || !head.http10);
             assert_eq!(parse_request_head(&data[..consumed], limits), whole);
+            check_forwarded(head.x_forwarded_for.as_deref());
             let cut = pick(consumed);
             assert_eq!(
                 parse_request_head(&data[..cut], limits),
@@ -59,4 +61,23 @@ fn check(data: &[u8], limits: &HeadLimits) {
             let _ = e.to_string();
         }
     }
+}
+
+/// The client address taken from `X-Forwarded-For` is the peer or one of the header's entries,
+/// and never one that only an untrusted hop could have written.
+fn check_forwarded(header: Option<&str>) {
+    let peer: std::net::IpAddr = [10, 0, 0, 1].into();
+    let trusted: Vec<IpRange> = ["10.0.0.0/8", "fd00::/8"]
+        .iter()
+        .map(|r| r.parse().unwrap())
+        .collect();
+    let got = client_addr(peer, header, &trusted);
+    let entries: Vec<std::net::IpAddr> = header
+        .unwrap_or("")
+        .split(',')
+        .filter_map(|e| e.trim().parse().ok())
+        .map(|a: std::net::IpAddr| a.to_canonical())
+        .collect();
+    assert!(got == peer || entries.contains(&got), "{got} from {header:?}");
+    assert_eq!(client_addr(peer, header, &[]), peer);
 }

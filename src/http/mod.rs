@@ -5,7 +5,7 @@ pub mod body;
 pub mod conn;
 pub mod server;
 
-pub use gitplane_wire::http::{chunked, head, response};
+pub use gitplane_wire::http::{chunked, forwarded, head, response};
 
 /// The raw value of `key` in a query string (`a=1&b=2`), undecoded.
 pub fn query_param<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {

@@ -9,6 +9,7 @@ mod hex;
 
 pub mod http {
     pub mod chunked;
+    pub mod forwarded;
     pub mod head;
     pub mod response;
 }
