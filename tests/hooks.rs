@@ -17,12 +17,12 @@ use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{git, git_env, grpc, make_worktree, raw_request, wait_for, BIN};
+use common::{git, git_env, grpc, make_worktree, wait_for, Server, ServerOptions, BIN};
 use gitplane::store::Store;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -278,134 +278,26 @@ fn hmac_hex(secret: &str, body: &[u8]) -> String {
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
 
-// --- a server that can be killed and restarted on the same data dir -------------------------------
+// --- the server, with what the hook tests ask of it -------------------------------------------------
 
-struct HookServer {
-    child: Option<Child>,
-    addr: SocketAddr,
-    rpc_addr: SocketAddr,
-    data: PathBuf,
-    config: String,
-    log: PathBuf,
-    password: String,
+fn hook_server(config: &str) -> Server {
+    Server::start_with(ServerOptions {
+        config: Some(config.to_owned()),
+        ..ServerOptions::default()
+    })
 }
 
-impl HookServer {
-    fn start(root: &Path, config: &str) -> Self {
-        common::require_tool("git");
-        let data = root.join("d");
-        let mut s = Self {
-            child: None,
-            addr: "127.0.0.1:0".parse().unwrap(),
-            rpc_addr: "127.0.0.1:0".parse().unwrap(),
-            data,
-            config: config.to_owned(),
-            log: root.join("server.log"),
-            password: String::new(),
-        };
-        s.launch();
-        s
-    }
-
-    fn launch(&mut self) {
-        let cfg_path = self.data.with_file_name("gitplane.toml");
-        std::fs::write(&cfg_path, &self.config).unwrap();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let mut child = Command::new(BIN)
-            .arg("--data-dir")
-            .arg(&self.data)
-            .args([
-                "serve",
-                "--http-listen",
-                "127.0.0.1:0",
-                "--ssh-listen",
-                "127.0.0.1:0",
-                "--rpc-listen",
-                "127.0.0.1:0",
-                "--shards",
-                "2",
-                "--config",
-            ])
-            .arg(&cfg_path)
-            .env("RUST_LOG", "gitplane=debug,info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .expect("start gitplane serve");
-        let mut reader = BufReader::new(child.stdout.take().unwrap());
-        loop {
-            let mut line = String::new();
-            let n = reader.read_line(&mut line).unwrap();
-            assert!(n > 0, "server exited before it was ready:\n{}", self.log());
-            let line = line.trim();
-            if line == "gitplane: ready" {
-                break;
-            }
-            if let Some(a) = line.strip_prefix("gitplane: http listening on ") {
-                self.addr = a.parse().unwrap();
-            }
-            if let Some(a) = line.strip_prefix("gitplane: rpc listening on ") {
-                self.rpc_addr = a.parse().unwrap();
-            }
-        }
-        // Keep reading stdout so the server never blocks on a full pipe.
-        std::thread::spawn(move || {
-            let mut sink = String::new();
-            let _ = reader.read_to_string(&mut sink);
-        });
-        self.child = Some(child);
-        self.password = std::fs::read_to_string(self.data.join("initial-admin-password"))
-            .unwrap()
-            .trim()
-            .to_owned();
-    }
-
-    fn kill9(&mut self) {
-        let mut c = self.child.take().unwrap();
-        c.kill().unwrap(); // SIGKILL
-        c.wait().unwrap();
-    }
-
-    fn restart(&mut self) {
-        self.launch();
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn admin(&self, args: &[&str], stdin: Option<&str>) -> String {
-        let mut child = Command::new(BIN)
-            .arg("--data-dir")
-            .arg(&self.data)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut input = child.stdin.take().unwrap();
-        if let Some(s) = stdin {
-            input.write_all(s.as_bytes()).unwrap();
-        }
-        drop(input);
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "gitplane {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
+trait HookServer {
     /// Creates `name` with a webhook to `url` signed with `secret`.
+    fn repo_with_webhook(&self, name: &str, url: &str, secret: &str);
+    fn store(&self) -> Store;
+    /// Value of one series, e.g. `gitplane_hook_jobs_succeeded_total{job="webhooks"}`.
+    fn metric(&self, series: &str) -> i64;
+}
+
+impl HookServer for Server {
     fn repo_with_webhook(&self, name: &str, url: &str, secret: &str) {
-        self.admin(&["repo", "create", name], None);
+        self.create_repo(name, false);
         let out = self.admin(
             &["webhook", "add", name, url, "--secret-stdin"],
             Some(&format!("{secret}\n")),
@@ -413,41 +305,12 @@ impl HookServer {
         assert!(out.contains("webhook"), "{out}");
     }
 
-    fn url(&self, name: &str) -> String {
-        format!("http://admin:{}@{}/{name}.git", self.password, self.addr)
-    }
-
     fn store(&self) -> Store {
-        Store::open(&self.data).unwrap()
+        Store::open(&self.data_dir()).unwrap()
     }
 
-    fn metrics(&self) -> String {
-        let raw = raw_request(
-            self.addr,
-            b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-            Duration::from_secs(5),
-        );
-        String::from_utf8_lossy(&raw).into_owned()
-    }
-
-    /// Value of one metric line, e.g. `gitplane_hook_jobs_succeeded_total{job="webhooks"}`.
     fn metric(&self, series: &str) -> i64 {
-        let text = self.metrics();
-        text.lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
-            .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
-            .trim()
-            .parse()
-            .unwrap()
-    }
-}
-
-impl Drop for HookServer {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        i64::try_from(common::metric(self, series)).unwrap()
     }
 }
 
@@ -468,12 +331,12 @@ struct Pusher {
 }
 
 impl Pusher {
-    fn new(root: &Path, server: &HookServer, name: &str) -> Self {
+    fn new(root: &Path, server: &Server, name: &str) -> Self {
         let dir = root.join(format!("work-{}", name.replace('/', "-")));
         make_worktree(&dir, 1);
         Self {
             dir,
-            url: server.url(name),
+            url: server.admin_url(name),
             n: 0,
         }
     }
@@ -508,10 +371,7 @@ fn event_id(r: &Received) -> String {
 fn push_triggers_signed_webhook(amqp: Option<&str>, test: &str) {
     let root = tempfile::tempdir().unwrap();
     let receiver = Receiver::start(200, Duration::ZERO);
-    let server = HookServer::start(
-        root.path(),
-        &config(amqp, &unique_prefix(test), "", "webhooks = 8\n"),
-    );
+    let server = hook_server(&config(amqp, &unique_prefix(test), "", "webhooks = 8\n"));
     server.repo_with_webhook("admin/proj", &receiver.url(), "s3cret");
     let mut pusher = Pusher::new(root.path(), &server, "admin/proj");
     let first = git(&pusher.dir, &["rev-parse", "HEAD"]).trim().to_owned();
@@ -615,7 +475,7 @@ fn push_events_name_the_client_behind_trusted_proxies() {
         "{}\n[http]\ntrusted_proxies = [\"127.0.0.0/8\", \"10.0.0.0/8\"]\n",
         config(None, &unique_prefix("xff"), "", "webhooks = 8\n")
     );
-    let server = HookServer::start(root.path(), &config);
+    let server = hook_server(&config);
     server.repo_with_webhook("admin/proj", &receiver.url(), "s3cret");
     let mut pusher = Pusher::new(root.path(), &server, "admin/proj");
     let remote_addr_of_push = |pusher: &mut Pusher, n: usize| {
@@ -645,11 +505,11 @@ fn push_events_name_the_client_behind_trusted_proxies() {
     assert_eq!(remote_addr_of_push(&mut pusher, 2), "127.0.0.1");
 }
 
-fn grpc_ok<M: prost::Message>(server: &HookServer, method: &str, request: &M) {
-    let token = std::fs::read_to_string(server.data.join("rpc-token")).unwrap();
+fn grpc_ok<M: prost::Message>(server: &Server, method: &str, request: &M) {
+    let token = std::fs::read_to_string(server.data_dir().join("rpc-token")).unwrap();
     let auth = format!("Bearer {}", token.trim());
     let answer = grpc::runtime().block_on(async {
-        let client = grpc::connect(server.rpc_addr).await;
+        let client = grpc::connect(server.listening["rpc"]).await;
         grpc::call(
             &client,
             &format!("/gitplane.v1.RepositoryService/{method}"),
@@ -675,10 +535,7 @@ fn grpc_ref_changes_trigger_webhooks() {
     use gitplane::rpc::pb::v1 as pb;
     let root = tempfile::tempdir().unwrap();
     let receiver = Receiver::start(200, Duration::ZERO);
-    let server = HookServer::start(
-        root.path(),
-        &config(None, &unique_prefix("grpc"), "", "webhooks = 8\n"),
-    );
+    let server = hook_server(&config(None, &unique_prefix("grpc"), "", "webhooks = 8\n"));
     server.repo_with_webhook("admin/api", &receiver.url(), "s3cret");
     let mut pusher = Pusher::new(root.path(), &server, "admin/api");
     let first = git(&pusher.dir, &["rev-parse", "HEAD"]).trim().to_owned();
@@ -758,15 +615,12 @@ fn webhook_semaphore_caps_concurrent_deliveries_per_core() {
     let root = tempfile::tempdir().unwrap();
     // Slow receiver: deliveries pile up, so only the semaphore keeps them at 2 per core.
     let receiver = Receiver::start(200, Duration::from_millis(300));
-    let server = HookServer::start(
-        root.path(),
-        &config(
-            Some(BROKER),
-            &unique_prefix("sem"),
-            "prefetch = 32\n",
-            "webhooks = 2\n",
-        ),
-    );
+    let server = hook_server(&config(
+        Some(BROKER),
+        &unique_prefix("sem"),
+        "prefetch = 32\n",
+        "webhooks = 2\n",
+    ));
     let repos = 5;
     let per_repo = 10;
     for i in 0..repos {
@@ -820,10 +674,12 @@ fn broker_outage_events_wait_in_the_outbox_then_go_out_exactly_once() {
     let root = tempfile::tempdir().unwrap();
     let mut proxy = Proxy::start(BROKER);
     let receiver = Receiver::start(200, Duration::ZERO);
-    let server = HookServer::start(
-        root.path(),
-        &config(Some(&proxy.addr()), &unique_prefix("outage"), "", ""),
-    );
+    let server = hook_server(&config(
+        Some(&proxy.addr()),
+        &unique_prefix("outage"),
+        "",
+        "",
+    ));
     server.repo_with_webhook("admin/proj", &receiver.url(), "k");
     assert!(
         wait_for(Duration::from_secs(20), || server
@@ -887,10 +743,12 @@ fn sigkill_while_jobs_run_loses_no_event() {
     require_broker();
     let root = tempfile::tempdir().unwrap();
     let receiver = Receiver::start(200, Duration::from_millis(400));
-    let mut server = HookServer::start(
-        root.path(),
-        &config(Some(BROKER), &unique_prefix("kill"), "", "webhooks = 1\n"),
-    );
+    let mut server = hook_server(&config(
+        Some(BROKER),
+        &unique_prefix("kill"),
+        "",
+        "webhooks = 1\n",
+    ));
     server.repo_with_webhook("admin/proj", &receiver.url(), "k");
     let mut pusher = Pusher::new(root.path(), &server, "admin/proj");
     for _ in 0..10 {
@@ -937,10 +795,7 @@ fn failing_receiver_ends_in_the_dead_letter_queue() {
     let root = tempfile::tempdir().unwrap();
     let receiver = Receiver::start(500, Duration::ZERO);
     let prefix = unique_prefix("dead");
-    let server = HookServer::start(
-        root.path(),
-        &config(Some(BROKER), &prefix, "max_attempts = 3\n", ""),
-    );
+    let server = hook_server(&config(Some(BROKER), &prefix, "max_attempts = 3\n", ""));
     server.repo_with_webhook("admin/proj", &receiver.url(), "k");
     let mut pusher = Pusher::new(root.path(), &server, "admin/proj");
     pusher.push(&[]);
@@ -1024,16 +879,12 @@ fn bench_end_to_end_events_per_second() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(50_000);
-    let root = tempfile::tempdir().unwrap();
-    let server = HookServer::start(
-        root.path(),
-        &config(
-            Some(BROKER),
-            &unique_prefix("bench"),
-            "prefetch = 256\n",
-            "disk_usage = 0\nwebhooks = 0\nindexing = 0\nnoop = 256\n",
-        ),
-    );
+    let server = hook_server(&config(
+        Some(BROKER),
+        &unique_prefix("bench"),
+        "prefetch = 256\n",
+        "disk_usage = 0\nwebhooks = 0\nindexing = 0\nnoop = 256\n",
+    ));
     // Let both cores connect and declare before the clock starts.
     assert!(wait_for(Duration::from_secs(20), || server
         .metric("gitplane_hook_amqp_connects_total")

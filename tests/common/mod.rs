@@ -34,8 +34,11 @@ pub struct Server {
     pub data: tempfile::TempDir,
     pub admin_password: String,
     stderr_log: PathBuf,
+    /// Kept for [`Server::restart`].
+    opts: ServerOptions,
 }
 
+#[derive(Clone)]
 pub struct ServerOptions {
     pub shards: usize,
     pub config: Option<String>,
@@ -65,9 +68,31 @@ impl Server {
         require_tool("git");
         let data = tempfile::tempdir().expect("tempdir");
         let stderr_log = data.path().join("server.log");
+        let mut server = Self {
+            child: None,
+            addr: "127.0.0.1:0".parse().expect("address"),
+            listening: std::collections::HashMap::new(),
+            data,
+            admin_password: String::new(),
+            stderr_log,
+            opts,
+        };
+        server.launch();
+        server.admin_password =
+            std::fs::read_to_string(server.data_dir().join("initial-admin-password"))
+                .expect("initial admin password")
+                .trim()
+                .to_owned();
+        server
+    }
+
+    /// Starts `gitplane serve` on the data dir and waits until it is ready. Every listener gets
+    /// a fresh ephemeral port, so parallel test servers never share one; the log is appended to.
+    fn launch(&mut self) {
+        let opts = &self.opts;
         let mut cmd = if opts.lfs_on_ramfs {
             require_tool("unshare");
-            let lfs = data.path().join("d/lfs");
+            let lfs = self.data_dir().join("lfs");
             std::fs::create_dir_all(&lfs).expect("lfs dir");
             let mut c = Command::new("unshare");
             c.args(["--user", "--map-root-user", "--mount", "sh", "-c"])
@@ -78,36 +103,35 @@ impl Server {
         } else {
             Command::new(BIN)
         };
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.stderr_log)
+            .expect("log file");
         cmd.arg("--data-dir")
-            .arg(data.path().join("d"))
+            .arg(self.data_dir())
             .args(["serve", "--http-listen", "127.0.0.1:0", "--shards"])
             .arg(opts.shards.to_string())
+            .args(["--ssh-listen", "127.0.0.1:0", "--rpc-listen", "127.0.0.1:0"])
             .env("RUST_LOG", "gitplane=debug,info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&stderr_log).expect("log file"));
-        // Every listener on an ephemeral port, so parallel test servers never share one.
-        cmd.args(["--ssh-listen", "127.0.0.1:0", "--rpc-listen", "127.0.0.1:0"]);
+            .stderr(log);
         if opts.force_epoll {
             cmd.arg("--force-epoll");
         }
         if let Some(cfg) = &opts.config {
-            let path = data.path().join("gitplane.toml");
+            let path = self.data.path().join("gitplane.toml");
             std::fs::write(&path, cfg).expect("config");
             cmd.arg("--config").arg(path);
         }
         let mut child = cmd.spawn().expect("start gitplane serve");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut reader = BufReader::new(stdout);
-        let mut listening = std::collections::HashMap::new();
+        let mut reader = BufReader::new(child.stdout.take().expect("stdout"));
+        self.listening.clear();
         loop {
             let mut line = String::new();
             let n = reader.read_line(&mut line).expect("read server stdout");
-            assert!(
-                n > 0,
-                "server exited before it was ready: {}",
-                std::fs::read_to_string(&stderr_log).unwrap_or_default()
-            );
+            assert!(n > 0, "server exited before it was ready: {}", self.log());
             let line = line.trim();
             if line == "gitplane: ready" {
                 break;
@@ -116,24 +140,26 @@ impl Server {
                 .strip_prefix("gitplane: ")
                 .and_then(|l| l.split_once(" listening on "))
                 .unwrap_or_else(|| panic!("unexpected line from server: {line:?}"));
-            listening.insert(
+            self.listening.insert(
                 service.to_owned(),
                 addr.parse::<SocketAddr>().expect("address"),
             );
         }
-        let addr = listening["http"];
-        let admin_password = std::fs::read_to_string(data.path().join("d/initial-admin-password"))
-            .expect("initial admin password")
-            .trim()
-            .to_owned();
-        Self {
-            child: Some(child),
-            addr,
-            listening,
-            data,
-            admin_password,
-            stderr_log,
-        }
+        self.addr = self.listening["http"];
+        self.child = Some(child);
+    }
+
+    /// SIGKILL, as a crash or an OOM kill would end the server, and reap it.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reap");
+    }
+
+    /// Starts the server again on the same data dir (new ports).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "restart after kill9 or exit");
+        self.launch();
     }
 
     pub fn data_dir(&self) -> PathBuf {
