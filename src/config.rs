@@ -28,6 +28,12 @@ pub enum ConfigError {
     Invalid { field: &'static str, reason: String },
 }
 
+fn ip_ranges(field: &'static str, list: &[String]) -> Result<Vec<IpRange>, ConfigError> {
+    list.iter()
+        .map(|r| r.parse().map_err(|e| invalid(field, format!("{e}"))))
+        .collect()
+}
+
 fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         field,
@@ -442,6 +448,9 @@ pub struct SshSection {
     pub max_channels_per_connection: usize,
     /// Lifetime of the tokens `git-lfs-authenticate` hands out, in seconds. Default 600.
     pub lfs_token_ttl_secs: u64,
+    /// TCP load balancers (addresses or ranges) that send a PROXY protocol header (v1 or v2)
+    /// naming the client; connections from them must start with one. Default none.
+    pub proxy_protocol_from: Vec<String>,
 }
 
 impl Default for SshSection {
@@ -457,6 +466,7 @@ impl Default for SshSection {
             idle_timeout_secs: 600,
             max_channels_per_connection: 8,
             lfs_token_ttl_secs: 600,
+            proxy_protocol_from: Vec::new(),
         }
     }
 }
@@ -518,6 +528,7 @@ pub struct SshLimits {
     pub idle_timeout: Duration,
     pub max_channels_per_connection: usize,
     pub lfs_token_ttl: Duration,
+    pub proxy_protocol_from: Vec<IpRange>,
 }
 
 impl SshLimits {
@@ -550,6 +561,7 @@ impl SshLimits {
                 s.max_channels_per_connection,
             )?,
             lfs_token_ttl: positive_secs("ssh.lfs_token_ttl_secs", s.lfs_token_ttl_secs)?,
+            proxy_protocol_from: ip_ranges("ssh.proxy_protocol_from", &s.proxy_protocol_from)?,
         })
     }
 }
@@ -788,12 +800,7 @@ impl ServeConfig {
             idle_timeout: positive_secs("http.idle_timeout_secs", h.idle_timeout_secs)?,
             drain_idle_timeout: Duration::from_secs(file.shutdown.keepalive_drain_secs),
             max_head_bytes: h.max_head_bytes,
-            trusted_proxies: h
-                .trusted_proxies
-                .iter()
-                .map(|r| r.parse())
-                .collect::<Result<_, _>>()
-                .map_err(|e| invalid("http.trusted_proxies", format!("{e}")))?,
+            trusted_proxies: ip_ranges("http.trusted_proxies", &h.trusted_proxies)?,
         };
         let t = file.tcp;
         if t.keepalive_probes == 0 {

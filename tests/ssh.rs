@@ -846,3 +846,92 @@ fn key_admin_commands() {
         s.server.log()
     );
 }
+
+/// A stand-in TCP load balancer for OpenSSH's ProxyCommand: connects to the server, sends a
+/// PROXY protocol v1 header naming `SOURCE` as the client, then relays stdin and stdout.
+const BALANCER: &str = r#"
+import os, socket, sys, threading
+host, port, source = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+s = socket.create_connection((host, port))
+s.sendall(f"PROXY TCP4 {source} {host} 40000 {port}\r\n".encode())
+def upstream():
+    while True:
+        data = os.read(0, 65536)
+        if not data:
+            s.shutdown(socket.SHUT_WR)
+            return
+        s.sendall(data)
+threading.Thread(target=upstream, daemon=True).start()
+while True:
+    data = s.recv(65536)
+    if not data:
+        break
+    while data:
+        data = data[os.write(1, data):]
+"#;
+
+#[test]
+fn proxy_protocol_from_a_trusted_balancer_names_the_client() {
+    require_tool("python3");
+    let s = Ssh::start_with(ServerOptions {
+        config: Some("[ssh]\nproxy_protocol_from = [\"127.0.0.1\"]\n".into()),
+        ..ServerOptions::default()
+    });
+    s.server.create_repo("admin/proj", false);
+    let balancer = s.work.path().join("balancer.py");
+    std::fs::write(&balancer, BALANCER).unwrap();
+    let via_balancer = format!(
+        "{} -o 'ProxyCommand=python3 {} %h %p 198.51.100.77'",
+        s.ssh_base(&s.admin_key),
+        balancer.display()
+    );
+    let env = [("GIT_SSH_COMMAND", via_balancer.as_str())];
+    let src = s.work.path().join("src");
+    make_worktree(&src, 3);
+    let url = s.url("admin/proj");
+    let out = git_raw(&src, &["push", "-q", &url, "main"], &env);
+    assert!(
+        out.status.success(),
+        "push: {}\n{}",
+        stderr(&out),
+        tail(&s.server.log())
+    );
+    let dest = s.work.path().join("clone");
+    let out = git_raw(
+        s.work.path(),
+        &["clone", "-q", &url, dest.to_str().unwrap()],
+        &env,
+    );
+    assert!(out.status.success(), "clone: {}", stderr(&out));
+    assert_eq!(rev_count(&dest, "main"), 3);
+    assert!(
+        s.server.log().contains("198.51.100.77:40000"),
+        "the server did not take the client's address from the PROXY header:\n{}",
+        tail(&s.server.log())
+    );
+
+    // Version 2 (binary), as HAProxy and cloud balancers send it: the SSH banner follows.
+    let mut v2 = TcpStream::connect(s.addr()).unwrap();
+    let mut header = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+    header.extend_from_slice(&[203, 0, 113, 5, 127, 0, 0, 1, 0x9c, 0x41, 0, 22]);
+    header.extend_from_slice(b"SSH-2.0-OpenSSH_9.2\r\n");
+    v2.write_all(&header).unwrap();
+    v2.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut banner = [0u8; 16];
+    v2.read_exact(&mut banner).unwrap();
+    assert_eq!(&banner, b"SSH-2.0-gitplane");
+
+    // A connection from the balancer's address without a header gets no SSH session.
+    let mut direct = TcpStream::connect(s.addr()).unwrap();
+    direct.write_all(b"SSH-2.0-OpenSSH_9.2\r\n").unwrap();
+    direct
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut got = Vec::new();
+    let _ = direct.read_to_end(&mut got);
+    assert!(
+        got.is_empty(),
+        "answered without a PROXY header: {:?}",
+        String::from_utf8_lossy(&got)
+    );
+}

@@ -20,6 +20,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
+use gitplane_wire::net::proxy_protocol::{self, ProxyParse};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -101,10 +102,47 @@ impl Drop for ConnGauge {
     }
 }
 
+/// Reads the PROXY protocol header a trusted balancer sends first, and returns the client's
+/// address it names (the balancer's own for a health check or an unknown family). The bytes after
+/// the header, the client's SSH banner, stay unread for russh.
+async fn proxied_client(
+    stream: &mut TcpStream,
+    balancer: SocketAddr,
+    deadline: Instant,
+) -> Result<SocketAddr, String> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; proxy_protocol::MAX_HEADER];
+    loop {
+        let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf))
+            .await
+            .map_err(|_| "no PROXY protocol header in time".to_owned())?
+            .map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("closed before its PROXY protocol header".into());
+        }
+        match proxy_protocol::parse(&buf[..n]) {
+            Ok(ProxyParse::Complete { consumed, source }) => {
+                let header = buf.get_mut(..consumed).unwrap_or_default();
+                stream.read_exact(header).await.map_err(|e| e.to_string())?;
+                return Ok(source.unwrap_or(balancer));
+            }
+            // A peek returns at once while any bytes wait, so it cannot wait for the rest of
+            // the header; balancers send it in one segment, so this is rare and short.
+            Ok(ProxyParse::Incomplete) => {
+                if Instant::now() >= deadline {
+                    return Err("no whole PROXY protocol header in time".into());
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
 /// Serves one accepted connection to the end.
 pub(super) async fn serve(
     shared: Arc<SshShared>,
-    stream: TcpStream,
+    mut stream: TcpStream,
     peer: SocketAddr,
     mut stop: StopSignal,
 ) {
@@ -113,6 +151,24 @@ pub(super) async fn serve(
     if let Err(e) = tune_socket(fd, &shared.config.tcp) {
         tracing::debug!(%peer, error = %e, "cannot set SSH socket options");
     }
+    let deadline = Instant::now() + shared.limits.handshake_timeout;
+    let from_balancer = shared
+        .limits
+        .proxy_protocol_from
+        .iter()
+        .any(|r| r.contains(peer.ip()));
+    let peer = if from_balancer {
+        match proxied_client(&mut stream, peer, deadline).await {
+            Ok(client) => client,
+            Err(reason) => {
+                METRICS.ssh.handshakes_failed.inc();
+                tracing::info!(%peer, %reason, "SSH connection from a PROXY protocol balancer refused");
+                return;
+            }
+        }
+    } else {
+        peer
+    };
     let slot = match shared.preauth.try_admit(peer.ip()) {
         Ok(s) => s,
         Err(refusal) => {
@@ -146,7 +202,6 @@ pub(super) async fn serve(
         dead_rx,
         stop.clone(),
     );
-    let deadline = Instant::now() + shared.limits.handshake_timeout;
     let started = tokio::time::timeout_at(
         deadline,
         russh::server::run_stream(Arc::clone(&shared.russh), stream, handler),

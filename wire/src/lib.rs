@@ -20,6 +20,10 @@ pub mod git {
     pub mod service;
 }
 
+pub mod net {
+    pub mod proxy_protocol;
+}
+
 pub mod rpc {
     pub mod frame;
     pub mod status;
