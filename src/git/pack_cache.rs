@@ -25,7 +25,7 @@ use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
 
-use super::pack_cache_stats::{Counter, Stats};
+use super::pack_cache_stats::{Counter, Stats, STATS_FILE};
 
 /// Cache settings, passed to the hook on its command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -344,7 +344,7 @@ fn tee(from: &mut impl Read, to: &mut impl Write, mut cache: Option<&File>) -> i
 }
 
 /// Removes entries past `max_age`, leftovers of killed generations, and then the oldest entries
-/// until the rest fit in `max_bytes`.
+/// until the rest fit in `max_bytes`. The counters file stays: the server keeps it mapped.
 pub fn evict(settings: &PackCacheSettings) {
     let Ok(dir) = fs::read_dir(&settings.dir) else {
         return;
@@ -359,6 +359,9 @@ pub fn evict(settings: &PackCacheSettings) {
             .and_then(|m| now.duration_since(m).ok())
             .unwrap_or_default();
         let path = entry.path();
+        if entry.file_name() == STATS_FILE {
+            continue;
+        }
         if age >= settings.max_age {
             let _ = fs::remove_file(&path);
         } else if path.extension() == Some(OsStr::new("pack")) {

@@ -10,8 +10,8 @@ use std::path::Path;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// File name inside the cache directory (not `.pack`, so eviction leaves it alone).
-const STATS_FILE: &str = "stats";
+/// File name inside the cache directory; [`super::pack_cache::evict`] skips it.
+pub const STATS_FILE: &str = "stats";
 
 #[derive(Debug, Clone, Copy)]
 pub enum Counter {
