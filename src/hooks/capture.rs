@@ -90,7 +90,6 @@ pub fn post_receive(data_dir: &Path, stdin: impl Read) -> Result<Option<PushEven
     Ok(Some(event))
 }
 
-/// Single-quotes `s` for a POSIX shell.
 /// Writes `DATA/hooks/post-receive`, which execs `exe hook post-receive` for `data_dir`, and
 /// returns the hooks directory (for `core.hooksPath`). Written to a temporary name and renamed,
 /// so a push running during a restart never sees half a script.

@@ -553,13 +553,7 @@ impl LfsHttp {
                     .await?;
                 let n = buf.filled().len() as u64;
                 hasher.update(buf.filled());
-                let (res, _buf) = part.write_all(buf).await;
-                res.map_err(|e| {
-                    Failure::from(S3Error::Io {
-                        endpoint: "part upload".into(),
-                        source: e,
-                    })
-                })?;
+                s3.write_part(&mut part, buf).await.0?;
                 sent += n;
             }
             parts.sent(part).await?;

@@ -303,6 +303,16 @@ impl S3Client {
         .await
     }
 
+    /// Writes the next bytes of a part started with [`Self::start_part`].
+    pub async fn write_part<B: monoio::buf::IoBuf>(
+        &self,
+        part: &mut TcpStream,
+        buf: B,
+    ) -> (Result<(), S3Error>, B) {
+        let (res, buf) = part.write_all(buf).await;
+        (res.map(drop).map_err(|e| self.io_err(e)), buf)
+    }
+
     /// Reads the part's answer; returns its ETag.
     pub async fn finish_part(&self, stream: TcpStream) -> Result<String, S3Error> {
         let r = self.read_head(stream, "UploadPart").await?;

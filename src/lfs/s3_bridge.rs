@@ -14,7 +14,6 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use monoio::io::AsyncWriteRentExt;
 use tokio::sync::{mpsc, oneshot};
 
 use super::s3::{Parts, S3Client, S3Error, S3Settings};
@@ -195,12 +194,9 @@ async fn upload_parts(
                     path: staged.to_path_buf(),
                     source,
                 })?;
-            let (res, back) = part.write_all(buf).await;
+            let (res, back) = client.write_part(&mut part, buf).await;
             buf = back;
-            res.map_err(|source| S3Error::Io {
-                endpoint: "part upload".into(),
-                source,
-            })?;
+            res?;
             offset += want as u64;
         }
         parts.sent(part).await?;

@@ -781,7 +781,6 @@ async fn write_chunk(put: &mut Put) -> Result<(), TransferError> {
     Ok(())
 }
 
-/// Sends bytes; the writer waits for the client's SSH window.
 /// [`Session::get_object`] from S3: the head once the first bytes have arrived (so a missing or
 /// unreachable object is still an error status), then one pkt-line per piece, then a flush.
 async fn send_from_s3<W: AsyncWrite + Unpin>(
@@ -840,6 +839,7 @@ async fn next_chunk(
     }
 }
 
+/// Sends bytes; the writer waits for the client's SSH window.
 async fn send<W: AsyncWrite + Unpin>(out: &mut W, bytes: &[u8]) -> Result<(), TransferError> {
     out.write_all(bytes)
         .await

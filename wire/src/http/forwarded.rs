@@ -33,21 +33,20 @@ impl FromStr for IpRange {
             Some((a, p)) => (a, Some(p)),
             None => (s, None),
         };
-        let base: IpAddr = addr.parse().map_err(|_| bad())?;
-        let max = if base.is_ipv4() { 32 } else { 128 };
+        let written: IpAddr = addr.parse().map_err(|_| bad())?;
+        let max = if written.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
             Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(bad)?,
             None => max,
         };
-        Ok(Self {
-            base: canonical(base),
-            prefix: if base.is_ipv4() != canonical(base).is_ipv4() {
-                // `::ffff:a.b.c.d/N` written as IPv6: the same range in IPv4 terms.
-                prefix.checked_sub(96).ok_or_else(bad)?
-            } else {
-                prefix
-            },
-        })
+        let base = written.to_canonical();
+        // `::ffff:a.b.c.d/N` written as IPv6: the same range in IPv4 terms.
+        let prefix = if written.is_ipv4() == base.is_ipv4() {
+            prefix
+        } else {
+            prefix.checked_sub(96).ok_or_else(bad)?
+        };
+        Ok(Self { base, prefix })
     }
 }
 
@@ -59,7 +58,8 @@ impl fmt::Display for IpRange {
 
 impl IpRange {
     pub fn contains(&self, addr: IpAddr) -> bool {
-        match (self.base, canonical(addr)) {
+        // IPv4-mapped IPv6 (what a dual-stack listener reports) compares as plain IPv4.
+        match (self.base, addr.to_canonical()) {
             (IpAddr::V4(base), IpAddr::V4(a)) => {
                 same_prefix(&base.octets(), &a.octets(), self.prefix)
             }
@@ -87,17 +87,12 @@ fn same_prefix(a: &[u8], b: &[u8], prefix: u8) -> bool {
     }
 }
 
-/// IPv4-mapped IPv6 (`::ffff:a.b.c.d`, what a dual-stack listener reports) as plain IPv4.
-fn canonical(addr: IpAddr) -> IpAddr {
-    addr.to_canonical()
-}
-
 /// The client's address: `peer` (the socket's other end) unless it is a trusted proxy, in which
 /// case the rightmost `X-Forwarded-For` entry that is not a trusted proxy. An entry that is not
 /// an address (a proxy that writes `unknown`, a port, garbage) ends the walk at the last
 /// address reached, which is trusted and so is the best that can be said.
 pub fn client_addr(peer: IpAddr, x_forwarded_for: Option<&str>, trusted: &[IpRange]) -> IpAddr {
-    let peer = canonical(peer);
+    let peer = peer.to_canonical();
     let is_trusted = |a: IpAddr| trusted.iter().any(|r| r.contains(a));
     let Some(header) = x_forwarded_for else {
         return peer;
@@ -108,7 +103,7 @@ pub fn client_addr(peer: IpAddr, x_forwarded_for: Option<&str>, trusted: &[IpRan
             break;
         }
         match entry.trim().parse::<IpAddr>() {
-            Ok(addr) => client = canonical(addr),
+            Ok(addr) => client = addr.to_canonical(),
             Err(_) => break,
         }
     }
