@@ -183,6 +183,12 @@ struct Receiver {
 impl Receiver {
     /// Answers every POST with `status` after holding it for `delay`.
     fn start(status: u16, delay: Duration) -> Self {
+        Self::start_holding(status, delay, None)
+    }
+
+    /// Like [`Self::start`], but answers as soon as `release_at` requests are open at once, so a
+    /// test can make deliveries pile up without depending on how fast events arrive.
+    fn start_holding(status: u16, delay: Duration, release_at: Option<usize>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
@@ -204,7 +210,12 @@ impl Receiver {
                         std::thread::spawn(move || {
                             let now = current.fetch_add(1, Ordering::SeqCst) + 1;
                             m.fetch_max(now, Ordering::SeqCst);
-                            serve_one(stream, status, delay, &g);
+                            let hold = Hold {
+                                delay,
+                                release_at,
+                                open: &current,
+                            };
+                            serve_one(stream, status, &hold, &g);
                             current.fetch_sub(1, Ordering::SeqCst);
                         });
                     }
@@ -239,7 +250,30 @@ impl Drop for Receiver {
     }
 }
 
-fn serve_one(stream: TcpStream, status: u16, delay: Duration, got: &Mutex<Vec<Received>>) {
+/// How long the receiver holds a request before answering.
+struct Hold<'a> {
+    delay: Duration,
+    /// Answer early once this many requests are open at once.
+    release_at: Option<usize>,
+    open: &'a AtomicUsize,
+}
+
+impl Hold<'_> {
+    fn wait(&self) {
+        let until = Instant::now() + self.delay;
+        while Instant::now() < until {
+            if self
+                .release_at
+                .is_some_and(|n| self.open.load(Ordering::SeqCst) >= n)
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+fn serve_one(stream: TcpStream, status: u16, hold: &Hold<'_>, got: &Mutex<Vec<Received>>) {
     stream.set_nonblocking(false).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
@@ -264,7 +298,7 @@ fn serve_one(stream: TcpStream, status: u16, delay: Duration, got: &Mutex<Vec<Re
     let mut body = vec![0; len];
     reader.read_exact(&mut body).unwrap();
     got.lock().unwrap().push(Received { headers, body });
-    std::thread::sleep(delay);
+    hold.wait();
     let mut stream = stream;
     let _ = write!(
         stream,
@@ -613,8 +647,10 @@ fn grpc_ref_changes_trigger_webhooks() {
 fn webhook_semaphore_caps_concurrent_deliveries_per_core() {
     require_broker();
     let root = tempfile::tempdir().unwrap();
-    // Slow receiver: deliveries pile up, so only the semaphore keeps them at 2 per core.
-    let receiver = Receiver::start(200, Duration::from_millis(300));
+    // Slow receiver: deliveries pile up, so only the semaphore keeps them at 2 per core. Each is
+    // held until both cores' permits are all in use (or 3 s, inside the 5 s webhook timeout), so
+    // the pile-up does not depend on how fast pushes arrive on a loaded machine.
+    let receiver = Receiver::start_holding(200, Duration::from_secs(3), Some(4));
     let server = hook_server(&config(
         Some(BROKER),
         &unique_prefix("sem"),
