@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use crate::git::pack_cache::PackCacheSettings;
 use crate::http::forwarded::IpRange;
+use crate::progress::ProgressRules;
 
 /// Default data directory, relative to the working directory.
 pub const DEFAULT_DATA_DIR: &str = "./gitplane-data";
@@ -198,6 +199,18 @@ pub struct HttpSection {
     pub idle_timeout_secs: u64,
     /// Largest request head accepted, in bytes. Default 16384.
     pub max_head_bytes: usize,
+    /// Seconds a request body (a push, a fetch negotiation, an LFS upload) may send no byte
+    /// before it is cut with 408. Default 30.
+    pub body_idle_secs: u64,
+    /// Bytes per second a request body must average after its first `body_idle_secs` (a
+    /// trickling client is cut with 408); 0 turns the rule off. Default 256.
+    pub body_min_bytes_per_sec: u64,
+    /// Seconds a response (a pack, an LFS object) may wait for the client to accept a byte
+    /// before it is cut and its resources returned. Default 60.
+    pub send_idle_secs: u64,
+    /// Bytes per second the client must accept on average after its first `send_idle_secs`;
+    /// 0 turns the rule off. Default 256.
+    pub send_min_bytes_per_sec: u64,
     /// Load balancers and proxies (addresses or ranges like `10.0.0.0/8`) whose
     /// `X-Forwarded-For` is believed when naming the client (push events, logs). Default none:
     /// the socket peer is the client.
@@ -212,6 +225,10 @@ impl Default for HttpSection {
             head_timeout_secs: 10,
             idle_timeout_secs: 60,
             max_head_bytes: 16 * 1024,
+            body_idle_secs: 30,
+            body_min_bytes_per_sec: 256,
+            send_idle_secs: 60,
+            send_min_bytes_per_sec: 256,
             trusted_proxies: Vec::new(),
         }
     }
@@ -268,6 +285,13 @@ pub struct GitSection {
     /// clone should wait its turn rather than fail (measured: at 32 concurrent clones on 2 cores
     /// the slowest waited 30 to 42 s).
     pub queue_timeout_secs: u64,
+    /// Pack slots that anonymous requests (public repositories, no credentials) may hold at once,
+    /// so anonymous traffic can never take the whole node. Default 32 (half of the default
+    /// `max_concurrent`); at most `max_concurrent`.
+    pub anonymous_max_concurrent: usize,
+    /// Anonymous pack requests from one client address (IPv4, or IPv6 /64), running or waiting;
+    /// beyond this they get 503 at once. Default 8.
+    pub anonymous_max_per_ip: usize,
     /// Share one generated pack between identical fetches (`DATA/cache/packs`). Default true.
     pub pack_cache: bool,
     /// Seconds a cached pack is served; it bounds how long a fetch can miss a tag created after
@@ -285,6 +309,8 @@ impl Default for GitSection {
             max_concurrent_per_repo: 16,
             max_queued: 256,
             queue_timeout_secs: 120,
+            anonymous_max_concurrent: 32,
+            anonymous_max_per_ip: 8,
             pack_cache: true,
             pack_cache_max_age_secs: 300,
             pack_cache_max_mib: 4096,
@@ -709,6 +735,10 @@ pub struct HttpLimits {
     pub drain_idle_timeout: Duration,
     pub max_head_bytes: usize,
     pub trusted_proxies: Vec<IpRange>,
+    /// When a request body counts as stalled (`http.body_*`).
+    pub body_progress: ProgressRules,
+    /// When a response the client does not read counts as stalled (`http.send_*`).
+    pub send_progress: ProgressRules,
 }
 
 #[derive(Debug, Clone)]
@@ -726,6 +756,8 @@ pub struct GitLimits {
     pub max_concurrent_per_repo: usize,
     pub max_queued: usize,
     pub queue_timeout: Duration,
+    pub anonymous_max_concurrent: usize,
+    pub anonymous_max_per_ip: usize,
     /// None: every fetch runs its own pack-objects.
     pub pack_cache: Option<PackCacheSettings>,
 }
@@ -801,6 +833,14 @@ impl ServeConfig {
             drain_idle_timeout: Duration::from_secs(file.shutdown.keepalive_drain_secs),
             max_head_bytes: h.max_head_bytes,
             trusted_proxies: ip_ranges("http.trusted_proxies", &h.trusted_proxies)?,
+            body_progress: ProgressRules {
+                idle: positive_secs("http.body_idle_secs", h.body_idle_secs)?,
+                min_rate: h.body_min_bytes_per_sec,
+            },
+            send_progress: ProgressRules {
+                idle: positive_secs("http.send_idle_secs", h.send_idle_secs)?,
+                min_rate: h.send_min_bytes_per_sec,
+            },
         };
         let t = file.tcp;
         if t.keepalive_probes == 0 {
@@ -826,6 +866,12 @@ impl ServeConfig {
             )?,
             max_queued: g.max_queued,
             queue_timeout: positive_secs("git.queue_timeout_secs", g.queue_timeout_secs)?,
+            anonymous_max_concurrent: at_least_one(
+                "git.anonymous_max_concurrent",
+                g.anonymous_max_concurrent,
+            )?
+            .min(g.max_concurrent),
+            anonymous_max_per_ip: at_least_one("git.anonymous_max_per_ip", g.anonymous_max_per_ip)?,
             pack_cache: if g.pack_cache {
                 Some(PackCacheSettings {
                     dir: data_dir.join("cache").join("packs"),

@@ -8,6 +8,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod admission;
 pub mod auth;
 pub mod clock;
 pub mod config;
@@ -17,6 +18,7 @@ pub mod http;
 pub mod lfs;
 pub mod lifecycle;
 pub mod metrics;
+pub mod progress;
 pub mod rpc;
 pub mod server;
 pub mod smart_http;

@@ -170,17 +170,20 @@ impl ShardService for HttpService {
                 let shutdown = Rc::clone(&ctx.shutdown);
                 let config = Arc::clone(&config);
                 async move {
-                    let mut conn = Conn::new(stream, peer);
+                    let mut conn = Conn::new(stream, peer, &config.http);
                     serve_connection(&*router, &mut conn, &config.http, &shutdown).await;
                 }
             };
-            let reject = |stream, peer| async move {
-                let mut conn = Conn::new(stream, peer);
-                conn.close_after_response();
-                let _ = conn
-                    .respond_text(503, &[("Retry-After", "1")], "too many connections\n")
-                    .await;
-                conn.shutdown().await;
+            let reject = |stream, peer| {
+                let config = Arc::clone(&config);
+                async move {
+                    let mut conn = Conn::new(stream, peer, &config.http);
+                    conn.close_after_response();
+                    let _ = conn
+                        .respond_text(503, &[("Retry-After", "1")], "too many connections\n")
+                        .await;
+                    conn.shutdown().await;
+                }
             };
             accept_loop(listener, &ctx, opts, serve, reject).await;
         })

@@ -22,7 +22,7 @@ use tokio::sync::watch;
 
 use super::handler::Phase;
 use super::SshShared;
-use crate::git::limiter::PackPermit;
+use crate::git::limiter::{PackPermit, Requester};
 use crate::git::process::{GitCommand, Mode, Service};
 use crate::git::repo_name::RepoName;
 use crate::git::tokio_child::{ChildError, TokioGit};
@@ -199,7 +199,7 @@ async fn pump_stdin(read: &mut ChannelReadHalf, mut stdin: Option<UnixStream>) {
 async fn pack_slot(ctx: &ExecContext) -> Option<PackPermit> {
     let limiter = &ctx.shared.packs;
     let key = ctx.repo.to_string();
-    if let Some(p) = limiter.try_acquire(&key) {
+    if let Some(p) = limiter.try_acquire(&key, Requester::Authenticated) {
         return Some(p);
     }
     let Some(_ticket) = limiter.enqueue() else {
@@ -211,7 +211,7 @@ async fn pack_slot(ctx: &ExecContext) -> Option<PackPermit> {
     let mut delay = Duration::from_millis(1);
     loop {
         tokio::time::sleep(delay).await;
-        if let Some(p) = limiter.try_acquire(&key) {
+        if let Some(p) = limiter.try_acquire(&key, Requester::Authenticated) {
             return Some(p);
         }
         if Instant::now() >= deadline {
