@@ -290,6 +290,14 @@ impl SmartHttp {
         if head.expect_continue {
             conn.send_continue().await?;
         }
+        // Nothing scarce is held while the body is read ahead: a client that stalls here holds
+        // only its connection, and the body deadline cuts it.
+        let mut reader = BodyReader::new(head, MAX_INFLATED_REQUEST);
+        let mut buf = Vec::with_capacity(64 * 1024);
+        let mut more = match read_ahead(&mut reader, conn, &mut buf, service).await {
+            Ok(more) => more,
+            Err(e) => return body_failed(conn, &repo, e).await,
+        };
         let requester = if who.user.is_some() {
             Requester::Authenticated
         } else {
@@ -304,14 +312,6 @@ impl SmartHttp {
                 }
             },
             Requester::Authenticated => None,
-        };
-        // Nothing scarce is held while the body is read ahead: a client that stalls here holds
-        // only its connection, and the body deadline cuts it.
-        let mut reader = BodyReader::new(head, MAX_INFLATED_REQUEST);
-        let mut buf = Vec::with_capacity(64 * 1024);
-        let mut more = match read_ahead(&mut reader, conn, &mut buf, service).await {
-            Ok(more) => more,
-            Err(e) => return body_failed(conn, &repo, e).await,
         };
         let Some(_permit) = self.pack_slot(&repo.to_string(), requester).await else {
             return server_busy(conn, "too many pack operations").await;
