@@ -6,7 +6,7 @@ them), pushes a generated history into a private repository and five public ones
 `git push --mirror`, then clones the private one with the real git client N times without an
 attack and N times while M anonymous connections keep POSTing git-upload-pack bodies that stall
 (half send a few bytes then go silent, half trickle one byte every 2 s; each reconnects when the
-server cuts it, so the attack lasts the whole run). Reports clone p50/p99 for both phases, their
+server cuts it, so the attack lasts the whole run, at least --seconds). Reports clone p50/p99 for both phases, their
 ratio, the server's RSS and the pack slots in use (sampled from /metrics) during the attack, and
 the cuts the server counted.
 
@@ -120,9 +120,11 @@ def attacker(addr, repo, oid, trickle, stop, counts):
             time.sleep(0.1)
 
 
-def clone_times(url, work, n):
+def clone_times(url, work, n, seconds=0):
+    """At least n clones, and clones until `seconds` have passed."""
     times = []
-    for i in range(n):
+    started = time.monotonic()
+    while len(times) < n or time.monotonic() - started < seconds:
         dest = os.path.join(work, f"clone-{time.monotonic_ns()}")
         t = time.monotonic()
         run(["git", "clone", "-q", url, dest])
@@ -142,6 +144,8 @@ def main():
     ap.add_argument("--attackers", type=int, default=80)
     ap.add_argument("--commits", type=int, default=300)
     ap.add_argument("--shards", type=int, default=2)
+    ap.add_argument("--seconds", type=int, default=75,
+                    help="the attack phase lasts at least this long (past the 30 s body deadline, so cuts and reconnects happen)")
     ap.add_argument("--config", help="a gitplane TOML file (default: built-in defaults)")
     a = ap.parse_args()
     if not os.path.exists(BIN):
@@ -181,7 +185,7 @@ def main():
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        attacked = clone_times(url, tmp, a.clones)
+        attacked = clone_times(url, tmp, a.clones, a.seconds)
         stop.set()
         for t in threads:
             t.join(timeout=10)
@@ -190,7 +194,7 @@ def main():
         cuts = {r: metric(text, f'gitplane_stalled_cuts_total{{reason="{r}"}}')
                 for r in ("http_body_idle", "http_body_slow", "anonymous_share")}
 
-        print(f"clones: {a.clones} per phase, {a.commits} commits, {a.attackers} attackers, shards {a.shards}")
+        print(f"clones: {len(quiet)} quiet, {len(attacked)} under attack, {a.commits} commits, {a.attackers} attackers, shards {a.shards}")
         print(f"quiet:  p50 {pct(quiet, 50)*1000:.0f} ms  p99 {pct(quiet, 99)*1000:.0f} ms  server RSS {quiet_rss:.1f} MB")
         print(f"attack: p50 {pct(attacked, 50)*1000:.0f} ms  p99 {pct(attacked, 99)*1000:.0f} ms  "
               f"server RSS max {max(samples['rss']):.1f} MB  pack slots in use max {max(samples['slots'])}")

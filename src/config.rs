@@ -327,6 +327,12 @@ pub struct ShutdownSection {
     /// request before it is closed. A git clone or push is several requests on one connection;
     /// closing between them would cut it. Default 10.
     pub keepalive_drain_secs: u64,
+    /// On an upgrade (SIGUSR2), seconds the new generation has to report ready; past them it is
+    /// told to stop and this one keeps serving. Default 60.
+    pub upgrade_timeout_secs: u64,
+    /// File naming the pid of the generation that serves (written once it is ready, replaced by
+    /// the next generation on an upgrade). Also `--pid-file`. Default none.
+    pub pid_file: Option<PathBuf>,
 }
 
 impl Default for ShutdownSection {
@@ -334,6 +340,8 @@ impl Default for ShutdownSection {
         Self {
             grace_secs: 30,
             keepalive_drain_secs: 10,
+            upgrade_timeout_secs: 60,
+            pid_file: None,
         }
     }
 }
@@ -520,6 +528,7 @@ pub struct Overrides {
     pub amqp_url: Option<String>,
     pub rpc_listen: Option<String>,
     pub ssh_listen: Option<String>,
+    pub pid_file: Option<PathBuf>,
 }
 
 /// Validated runtime configuration of `gitplane serve`.
@@ -534,6 +543,9 @@ pub struct ServeConfig {
     pub tcp: TcpOptions,
     pub git: GitLimits,
     pub shutdown_grace: Duration,
+    /// How long an upgrade waits for the next generation to be ready.
+    pub upgrade_timeout: Duration,
+    pub pid_file: Option<PathBuf>,
     pub hooks: HookConfig,
     pub rpc_listen: SocketAddr,
     pub rpc: RpcLimits,
@@ -897,6 +909,11 @@ impl ServeConfig {
             tcp,
             git,
             shutdown_grace: Duration::from_secs(file.shutdown.grace_secs),
+            upgrade_timeout: positive_secs(
+                "shutdown.upgrade_timeout_secs",
+                file.shutdown.upgrade_timeout_secs,
+            )?,
+            pid_file: flags.pid_file.or(file.shutdown.pid_file),
             hooks: HookConfig::build(file.hooks, flags.amqp_url)?,
             rpc_listen,
             rpc,

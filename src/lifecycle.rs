@@ -1,8 +1,10 @@
 //! Shard-local shutdown signal. The shard's watcher flips it when the process is told to stop;
-//! the accept loop and idle keep-alive connections wait on it alongside their I/O.
+//! the accept loop and idle keep-alive connections wait on it alongside their I/O. Also
+//! [`running_exe`], the binary this generation runs, for the commands its git children start.
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
@@ -46,5 +48,19 @@ impl Future for Triggered<'_> {
             waiters.push(cx.waker().clone());
         }
         Poll::Pending
+    }
+}
+
+/// The binary this process runs, for the hook commands git children run (pack-objects cache,
+/// push hooks): `/proc/PID/exe`, which keeps naming this generation's binary after a package
+/// upgrade replaced the file on disk, so in-flight work never runs a different (or broken) build.
+/// It is valid while this process lives, which outlasts every git child it starts. Falls back to
+/// the path on disk where /proc is missing.
+pub fn running_exe() -> std::io::Result<PathBuf> {
+    let proc_exe = PathBuf::from(format!("/proc/{}/exe", std::process::id()));
+    if proc_exe.exists() {
+        Ok(proc_exe)
+    } else {
+        std::env::current_exe()
     }
 }

@@ -46,6 +46,15 @@ enum Command {
     /// Check this node's kernel and limits against tuning/.
     #[command(subcommand)]
     Tune(TuneCommand),
+    /// Hot upgrade: the server named by the pid file starts the binary now on disk, hands it its
+    /// listening sockets, and drains once the new one is ready; waits for that and reports.
+    Upgrade {
+        #[arg(long)]
+        pid_file: PathBuf,
+        /// Seconds to wait for the new generation.
+        #[arg(long, default_value_t = 90)]
+        timeout_secs: u64,
+    },
     /// The pack-objects cache, run by upload-pack as `uploadpack.packObjectsHook` (not by hand).
     #[command(hide = true)]
     PackObjectsHook(PackObjectsHookArgs),
@@ -115,6 +124,9 @@ struct ServeArgs {
     /// RabbitMQ URL for the hook workers [default: none, the embedded queue].
     #[arg(long)]
     amqp_url: Option<String>,
+    /// Write the serving generation's pid here once it is ready (for `gitplane upgrade`).
+    #[arg(long)]
+    pid_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -186,6 +198,10 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Upgrade {
+            pid_file,
+            timeout_secs,
+        } => upgrade(&pid_file, std::time::Duration::from_secs(timeout_secs)),
         Command::User(UserCommand::Add { name, .. }) => {
             let password = admin::read_password(std::io::stdin().lock())?;
             admin::user_add(&data_dir(), &name, &password)
@@ -258,6 +274,42 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// Sends SIGUSR2 to the generation in `pid_file` and waits until the file names a new, live one.
+fn upgrade(pid_file: &Path, timeout: std::time::Duration) -> anyhow::Result<()> {
+    use gitplane::server::upgrade::read_pid_file;
+    let old = read_pid_file(pid_file).context("reading the pid file")?;
+    let alive = |pid: u32| {
+        // SAFETY: signal 0 only checks that the process exists.
+        unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
+    };
+    // SAFETY: asking the named server to upgrade itself.
+    if unsafe { libc::kill(old as libc::pid_t, libc::SIGUSR2) } != 0 {
+        anyhow::bail!(
+            "cannot signal pid {old}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        if let Ok(new) = read_pid_file(pid_file) {
+            if new != old && alive(new) {
+                println!("upgraded: pid {new} serves; pid {old} is draining");
+                return Ok(());
+            }
+        }
+    }
+    anyhow::bail!(
+        "no new generation within {} s; pid {old} {} (see its log)",
+        timeout.as_secs(),
+        if alive(old) {
+            "keeps serving"
+        } else {
+            "is gone"
+        }
+    )
+}
+
 fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<()> {
     let file = match &args.config {
         Some(path) => FileConfig::load(path)?,
@@ -273,6 +325,7 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<()> {
             amqp_url: args.amqp_url,
             rpc_listen: args.rpc_listen,
             ssh_listen: args.ssh_listen,
+            pid_file: args.pid_file,
         },
     )?;
     let data_dir = config.data_dir.clone();

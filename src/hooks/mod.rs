@@ -59,7 +59,7 @@ pub struct HooksService {
 impl HooksService {
     /// Writes `DATA/hooks/post-receive`, points receive-pack at it, and opens the store.
     pub fn new(config: &ServeConfig) -> Result<Self, HookError> {
-        let exe = std::env::current_exe().map_err(HookError::Exe)?;
+        let exe = crate::lifecycle::running_exe().map_err(HookError::Exe)?;
         let hooks_dir = capture::install_hooks(&config.data_dir, &exe)?;
         crate::git::process::set_hooks_path(&hooks_dir);
         let db = db::HookDb::start(&config.data_dir)?;
