@@ -432,6 +432,24 @@ pub struct RpcSection {
     pub max_concurrent_streams: u32,
     /// Open connections one shard accepts; more are closed at once. Default 4096.
     pub max_connections_per_shard: usize,
+    /// Connections on one shard that have not yet presented a valid token; more are closed at
+    /// once, so peers without the token never take the whole shard (0 = a quarter of
+    /// `max_connections_per_shard`, at least 1). Default 0.
+    pub max_unauthenticated_per_shard: usize,
+    /// Open connections from one source address (one IPv6 /64), node-wide. Default 64.
+    pub max_connections_per_ip: usize,
+    /// Of those, connections that have not yet presented a valid token. Default 8.
+    pub max_unauthenticated_per_ip: usize,
+    /// Seconds a connection may stay open with no stream before it gets GOAWAY and is closed.
+    /// Default 60.
+    pub idle_timeout_secs: u64,
+    /// Seconds after the HTTP/2 handshake by which a connection must have sent a call with a
+    /// valid bearer token; it is closed otherwise. Default 10.
+    pub first_request_secs: u64,
+    /// Seconds between HTTP/2 PINGs while streams are open. Default 30.
+    pub keepalive_interval_secs: u64,
+    /// Seconds a PING may go unanswered before the connection is closed. Default 20.
+    pub keepalive_timeout_secs: u64,
     /// Threads running libgit2 work (0 = 2 per shard, at least 4). Default 0.
     pub blocking_threads: usize,
     /// Calls that may wait for a worker; beyond this they get UNAVAILABLE. Default 1024.
@@ -448,6 +466,13 @@ impl Default for RpcSection {
             max_message_bytes: 4 << 20,
             max_concurrent_streams: 256,
             max_connections_per_shard: 4096,
+            max_unauthenticated_per_shard: 0,
+            max_connections_per_ip: 64,
+            max_unauthenticated_per_ip: 8,
+            idle_timeout_secs: 60,
+            first_request_secs: 10,
+            keepalive_interval_secs: 30,
+            keepalive_timeout_secs: 20,
             blocking_threads: 0,
             max_queued: 1024,
             default_deadline_secs: 300,
@@ -611,9 +636,22 @@ pub struct RpcLimits {
     pub max_message_bytes: usize,
     pub max_concurrent_streams: u32,
     pub max_connections_per_shard: usize,
+    pub max_unauthenticated_per_shard: usize,
+    pub max_connections_per_ip: usize,
+    pub max_unauthenticated_per_ip: usize,
+    pub conn_timers: ConnTimers,
     pub blocking_threads: NonZeroUsize,
     pub max_queued: usize,
     pub default_deadline: Duration,
+}
+
+/// The timers of one gRPC connection (see `rpc::watch`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnTimers {
+    pub idle: Duration,
+    pub first_request: Duration,
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
 }
 
 impl RpcLimits {
@@ -636,14 +674,51 @@ impl RpcLimits {
             n if n > 1024 => return Err(invalid("rpc.blocking_threads", "at most 1024")),
             n => NonZeroUsize::new(n).unwrap_or(NonZeroUsize::MIN),
         };
+        let max_connections_per_shard =
+            at_least_one("rpc.max_connections_per_shard", r.max_connections_per_shard)?;
+        let max_unauthenticated_per_shard = match r.max_unauthenticated_per_shard {
+            0 => (max_connections_per_shard / 4).max(1),
+            n if n >= max_connections_per_shard && max_connections_per_shard > 1 => {
+                return Err(invalid(
+                    "rpc.max_unauthenticated_per_shard",
+                    "must be below rpc.max_connections_per_shard, or connections without the \
+                     token could take them all",
+                ))
+            }
+            n => n,
+        };
+        let max_connections_per_ip =
+            at_least_one("rpc.max_connections_per_ip", r.max_connections_per_ip)?;
+        let max_unauthenticated_per_ip = at_least_one(
+            "rpc.max_unauthenticated_per_ip",
+            r.max_unauthenticated_per_ip,
+        )?;
+        if max_unauthenticated_per_ip > max_connections_per_ip {
+            return Err(invalid(
+                "rpc.max_unauthenticated_per_ip",
+                "must not exceed rpc.max_connections_per_ip",
+            ));
+        }
         Ok(Self {
             token_file: r.token_file.unwrap_or_else(|| data_dir.join("rpc-token")),
             max_message_bytes: r.max_message_bytes,
             max_concurrent_streams: r.max_concurrent_streams,
-            max_connections_per_shard: at_least_one(
-                "rpc.max_connections_per_shard",
-                r.max_connections_per_shard,
-            )?,
+            max_connections_per_shard,
+            max_unauthenticated_per_shard,
+            max_connections_per_ip,
+            max_unauthenticated_per_ip,
+            conn_timers: ConnTimers {
+                idle: positive_secs("rpc.idle_timeout_secs", r.idle_timeout_secs)?,
+                first_request: positive_secs("rpc.first_request_secs", r.first_request_secs)?,
+                keepalive_interval: positive_secs(
+                    "rpc.keepalive_interval_secs",
+                    r.keepalive_interval_secs,
+                )?,
+                keepalive_timeout: positive_secs(
+                    "rpc.keepalive_timeout_secs",
+                    r.keepalive_timeout_secs,
+                )?,
+            },
             blocking_threads,
             max_queued: at_least_one("rpc.max_queued", r.max_queued)?,
             default_deadline: positive_secs("rpc.default_deadline_secs", r.default_deadline_secs)?,
@@ -1008,6 +1083,9 @@ mod tests {
         assert_eq!(c.rpc.max_message_bytes, 4 << 20);
         assert_eq!(c.rpc.default_deadline, Duration::from_secs(300));
         assert!(c.rpc.blocking_threads.get() >= 4);
+        assert_eq!(c.rpc.max_unauthenticated_per_shard, 1024);
+        assert_eq!(c.rpc.conn_timers.idle, Duration::from_secs(60));
+        assert_eq!(c.rpc.conn_timers.first_request, Duration::from_secs(10));
         let file: FileConfig = toml::from_str(
             "[rpc]\nlisten = \"127.0.0.1:1\"\ntoken_file = \"/t\"\nblocking_threads = 3\n",
         )
@@ -1031,6 +1109,16 @@ mod tests {
                 "[rpc]\ndefault_deadline_secs = 0\n",
                 "rpc.default_deadline_secs",
             ),
+            (
+                "[rpc]\nmax_connections_per_shard = 64\nmax_unauthenticated_per_shard = 64\n",
+                "rpc.max_unauthenticated_per_shard",
+            ),
+            (
+                "[rpc]\nmax_connections_per_ip = 4\nmax_unauthenticated_per_ip = 5\n",
+                "rpc.max_unauthenticated_per_ip",
+            ),
+            ("[rpc]\nfirst_request_secs = 0\n", "rpc.first_request_secs"),
+            ("[rpc]\nidle_timeout_secs = 0\n", "rpc.idle_timeout_secs"),
         ] {
             let file: FileConfig = toml::from_str(bad).unwrap();
             let err = ServeConfig::build(file, Overrides::default()).unwrap_err();

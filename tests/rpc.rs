@@ -2,17 +2,25 @@
 //! - the Python grpcio suite (tests/rpc/client_test.py, stubs generated from proto/ at test time)
 //!   on a scripted fixture with a 200 MB blob, checked against the git CLI;
 //! - raw HTTP/2 streams (the h2 crate as a client) for what a well-behaved client never sends:
-//!   malformed frames, bad compression, oversized messages, tiny deadlines.
+//!   malformed frames, bad compression, oversized messages, tiny deadlines;
+//! - connections that hold without using (issue #17): raw sockets that send the HTTP/2 preface
+//!   and nothing else, idle and silent h2 clients, beside a real grpcio channel.
 
 mod common;
 
-use std::net::SocketAddr;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::Command;
-use std::time::Duration;
+use std::pin::Pin;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
-use common::grpc::{call, connect, frame, runtime, Answer};
+use bytes::Bytes;
+use common::grpc::{call, connect, connect_io, frame, runtime, Answer};
 use common::*;
 use gitplane::rpc::pb::v1 as pb;
 use prost::Message;
@@ -21,8 +29,12 @@ const RPC_CONFIG: &str = "[rpc]\nlisten = \"127.0.0.1:0\"\n";
 const LIST_BRANCHES: &str = "/gitplane.v1.RepositoryService/ListBranches";
 
 fn start() -> (Server, SocketAddr, String) {
+    start_config(RPC_CONFIG)
+}
+
+fn start_config(config: &str) -> (Server, SocketAddr, String) {
     let server = Server::start_with(ServerOptions {
-        config: Some(RPC_CONFIG.into()),
+        config: Some(config.into()),
         ..ServerOptions::default()
     });
     let addr = *server
@@ -126,7 +138,11 @@ fn gzip(data: &[u8]) -> Vec<u8> {
 }
 
 fn server_with_repo() -> (Server, SocketAddr, String) {
-    let (server, addr, token) = start();
+    server_with_repo_config(RPC_CONFIG)
+}
+
+fn server_with_repo_config(config: &str) -> (Server, SocketAddr, String) {
+    let (server, addr, token) = start_config(config);
     server.create_repo("admin/small", false);
     let work = tempfile::tempdir().unwrap();
     make_worktree(work.path(), 3);
@@ -511,4 +527,328 @@ fn created_branch_is_fsynced_before_the_answer() {
         fsyncs >= 1,
         "CreateBranch answered without any fsync by the server:\n{calls}"
     );
+}
+
+// ------------------------------------------------------------------------------------------------
+// Connections that hold without using (issue #17)
+
+/// Short deadlines, and the shard cap of the reported attack (64).
+const HOLD_CONFIG: &str = "[rpc]\nlisten = \"127.0.0.1:0\"\nmax_connections_per_shard = 64\n\
+    max_connections_per_ip = 32\nmax_unauthenticated_per_ip = 16\nfirst_request_secs = 3\n\
+    idle_timeout_secs = 4\nkeepalive_interval_secs = 1\nkeepalive_timeout_secs = 1\n";
+const FIRST_REQUEST: Duration = Duration::from_secs(3);
+const IDLE: Duration = Duration::from_secs(4);
+const GOAWAY: u8 = 7;
+
+fn cuts(server: &Server, reason: &str) -> u64 {
+    metric(
+        server,
+        &format!("gitplane_stalled_cuts_total{{reason=\"{reason}\"}}"),
+    )
+}
+
+/// The frame types in what a server sent (a cut-off last frame included).
+fn frame_types(mut bytes: &[u8]) -> Vec<u8> {
+    let mut types = Vec::new();
+    while bytes.len() >= 9 {
+        let len = u32::from_be_bytes([0, bytes[0], bytes[1], bytes[2]]) as usize;
+        types.push(bytes[3]);
+        bytes = &bytes[(9 + len).min(bytes.len())..];
+    }
+    types
+}
+
+/// A raw TCP connection from `from` that sends the HTTP/2 client preface and an empty SETTINGS
+/// frame, then nothing, and records what the server sends until it closes.
+struct IdlePeer {
+    stream: std::net::TcpStream,
+    received: Vec<u8>,
+    closed_at: Option<Instant>,
+}
+
+impl IdlePeer {
+    fn open(from: IpAddr, to: SocketAddr) -> Self {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.bind(&SocketAddr::new(from, 0).into())
+            .unwrap_or_else(|e| panic!("cannot bind {from}: {e} (Linux routes all of 127/8)"));
+        s.connect(&to.into()).unwrap();
+        let mut stream: std::net::TcpStream = s.into();
+        // A refused connection may already be closed: what it received tells it apart.
+        let _ = stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0");
+        stream.set_nonblocking(true).unwrap();
+        Self {
+            stream,
+            received: Vec::new(),
+            closed_at: None,
+        }
+    }
+
+    /// Reads what is there; true once the server has closed the connection.
+    fn poll(&mut self) -> bool {
+        let mut buf = [0u8; 4096];
+        while self.closed_at.is_none() {
+            match self.stream.read(&mut buf) {
+                Ok(0) => self.closed_at = Some(Instant::now()),
+                Ok(n) => self.received.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                // Reset: closed without reading what we sent.
+                Err(_) => self.closed_at = Some(Instant::now()),
+            }
+        }
+        self.closed_at.is_some()
+    }
+}
+
+/// tests/rpc/held_channel.py: a grpcio channel authenticated at start, then calls on demand.
+struct GrpcioApp {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl GrpcioApp {
+    fn start(addr: SocketAddr, token: &str) -> Self {
+        require_tool("python3");
+        require_grpcio();
+        let mut child = Command::new("python3")
+            .arg(root().join("tests/rpc/held_channel.py"))
+            .env("RPC_ADDR", addr.to_string())
+            .env("RPC_TOKEN", token)
+            .env("RPC_PATH", LIST_BRANCHES)
+            .env("RPC_REQUEST_HEX", hex::encode(list_branches_request()))
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut app = Self {
+            child,
+            stdin,
+            stdout,
+        };
+        assert_eq!(app.line(), "ready");
+        app
+    }
+
+    fn line(&mut self) -> String {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        assert!(
+            !line.is_empty(),
+            "the grpcio client failed (its error is above)"
+        );
+        line.trim().to_owned()
+    }
+
+    /// One ListBranches on the held channel or a fresh one: milliseconds it took.
+    fn call(&mut self, channel: &str) -> f64 {
+        writeln!(self.stdin, "{channel}").unwrap();
+        let line = self.line();
+        let mut words = line.split(' ');
+        assert_eq!(words.next(), Some("ok"), "{line}");
+        let ms: f64 = words.next().unwrap().parse().unwrap();
+        let size: usize = words.next().unwrap().parse().unwrap();
+        assert!(size > 0, "an empty ListBranches answer");
+        ms
+    }
+}
+
+impl Drop for GrpcioApp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn idle_h2_connections_are_capped_per_address_and_closed_without_a_token() {
+    let (server, addr, token) = server_with_repo_config(HOLD_CONFIG);
+    // The web app's channel, authenticated before the attack.
+    let mut app = GrpcioApp::start(addr, &token);
+    let attacker: IpAddr = "127.0.0.2".parse().unwrap();
+    let started = Instant::now();
+    let mut peers: Vec<IdlePeer> = (0..128).map(|_| IdlePeer::open(attacker, addr)).collect();
+    // Real calls are served while the idle connections are held, on the channel made before
+    // and on a new one.
+    for channel in ["held", "fresh"] {
+        let ms = app.call(channel);
+        eprintln!("ListBranches on a {channel} channel during the attack: {ms:.1} ms");
+    }
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            // Every peer is read each round, so close times are seen as they happen.
+            peers
+                .iter_mut()
+                .map(IdlePeer::poll)
+                .filter(|closed| !closed)
+                .count()
+                == 0
+        }),
+        "{} idle connections still open after 30 s",
+        peers.iter().filter(|p| p.closed_at.is_none()).count()
+    );
+    // Admitted: the server's SETTINGS came back. Only the address's unauthenticated share was.
+    let (held, refused): (Vec<_>, Vec<_>) = peers.iter().partition(|p| !p.received.is_empty());
+    assert_eq!(held.len(), 16, "max_unauthenticated_per_ip = 16");
+    for p in &held {
+        assert!(
+            frame_types(&p.received).contains(&GOAWAY),
+            "closed without GOAWAY: {:?}",
+            frame_types(&p.received)
+        );
+        assert!(p.closed_at.unwrap() >= started + FIRST_REQUEST);
+    }
+    let per_address = cuts(&server, "rpc_per_address");
+    let over_shard_cap = metric(&server, "gitplane_http_connections_rejected_total");
+    assert!(per_address > 0);
+    assert_eq!(per_address + over_shard_cap, refused.len() as u64);
+    assert_eq!(cuts(&server, "rpc_no_request"), 16);
+    assert_eq!(cuts(&server, "rpc_keepalive"), 0);
+    // And after the attack.
+    let ms = app.call("fresh");
+    eprintln!("ListBranches on a fresh channel after the attack: {ms:.1} ms");
+}
+
+/// A socket whose reads and writes can be stopped: the peer then answers nothing, not even a
+/// PING, while the TCP connection stays up.
+struct Freezable {
+    inner: tokio::net::TcpStream,
+    frozen: Arc<AtomicBool>,
+}
+
+impl tokio::io::AsyncRead for Freezable {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.frozen.load(Ordering::SeqCst) {
+            return Poll::Pending;
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Freezable {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if self.frozen.load(Ordering::SeqCst) {
+            return Poll::Pending;
+        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Opens a ListBranches stream with the token and sends its message without ending the stream,
+/// so the call stays open until `end` is sent.
+fn open_call(
+    client: &h2::client::SendRequest<Bytes>,
+    token: &str,
+) -> (h2::client::ResponseFuture, h2::SendStream<Bytes>) {
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://gitplane{LIST_BRANCHES}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("authorization", format!("Bearer {token}"))
+        .body(())
+        .unwrap();
+    let (resp, mut send) = client.clone().send_request(req, false).unwrap();
+    send.send_data(frame(0, &list_branches_request()).into(), false)
+        .unwrap();
+    (resp, send)
+}
+
+#[test]
+fn idle_connections_get_goaway_and_silent_peers_fail_keepalive() {
+    let (server, addr, token) = server_with_repo_config(HOLD_CONFIG);
+    let auth = format!("Bearer {token}");
+    let req = frame(0, &list_branches_request());
+    runtime().block_on(async {
+        // Authenticated, then idle: GOAWAY and close at the idle timeout, not before.
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (client, driver) = connect_io(tcp).await;
+        let a = call(
+            &client,
+            LIST_BRANCHES,
+            &[("authorization", &auth)],
+            std::slice::from_ref(&req),
+            false,
+        )
+        .await;
+        assert_eq!(a.grpc_status(), Some(0), "{a:?}");
+        let idle_from = Instant::now();
+        let _ = tokio::time::timeout(Duration::from_secs(20), driver)
+            .await
+            .expect("an idle connection still open after 20 s");
+        // The server's idle clock started a little before the client saw the answer.
+        assert!(idle_from.elapsed() >= IDLE - Duration::from_secs(1));
+        assert_eq!(cuts(&server, "rpc_idle"), 1);
+
+        // A long call on a client that answers PINGs: it outlives many keepalive rounds.
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (client, _driver) = connect_io(tcp).await;
+        let (resp, mut send) = open_call(&client, &token);
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        send.send_data(Bytes::new(), true).unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+            .await
+            .expect("an answer")
+            .expect("the call survived the keepalive rounds");
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.into_body();
+        while let Some(chunk) = body.data().await {
+            chunk.unwrap();
+        }
+        let trailers = body.trailers().await.unwrap().expect("trailers");
+        assert_eq!(trailers.get("grpc-status").unwrap(), "0");
+        assert_eq!(cuts(&server, "rpc_keepalive"), 0);
+        // Closed by us before its idle timeout, so that it is not counted below.
+        drop((client, send));
+
+        // The same call on a client that stops answering: cut after one unanswered PING.
+        let frozen = Arc::new(AtomicBool::new(false));
+        let io = Freezable {
+            inner: tokio::net::TcpStream::connect(addr).await.unwrap(),
+            frozen: Arc::clone(&frozen),
+        };
+        let (client, _driver) = connect_io(io).await;
+        let a = call(
+            &client,
+            LIST_BRANCHES,
+            &[("authorization", &auth)],
+            std::slice::from_ref(&req),
+            false,
+        )
+        .await;
+        assert_eq!(a.grpc_status(), Some(0), "{a:?}");
+        let (_resp, _send) = open_call(&client, &token);
+        // Let the stream reach the server, then go silent.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        frozen.store(true, Ordering::SeqCst);
+        let mut cut = false;
+        for _ in 0..100 {
+            if cuts(&server, "rpc_keepalive") == 1 {
+                cut = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(cut, "a silent peer's connection was not cut within 10 s");
+        assert_eq!(cuts(&server, "rpc_idle"), 1);
+        assert_eq!(cuts(&server, "rpc_no_request"), 0);
+    });
 }

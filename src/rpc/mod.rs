@@ -7,14 +7,19 @@
 //! an operation in [`ops`], which runs on the dedicated blocking [`pool`] with a cached
 //! `git2::Repository`; responses go back through a bounded channel so a 200 MB blob streams in
 //! 64 KiB messages with flat memory. [`auth`] holds the bearer token every call but health
-//! checks needs. Messages are generated from `proto/` into [`pb`].
+//! checks needs. Messages are generated from `proto/` into [`pb`]. Connections that do not use
+//! what they hold give it back: [`conns`] caps them per address and keeps those without a token
+//! to a share of the shard, [`watch`] closes idle ones, ones that never authenticate and ones
+//! whose keepalive PING goes unanswered.
 
 pub mod auth;
+pub mod conns;
 pub mod ops;
 pub mod pb;
 pub mod pool;
 pub mod server;
 pub mod service;
+pub mod watch;
 
 pub use gitplane_wire::rpc::{frame, status};
 
@@ -28,6 +33,7 @@ use crate::git::repo::RepoRoot;
 use crate::metrics::METRICS;
 use crate::server::shard::{accept_loop, AcceptOptions, ListenerSet, ShardContext, ShardService};
 use auth::{Token, TokenError};
+use conns::{AddressCaps, ShardShare};
 use pool::{GitPool, PoolError};
 use server::ShardRpc;
 use service::{RpcState, METHOD_LABELS};
@@ -66,6 +72,7 @@ impl RpcService {
             listeners,
             tcp: config.tcp.clone(),
             state: Arc::new(RpcState {
+                address_caps: AddressCaps::new(&limits),
                 limits,
                 token,
                 pool,
@@ -128,13 +135,14 @@ impl ShardService for RpcService {
             let shard = Rc::new(ShardRpc {
                 state: Arc::clone(&state),
                 shutdown: Rc::clone(&ctx.shutdown),
+                unauthenticated: ShardShare::new(state.limits.max_unauthenticated_per_shard),
             });
             let opts = AcceptOptions {
                 name: "rpc",
                 max_connections: state.limits.max_connections_per_shard,
                 tcp: &tcp,
             };
-            let serve = |stream, _peer| server::serve_connection(stream, Rc::clone(&shard));
+            let serve = |stream, peer| server::serve_connection(stream, peer, Rc::clone(&shard));
             // Over the cap: close at once; gRPC clients reconnect with backoff.
             let reject = |stream: monoio::net::TcpStream, _peer| async move { drop(stream) };
             accept_loop(listener, &ctx, opts, serve, reject).await;

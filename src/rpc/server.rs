@@ -9,10 +9,18 @@
 //! runs under its deadline (`grpc-timeout`, else `rpc.default_deadline_secs`): when it passes
 //! the client gets DEADLINE_EXCEEDED and the worker is told to stop. A malformed frame ends only
 //! its stream (INTERNAL or RESOURCE_EXHAUSTED); the connection and its other streams go on.
+//!
+//! Per connection: admission by address ([`super::conns`]) before the handshake, then a loop
+//! that accepts streams and obeys the connection's [`ConnWatch`]: it sends keepalive PINGs and,
+//! when a rule fires (idle, no authenticated call in time, unanswered PING), sends GOAWAY and
+//! closes, counting the cut in `gitplane_stalled_cuts_total`.
 
+use std::cell::RefCell;
 use std::future::poll_fn;
+use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -20,16 +28,22 @@ use h2::server::SendResponse;
 use h2::{RecvStream, SendStream};
 use http::{HeaderMap, HeaderValue, Request, Response};
 use monoio::net::TcpStream;
+use tokio::sync::Notify;
 
+use super::conns::{ConnSlot, Refused, ShardShare};
 use super::frame::{Encoding, MessageReader, ACCEPT_ENCODING};
 use super::pool::CallCtx;
 use super::service::{Method, Reply, RpcState};
 use super::status::{parse_timeout, Code, Status};
+use super::watch::{ConnWatch, Due};
 use crate::lifecycle::ShutdownSignal;
-use crate::metrics::METRICS;
+use crate::metrics::{Cut, METRICS};
 
-/// Time a new connection has to send the HTTP/2 preface and settings.
+/// Longest time a new connection has to send the HTTP/2 preface and settings (also bounded by
+/// `rpc.first_request_secs`, which runs from the accept).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a closing connection gets to flush its GOAWAY before the socket is dropped.
+const CLOSE_FLUSH: Duration = Duration::from_secs(1);
 /// A stream whose client opens no send window for this long is cut (a stalled reader must not
 /// pin a worker forever).
 const SEND_STALL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -40,11 +54,75 @@ const IO_BUFFER: usize = 64 << 10;
 pub struct ShardRpc {
     pub state: Arc<RpcState>,
     pub shutdown: Rc<ShutdownSignal>,
+    /// Connections on this shard that have not shown a valid token yet.
+    pub unauthenticated: Rc<ShardShare>,
 }
 
-/// Serves one HTTP/2 connection until the client closes it or the shard drains.
-pub async fn serve_connection(stream: TcpStream, shard: Rc<ShardRpc>) {
+/// What a connection's loop and its stream tasks share.
+struct ConnShared {
+    watch: RefCell<ConnWatch>,
+    slot: RefCell<ConnSlot>,
+    /// Wakes the loop when a stream ends or the token was shown, so it re-reads its deadline.
+    changed: Notify,
+}
+
+impl ConnShared {
+    fn authenticated(&self) {
+        let mut watch = self.watch.borrow_mut();
+        if !watch.is_authenticated() {
+            watch.authenticated();
+            self.slot.borrow_mut().authenticated();
+            self.changed.notify_one();
+        }
+    }
+}
+
+/// An open stream, counted in the connection's [`ConnWatch`] until dropped.
+struct StreamGuard(Rc<ConnShared>);
+
+impl StreamGuard {
+    fn new(conn: &Rc<ConnShared>) -> Self {
+        conn.watch.borrow_mut().stream_opened(Instant::now());
+        Self(Rc::clone(conn))
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.watch.borrow_mut().stream_closed(Instant::now());
+        self.0.changed.notify_one();
+    }
+}
+
+/// What `accept` gives: a new stream, a connection error, or the end of the connection.
+type Accepted = Option<Result<(Request<RecvStream>, SendResponse<Bytes>), h2::Error>>;
+
+/// What woke the connection loop.
+enum Event {
+    /// Boxed: the stream's handles are large and the other events are tiny.
+    Stream(Box<Accepted>),
+    Drain,
+    Timer,
+    Changed,
+    Pong(Result<h2::Pong, h2::Error>),
+}
+
+/// Serves one HTTP/2 connection until the client closes it, a [`ConnWatch`] rule closes it, or
+/// the shard drains.
+pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, shard: Rc<ShardRpc>) {
+    let accepted = Instant::now();
     let limits = &shard.state.limits;
+    let slot = match ConnSlot::admit(&shard.state.address_caps, &shard.unauthenticated, peer.ip()) {
+        Ok(slot) => slot,
+        Err(e) => {
+            match e {
+                Refused::Address(_) => METRICS.cut(Cut::RpcPerAddress),
+                Refused::ShardShare(_) => METRICS.connections_rejected.inc(),
+            }
+            tracing::debug!(%peer, error = %e, "rpc: connection refused");
+            return;
+        }
+    };
     let io = monoio_compat::TcpStreamCompat::new_with_buffer_size(stream, IO_BUFFER, IO_BUFFER);
     let mut builder = h2::server::Builder::new();
     builder
@@ -57,38 +135,91 @@ pub async fn serve_connection(stream: TcpStream, shard: Rc<ShardRpc>) {
         .max_header_list_size(16 << 10)
         .max_send_buffer_size(256 << 10);
     let handshake = builder.handshake::<_, Bytes>(io);
-    let mut conn = match monoio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+    let handshake_limit = HANDSHAKE_TIMEOUT.min(limits.conn_timers.first_request);
+    let mut conn = match monoio::time::timeout(handshake_limit, handshake).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "rpc: HTTP/2 handshake failed");
             return;
         }
         Err(_) => {
-            tracing::debug!("rpc: HTTP/2 handshake timed out");
+            METRICS.cut(Cut::RpcNoRequest);
+            tracing::debug!(%peer, "rpc: HTTP/2 handshake timed out");
             return;
         }
     };
+    let mut pings = conn.ping_pong();
+    let shared = Rc::new(ConnShared {
+        watch: RefCell::new(ConnWatch::new(limits.conn_timers, accepted)),
+        slot: RefCell::new(slot),
+        changed: Notify::new(),
+    });
     let mut draining = false;
-    loop {
-        let next = monoio::select! {
-            n = conn.accept() => n,
-            _ = shard.shutdown.wait(), if !draining => {
+    let cut = loop {
+        let (next, awaiting_pong) = {
+            let w = shared.watch.borrow();
+            (w.next(), w.awaiting_pong())
+        };
+        let pong = poll_fn(|cx| match pings.as_mut() {
+            Some(p) => p.poll_pong(cx),
+            None => Poll::Pending,
+        });
+        let event = monoio::select! {
+            n = conn.accept() => Event::Stream(Box::new(n)),
+            _ = shard.shutdown.wait(), if !draining => Event::Drain,
+            _ = monoio::time::sleep_until(monoio::time::Instant::from_std(next)) => Event::Timer,
+            _ = shared.changed.notified() => Event::Changed,
+            p = pong, if awaiting_pong => Event::Pong(p),
+        };
+        match event {
+            Event::Stream(accepted) => match *accepted {
+                Some(Ok((req, respond))) => {
+                    let guard = StreamGuard::new(&shared);
+                    monoio::spawn(handle_stream(Rc::clone(&shard), guard, req, respond));
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "rpc: connection error");
+                    break None;
+                }
+                None => break None,
+            },
+            Event::Drain => {
                 // GOAWAY: in-flight streams finish, new ones go elsewhere.
                 conn.graceful_shutdown();
                 draining = true;
-                continue;
             }
-        };
-        match next {
-            Some(Ok((req, respond))) => {
-                monoio::spawn(handle_stream(Rc::clone(&shard), req, respond));
+            Event::Changed => {}
+            Event::Pong(Ok(_)) => shared.watch.borrow_mut().pong_received(Instant::now()),
+            Event::Pong(Err(e)) => {
+                tracing::debug!(error = %e, "rpc: keepalive ping failed");
+                break None;
             }
-            Some(Err(e)) => {
-                tracing::debug!(error = %e, "rpc: connection error");
-                break;
+            Event::Timer => {
+                let now = Instant::now();
+                let due = shared.watch.borrow().due(now);
+                match due {
+                    None => {}
+                    // send_ping/poll_pong rather than `ping().await`: the loop must keep
+                    // accepting streams while the PONG is on its way.
+                    Some(Due::Ping) => {
+                        match pings.as_mut().map(|p| p.send_ping(h2::Ping::opaque())) {
+                            Some(Ok(())) => shared.watch.borrow_mut().ping_sent(now),
+                            // The connection is broken, or h2 gave out no pinger: nothing can
+                            // prove the peer is still there.
+                            _ => break Some(Cut::RpcKeepalive),
+                        }
+                    }
+                    Some(Due::Close(cut)) => break Some(cut),
+                }
             }
-            None => break,
         }
+    };
+    if let Some(cut) = cut {
+        METRICS.cut(cut);
+        tracing::debug!(%peer, ?cut, "rpc: closing the connection");
+        // GOAWAY naming the last stream we took, then close even if streams are still open.
+        conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+        let _ = monoio::time::timeout(CLOSE_FLUSH, poll_fn(|cx| conn.poll_closed(cx))).await;
     }
 }
 
@@ -268,6 +399,7 @@ async fn read_request(
 /// Handles one stream start to end, and counts it.
 async fn handle_stream(
     shard: Rc<ShardRpc>,
+    stream: StreamGuard,
     req: Request<RecvStream>,
     respond: SendResponse<Bytes>,
 ) {
@@ -299,6 +431,10 @@ async fn handle_stream(
     let (method, status) = match check_head(&shard.state, &head) {
         Err(s) => (Method::from_path(head.uri.path()), s),
         Ok((method, encoding, timeout)) => {
+            if method.needs_token() {
+                // check_head has just matched the token.
+                stream.0.authenticated();
+            }
             let limits = &shard.state.limits;
             // Without a client deadline the server's own default bounds the call.
             let budget = timeout.unwrap_or(limits.default_deadline);

@@ -15,6 +15,7 @@ use prost::Message;
 use tokio::sync::mpsc;
 
 use super::auth::Token;
+use super::conns::AddressCaps;
 use super::frame::encode_message;
 use super::ops::{self, with_repo, Emitter, OpResult};
 use super::pb::{health, v1 as pb};
@@ -118,6 +119,8 @@ repo_requests!(
 /// State shared by every shard's RPC front end.
 pub struct RpcState {
     pub limits: RpcLimits,
+    /// Connections per source address, node-wide.
+    pub address_caps: AddressCaps,
     pub token: Token,
     pub pool: GitPool,
     pub repos: RepoRoot,

@@ -48,11 +48,22 @@ pub fn runtime() -> tokio::runtime::Runtime {
 
 pub async fn connect(addr: SocketAddr) -> h2::client::SendRequest<Bytes> {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    client
+    connect_io(tcp).await.0
+}
+
+/// An HTTP/2 client over `io`, with the task that drives the connection: it ends when the
+/// server closes the connection.
+pub async fn connect_io<T>(
+    io: T,
+) -> (
+    h2::client::SendRequest<Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (client, conn) = h2::client::handshake(io).await.unwrap();
+    (client, tokio::spawn(conn))
 }
 
 /// Sends one request (its body in `chunks`; the stream is ended unless `keep_open`) and reads
