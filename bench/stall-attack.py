@@ -28,6 +28,9 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench", "lib"))
+from probe import metrics, rss_mb  # noqa: E402
+
 BIN = os.path.join(ROOT, "target", "release", "gitplane")
 
 
@@ -60,29 +63,9 @@ def admin(data, *args, stdin=None):
     return run([BIN, "--data-dir", data, *args], stdin=stdin)
 
 
-def metrics(addr):
-    with socket.create_connection(addr, timeout=10) as s:
-        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n")
-        out = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            out += chunk
-    return out.decode(errors="replace")
-
-
 def metric(text, series):
     m = re.search("^" + re.escape(series) + r" (\d+)$", text, re.M)
     return int(m.group(1)) if m else 0
-
-
-def rss_mb(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def make_history(path, commits):

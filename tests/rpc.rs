@@ -711,6 +711,33 @@ fn idle_h2_connections_are_capped_per_address_and_closed_without_a_token() {
     eprintln!("ListBranches on a fresh channel after the attack: {ms:.1} ms");
 }
 
+#[test]
+fn a_full_unauthenticated_share_evicts_its_oldest_so_new_clients_get_in() {
+    let (server, addr, token) = server_with_repo_config(HOLD_CONFIG);
+    let mut app = GrpcioApp::start(addr, &token);
+    // 8 addresses x 16: within every address's share, 4 times the shards' shares (2 x 16).
+    let mut peers: Vec<IdlePeer> = (0..128)
+        .map(|i| IdlePeer::open(IpAddr::from([127, 0, 0, 10 + i % 8]), addr))
+        .collect();
+    let ms = app.call("fresh");
+    eprintln!("ListBranches on a fresh channel with the shares full: {ms:.1} ms");
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            peers
+                .iter_mut()
+                .map(IdlePeer::poll)
+                .filter(|closed| !closed)
+                .count()
+                == 0
+        }),
+        "idle connections still open after 30 s"
+    );
+    // Each one was evicted, timed out, or (in the burst) refused over the shard's cap.
+    let over_shard_cap = metric(&server, "gitplane_http_connections_rejected_total");
+    assert_eq!(cuts(&server, "rpc_no_request") + over_shard_cap, 128);
+    assert_eq!(cuts(&server, "rpc_per_address"), 0);
+}
+
 /// A socket whose reads and writes can be stopped: the peer then answers nothing, not even a
 /// PING, while the TCP connection stays up.
 struct Freezable {
@@ -772,24 +799,29 @@ fn open_call(
     (resp, send)
 }
 
+/// One complete ListBranches call that must succeed (and so authenticates the connection).
+async fn list_branches_ok(client: &h2::client::SendRequest<Bytes>, auth: &str) {
+    let req = frame(0, &list_branches_request());
+    let a = call(
+        client,
+        LIST_BRANCHES,
+        &[("authorization", auth)],
+        &[req],
+        false,
+    )
+    .await;
+    assert_eq!(a.grpc_status(), Some(0), "{a:?}");
+}
+
 #[test]
 fn idle_connections_get_goaway_and_silent_peers_fail_keepalive() {
     let (server, addr, token) = server_with_repo_config(HOLD_CONFIG);
     let auth = format!("Bearer {token}");
-    let req = frame(0, &list_branches_request());
     runtime().block_on(async {
         // Authenticated, then idle: GOAWAY and close at the idle timeout, not before.
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
         let (client, driver) = connect_io(tcp).await;
-        let a = call(
-            &client,
-            LIST_BRANCHES,
-            &[("authorization", &auth)],
-            std::slice::from_ref(&req),
-            false,
-        )
-        .await;
-        assert_eq!(a.grpc_status(), Some(0), "{a:?}");
+        list_branches_ok(&client, &auth).await;
         let idle_from = Instant::now();
         let _ = tokio::time::timeout(Duration::from_secs(20), driver)
             .await
@@ -826,15 +858,7 @@ fn idle_connections_get_goaway_and_silent_peers_fail_keepalive() {
             frozen: Arc::clone(&frozen),
         };
         let (client, _driver) = connect_io(io).await;
-        let a = call(
-            &client,
-            LIST_BRANCHES,
-            &[("authorization", &auth)],
-            std::slice::from_ref(&req),
-            false,
-        )
-        .await;
-        assert_eq!(a.grpc_status(), Some(0), "{a:?}");
+        list_branches_ok(&client, &auth).await;
         let (_resp, _send) = open_call(&client, &token);
         // Let the stream reach the server, then go silent.
         tokio::time::sleep(Duration::from_millis(500)).await;

@@ -1,12 +1,18 @@
 //! Who may hold a gRPC connection. Every connection takes, at accept:
 //! - a slot of its source address (`rpc.max_connections_per_ip`, node-wide);
 //! - until it presents a valid bearer token, also a slot of its address's unauthenticated share
-//!   (`rpc.max_unauthenticated_per_ip`, node-wide) and of its shard's
+//!   (`rpc.max_unauthenticated_per_ip`, node-wide) and a place in its shard's
 //!   (`rpc.max_unauthenticated_per_shard`, below the shard's connection cap).
 //!
 //! The first call with a valid token gives the unauthenticated slots back
 //! ([`ConnSlot::authenticated`]), so peers without the token can never fill a shard, and one
 //! address can hold only a few connections that have not proved anything.
+//!
+//! A full address share refuses the new connection. A full shard share does not: it evicts its
+//! oldest unauthenticated connection ([`Eviction`]) and admits the new one. Refusing would let
+//! peers from many addresses keep every new client out for as long as they reconnect; evicting
+//! means a real client, which shows its token within a round trip or two, is pushed out only if
+//! the share fills again in that time.
 //!
 //! Addresses are counted node-wide: SO_REUSEPORT spreads one address's connections over the
 //! shards by a hash of the 4-tuple, so a per-shard count would let an address hold `shards`
@@ -15,22 +21,21 @@
 //! handshake. The unauthenticated total is per shard because the cap it protects is per shard,
 //! and a per-shard count needs no lock.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::rc::Rc;
 use std::sync::Arc;
+
+use tokio::sync::Notify;
 
 use crate::admission::{AddressLimiter, AddressSlot, Refusal};
 use crate::config::RpcLimits;
 
 /// Why a connection was refused at accept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum Refused {
-    #[error("{0} (gRPC connections)")]
-    Address(Refusal),
-    #[error("{0} connections without a token already wait on this shard")]
-    ShardShare(usize),
-}
+#[error("{0} (gRPC connections)")]
+pub struct Refused(Refusal);
 
 /// The node-wide per-address counts, shared by every shard.
 #[derive(Debug)]
@@ -48,41 +53,89 @@ impl AddressCaps {
     }
 }
 
-/// One shard's count of connections that have not yet authenticated.
+/// Tells a connection that a newer one took its place in the shard's unauthenticated share.
+#[derive(Debug, Default)]
+pub struct Eviction {
+    evicted: Cell<bool>,
+    notify: Notify,
+}
+
+impl Eviction {
+    fn evict(&self) {
+        self.evicted.set(true);
+        self.notify.notify_one();
+    }
+
+    pub fn is_evicted(&self) -> bool {
+        self.evicted.get()
+    }
+
+    /// Resolves once the connection has been evicted.
+    pub async fn wait(&self) {
+        while !self.evicted.get() {
+            self.notify.notified().await;
+        }
+    }
+}
+
+/// One shard's connections that have not yet authenticated, oldest first.
 #[derive(Debug)]
 pub struct ShardShare {
     max: usize,
-    held: Cell<usize>,
+    waiting: RefCell<VecDeque<(u64, Rc<Eviction>)>>,
+    next_id: Cell<u64>,
 }
 
 /// A place in a [`ShardShare`], given back on drop.
 #[derive(Debug)]
-struct ShareTicket(Rc<ShardShare>);
+struct ShareTicket {
+    share: Rc<ShardShare>,
+    id: u64,
+}
 
 impl ShardShare {
     pub fn new(max: usize) -> Rc<Self> {
         Rc::new(Self {
             max,
-            held: Cell::new(0),
+            waiting: RefCell::new(VecDeque::with_capacity(max.min(4096))),
+            next_id: Cell::new(0),
         })
     }
 
-    fn take(self: &Rc<Self>) -> Option<ShareTicket> {
-        if self.held.get() >= self.max {
-            return None;
+    /// A place for a new connection, evicting the oldest holder if the share is full.
+    fn take(self: &Rc<Self>) -> (ShareTicket, Rc<Eviction>) {
+        let mut waiting = self.waiting.borrow_mut();
+        if waiting.len() >= self.max {
+            // Its ticket stays alive until the connection has closed, which the eviction asks
+            // for at once; it no longer counts here.
+            if let Some((_, oldest)) = waiting.pop_front() {
+                oldest.evict();
+            }
         }
-        self.held.set(self.held.get() + 1);
-        Some(ShareTicket(Rc::clone(self)))
+        let id = self.next_id.get();
+        self.next_id.set(id + 1);
+        let eviction = Rc::new(Eviction::default());
+        waiting.push_back((id, Rc::clone(&eviction)));
+        let ticket = ShareTicket {
+            share: Rc::clone(self),
+            id,
+        };
+        (ticket, eviction)
     }
 
-    pub fn held(&self) -> usize {
-        self.held.get()
+    /// Connections holding a place now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.borrow().len()
     }
 }
 
 impl Drop for ShareTicket {
     fn drop(&mut self) {
-        self.0.held.set(self.0.held.get().saturating_sub(1));
+        let mut waiting = self.share.waiting.borrow_mut();
+        // Usually near the front: connections authenticate or time out in arrival order.
+        if let Some(i) = waiting.iter().position(|(id, _)| *id == self.id) {
+            waiting.remove(i);
+        }
     }
 }
 
@@ -91,24 +144,29 @@ impl Drop for ShareTicket {
 pub struct ConnSlot {
     _address: AddressSlot,
     unauthenticated: Option<(AddressSlot, ShareTicket)>,
+    eviction: Rc<Eviction>,
 }
 
 impl ConnSlot {
-    /// Admits a connection from `ip`, or says which cap it is over.
+    /// Admits a connection from `ip` (evicting the shard's oldest unauthenticated connection if
+    /// the shard's share is full), or says which address cap it is over.
     ///
     /// # Errors
-    /// [`Refused`] naming the cap that is full.
+    /// [`Refused`] naming the address cap that is full.
     pub fn admit(caps: &AddressCaps, share: &Rc<ShardShare>, ip: IpAddr) -> Result<Self, Refused> {
-        let address = caps.all.try_admit(ip).map_err(Refused::Address)?;
-        let pending = caps
-            .unauthenticated
-            .try_admit(ip)
-            .map_err(Refused::Address)?;
-        let ticket = share.take().ok_or(Refused::ShardShare(share.max))?;
+        let address = caps.all.try_admit(ip).map_err(Refused)?;
+        let pending = caps.unauthenticated.try_admit(ip).map_err(Refused)?;
+        let (ticket, eviction) = share.take();
         Ok(Self {
             _address: address,
             unauthenticated: Some((pending, ticket)),
+            eviction,
         })
+    }
+
+    /// Fires if a newer connection takes this one's place before it authenticates.
+    pub fn eviction(&self) -> Rc<Eviction> {
+        Rc::clone(&self.eviction)
     }
 
     /// The connection presented a valid token: it no longer counts as unauthenticated.
@@ -142,7 +200,7 @@ mod tests {
         let _b = ConnSlot::admit(&caps, &share, ip("10.0.0.1")).unwrap();
         assert_eq!(
             ConnSlot::admit(&caps, &share, ip("10.0.0.1")).unwrap_err(),
-            Refused::Address(Refusal::PerSource(2))
+            Refused(Refusal::PerSource(2))
         );
         // Another address is not affected.
         let _c = ConnSlot::admit(&caps, &share, ip("10.0.0.2")).unwrap();
@@ -151,31 +209,35 @@ mod tests {
         let _d = ConnSlot::admit(&caps, &share, ip("10.0.0.1")).unwrap();
         assert_eq!(
             ConnSlot::admit(&caps, &share, ip("10.0.0.1")).unwrap_err(),
-            Refused::Address(Refusal::PerSource(3))
+            Refused(Refusal::PerSource(3))
         );
-        assert_eq!(share.held(), 3);
+        assert_eq!(share.waiting(), 3);
     }
 
     #[test]
-    fn the_shard_share_bounds_unauthenticated_connections_and_frees_on_drop() {
+    fn a_full_shard_share_evicts_its_oldest_unauthenticated_connection() {
         let caps = caps(64, 8);
         let share = ShardShare::new(2);
         let mut a = ConnSlot::admit(&caps, &share, ip("10.0.0.1")).unwrap();
         let b = ConnSlot::admit(&caps, &share, ip("10.0.0.2")).unwrap();
-        assert_eq!(
-            ConnSlot::admit(&caps, &share, ip("10.0.0.3")).unwrap_err(),
-            Refused::ShardShare(2)
-        );
-        a.authenticated();
-        assert_eq!(share.held(), 1);
+        assert!(!a.eviction().is_evicted());
         let c = ConnSlot::admit(&caps, &share, ip("10.0.0.3")).unwrap();
-        drop((b, c));
-        assert_eq!(share.held(), 0);
-        // A refusal leaves nothing behind.
-        let full = ShardShare::new(0);
-        assert!(ConnSlot::admit(&caps, &full, ip("10.0.0.4")).is_err());
-        assert_eq!(caps.all.load(ip("10.0.0.4")), (1, 0));
+        assert!(a.eviction().is_evicted());
+        assert!(!b.eviction().is_evicted());
+        assert_eq!(share.waiting(), 2);
+        // The evicted one closing, or authenticating in the meantime, changes nothing here.
+        a.authenticated();
         drop(a);
-        assert_eq!(caps.all.load(ip("10.0.0.1")).1, 0);
+        assert_eq!(share.waiting(), 2);
+        // An authenticated connection is never evicted; the oldest waiting one (b) is.
+        let mut d = ConnSlot::admit(&caps, &share, ip("10.0.0.4")).unwrap();
+        d.authenticated();
+        assert!(b.eviction().is_evicted());
+        assert_eq!(share.waiting(), 1);
+        let e = ConnSlot::admit(&caps, &share, ip("10.0.0.5")).unwrap();
+        assert!(!c.eviction().is_evicted() && !d.eviction().is_evicted());
+        drop((b, c, d, e));
+        assert_eq!(share.waiting(), 0);
+        assert_eq!(caps.all.load(ip("10.0.0.1")), (0, 0));
     }
 }

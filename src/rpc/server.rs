@@ -30,7 +30,7 @@ use http::{HeaderMap, HeaderValue, Request, Response};
 use monoio::net::TcpStream;
 use tokio::sync::Notify;
 
-use super::conns::{ConnSlot, Refused, ShardShare};
+use super::conns::{ConnSlot, ShardShare};
 use super::frame::{Encoding, MessageReader, ACCEPT_ENCODING};
 use super::pool::CallCtx;
 use super::service::{Method, Reply, RpcState};
@@ -105,6 +105,7 @@ enum Event {
     Timer,
     Changed,
     Pong(Result<h2::Pong, h2::Error>),
+    Evicted,
 }
 
 /// Serves one HTTP/2 connection until the client closes it, a [`ConnWatch`] rule closes it, or
@@ -115,14 +116,12 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, shard: Rc<Sha
     let slot = match ConnSlot::admit(&shard.state.address_caps, &shard.unauthenticated, peer.ip()) {
         Ok(slot) => slot,
         Err(e) => {
-            match e {
-                Refused::Address(_) => METRICS.cut(Cut::RpcPerAddress),
-                Refused::ShardShare(_) => METRICS.connections_rejected.inc(),
-            }
+            METRICS.cut(Cut::RpcPerAddress);
             tracing::debug!(%peer, error = %e, "rpc: connection refused");
             return;
         }
     };
+    let eviction = slot.eviction();
     let io = monoio_compat::TcpStreamCompat::new_with_buffer_size(stream, IO_BUFFER, IO_BUFFER);
     let mut builder = h2::server::Builder::new();
     builder
@@ -136,7 +135,15 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, shard: Rc<Sha
         .max_send_buffer_size(256 << 10);
     let handshake = builder.handshake::<_, Bytes>(io);
     let handshake_limit = HANDSHAKE_TIMEOUT.min(limits.conn_timers.first_request);
-    let mut conn = match monoio::time::timeout(handshake_limit, handshake).await {
+    let handshake = monoio::select! {
+        h = monoio::time::timeout(handshake_limit, handshake) => h,
+        _ = eviction.wait() => {
+            METRICS.cut(Cut::RpcNoRequest);
+            tracing::debug!(%peer, "rpc: evicted during the HTTP/2 handshake");
+            return;
+        }
+    };
+    let mut conn = match handshake {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "rpc: HTTP/2 handshake failed");
@@ -156,9 +163,9 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, shard: Rc<Sha
     });
     let mut draining = false;
     let cut = loop {
-        let (next, awaiting_pong) = {
+        let (next, awaiting_pong, authenticated) = {
             let w = shared.watch.borrow();
-            (w.next(), w.awaiting_pong())
+            (w.next(), w.awaiting_pong(), w.is_authenticated())
         };
         let pong = poll_fn(|cx| match pings.as_mut() {
             Some(p) => p.poll_pong(cx),
@@ -170,6 +177,8 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, shard: Rc<Sha
             _ = monoio::time::sleep_until(monoio::time::Instant::from_std(next)) => Event::Timer,
             _ = shared.changed.notified() => Event::Changed,
             p = pong, if awaiting_pong => Event::Pong(p),
+            // A newer connection took this one's place before it showed a token.
+            _ = eviction.wait(), if !authenticated => Event::Evicted,
         };
         match event {
             Event::Stream(accepted) => match *accepted {
@@ -189,6 +198,7 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, shard: Rc<Sha
                 draining = true;
             }
             Event::Changed => {}
+            Event::Evicted => break Some(Cut::RpcNoRequest),
             Event::Pong(Ok(_)) => shared.watch.borrow_mut().pong_received(Instant::now()),
             Event::Pong(Err(e)) => {
                 tracing::debug!(error = %e, "rpc: keepalive ping failed");
