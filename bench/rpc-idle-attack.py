@@ -13,7 +13,8 @@ three times in one run:
   3. the same number of idle connections spread over 16 addresses (127.0.0.2-17).
 The load starts 2 s after the attack, so the attackers are in place first. For each phase:
 call p50/p99/max, calls/s, failed calls, the server's RSS (mean and max, sampled every 0.5 s),
-how many idle connections the server was holding (sampled), and the cuts it counted.
+how many idle connections the server was holding (sampled), the RSS 3 s after the attack
+stopped, and the cuts the server counted.
 
     python3 bench/rpc-idle-attack.py [--idle 128] [--seconds 20] [--concurrency 4] [--shards 2]
 
@@ -134,6 +135,9 @@ def phase(name, sources, args, server, http, rpc, token_file, tmp):
     stop.set()
     for t in threads:
         t.join(timeout=5)
+    # Whether memory the attack took is given back: the server's RSS once it has closed all.
+    time.sleep(3)
+    rss_after = rss_mb(server.pid)
     if load.returncode != 0:
         sys.exit(f"gitplane-load failed:\n{load.stderr}")
     report = json.load(open(out))
@@ -148,6 +152,7 @@ def phase(name, sources, args, server, http, rpc, token_file, tmp):
         "max": report["latency_ms"]["max"],
         "rss_mean": sum(samples) / len(samples),
         "rss_max": max(samples),
+        "rss_after": rss_after,
         "held_mean": sum(held) / len(held),
         "held_max": max(held),
         "attack_cut": state["cut"],
@@ -194,14 +199,14 @@ def main():
             server.wait()
     base = rows[0]
     print("| phase | calls ok | failed | calls/s | p50 ms | p99 ms | max ms | p99 vs no attack "
-          "| server RSS mean / max MB | idle conns held mean / max | attack conns cut / refused "
+          "| server RSS mean / max / 3 s after MB | idle conns held mean / max | attack conns cut / refused "
           "| server cuts (no_request, idle, per_address, keepalive, over shard cap) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         c = r["cuts"]
         print(f"| {r['name']} | {r['ok']} | {r['errors']} | {r['rps']:.0f} | {r['p50']:.2f} | "
               f"{r['p99']:.2f} | {r['max']:.2f} | {r['p99'] / base['p99']:.2f}x | "
-              f"{r['rss_mean']:.1f} / {r['rss_max']:.1f} | {r['held_mean']:.1f} / {r['held_max']} | "
+              f"{r['rss_mean']:.1f} / {r['rss_max']:.1f} / {r['rss_after']:.1f} | {r['held_mean']:.1f} / {r['held_max']} | "
               f"{r['attack_cut']} / {r['attack_refused']} | {c['rpc_no_request']}, {c['rpc_idle']}, "
               f"{c['rpc_per_address']}, {c['rpc_keepalive']}, {c['over_shard_cap']} |")
 

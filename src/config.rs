@@ -432,8 +432,9 @@ pub struct RpcSection {
     pub max_concurrent_streams: u32,
     /// Open connections one shard accepts; more are closed at once. Default 4096.
     pub max_connections_per_shard: usize,
-    /// Connections on one shard that have not yet presented a valid token; more are closed at
-    /// once, so peers without the token never take the whole shard (0 = a quarter of
+    /// Connections on one shard that have not yet presented a valid token, below
+    /// `max_connections_per_shard` so peers without the token never take the whole shard; when
+    /// full, a new connection evicts the oldest of them (0 = a quarter of
     /// `max_connections_per_shard`, at least 1). Default 0.
     pub max_unauthenticated_per_shard: usize,
     /// Open connections from one source address (one IPv6 /64), node-wide. Default 64.
