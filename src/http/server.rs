@@ -5,10 +5,13 @@
 use std::future::Future;
 use std::io;
 
+use std::time::Instant;
+
 use monoio::time::timeout;
 
 use super::conn::Conn;
 use super::head::{parse_request_head, BodyFraming, HeadLimits, HeadParse, RequestHead};
+use crate::coarse_timer;
 use crate::config::HttpLimits;
 use crate::lifecycle::ShutdownSignal;
 use crate::metrics::METRICS;
@@ -71,17 +74,22 @@ pub async fn serve_connection<H: Handler>(
 
 /// Idle between requests: waits without a buffer until the peer sends something. Gives up after
 /// the idle timeout, or after the shorter drain timeout once shutdown has begun, so that idle
-/// connections do not hold the process for the whole grace period.
+/// connections do not hold the process for the whole grace period. The timers are coarse
+/// ([`crate::coarse_timer`]): this wait is what every idle keep-alive connection holds.
 async fn wait_for_request(conn: &Conn, limits: &HttpLimits, shutdown: &ShutdownSignal) -> bool {
-    let started = monoio::time::Instant::now();
-    let readable = monoio::select! {
-        r = timeout(limits.idle_timeout, conn.readable()) => r,
+    let started = Instant::now();
+    let idle_until = started + limits.idle_timeout;
+    monoio::select! {
+        r = conn.readable() => r.is_ok(),
+        _ = coarse_timer::deadline(idle_until) => false,
         _ = shutdown.wait() => {
-            let idle_left = limits.idle_timeout.saturating_sub(started.elapsed());
-            timeout(idle_left.min(limits.drain_idle_timeout), conn.readable()).await
+            let drain_until = idle_until.min(Instant::now() + limits.drain_idle_timeout);
+            monoio::select! {
+                r = conn.readable() => r.is_ok(),
+                _ = coarse_timer::deadline(drain_until) => false,
+            }
         }
-    };
-    matches!(readable, Ok(Ok(())))
+    }
 }
 
 /// Reads the next request head. Errors have already been answered (or the peer is gone).

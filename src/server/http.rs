@@ -122,6 +122,25 @@ impl Handler for Router {
     }
 }
 
+/// Replaces the peer with the client a balancer's PROXY protocol header names; false (after
+/// answering 400 and closing) when there is no valid header in time.
+async fn take_proxy_header(conn: &mut Conn, limits: &crate::config::HttpLimits) -> bool {
+    match conn.read_proxy_header(limits.head_timeout).await {
+        Ok(client) => {
+            conn.peer = client;
+            true
+        }
+        Err(reason) => {
+            METRICS.bad_requests.inc();
+            tracing::info!(peer = %conn.peer, %reason, "HTTP connection from a PROXY protocol balancer refused");
+            conn.close_after_response();
+            let _ = conn.respond_text(400, &[], &format!("{reason}\n")).await;
+            conn.shutdown().await;
+            false
+        }
+    }
+}
+
 async fn method_not_allowed(conn: &mut Conn, allow: &str) -> io::Result<Reuse> {
     METRICS.request(Route::Other);
     conn.close_after_response();
@@ -172,22 +191,13 @@ impl ShardService for HttpService {
                 async move {
                     let mut conn = Conn::new(stream, peer, &config.http);
                     let limits = &config.http;
-                    if limits
+                    let proxied = limits
                         .proxy_protocol_from
                         .iter()
-                        .any(|r| r.contains(peer.ip()))
-                    {
-                        match Box::pin(conn.read_proxy_header(limits.head_timeout)).await {
-                            Ok(client) => conn.peer = client,
-                            Err(reason) => {
-                                METRICS.bad_requests.inc();
-                                tracing::info!(%peer, %reason, "HTTP connection from a PROXY protocol balancer refused");
-                                conn.close_after_response();
-                                let _ = conn.respond_text(400, &[], &format!("{reason}\n")).await;
-                                conn.shutdown().await;
-                                return;
-                            }
-                        }
+                        .any(|r| r.contains(peer.ip()));
+                    // Boxed: its state is needed once, not while the connection idles.
+                    if proxied && !Box::pin(take_proxy_header(&mut conn, limits)).await {
+                        return;
                     }
                     serve_connection(&*router, &mut conn, limits, &shutdown).await;
                 }
