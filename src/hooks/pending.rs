@@ -1,0 +1,340 @@
+//! Pending ref transactions (issue #17): every ref change gets exactly one event, even when the
+//! process changing the refs dies between the ref update and the outbox row.
+//!
+//! git's `reference-transaction` hook records each transaction of a push in `hook_pending` in its
+//! `prepared` state (refs locked, nothing moved yet), durably, before git commits it; post-receive
+//! turns all of a push's rows into one outbox event. Rows whose process died before that are
+//! reconciled here against the refs on disk, at start-up and then every few seconds.
+//!
+//! A row's owner is the process changing the refs, `PID:STARTTIME` (the start time tells a
+//! reused pid apart), optionally followed by `/TAG` when one process owns several independent
+//! changes (the server, for gRPC calls).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::event::{new_event_id, PushEvent, RefUpdate, ZERO_OID};
+use crate::git::repo::RepoRoot;
+use crate::git::repo_name::RepoName;
+use crate::metrics::METRICS;
+use crate::store::{PendingRow, PendingState, Store, StoreError};
+
+/// How often rows of dead processes are looked for after the start-up pass.
+const RECONCILE_EVERY: Duration = Duration::from_secs(5);
+/// How long a published row stays, so that a post-receive still running for the same push adds
+/// no second event.
+const KEEP_PUBLISHED_SECS: i64 = 3600;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("reading the refs of {repo}: {why}")]
+    Refs { repo: String, why: String },
+    #[error("pending row {id} of {owner}: {why}")]
+    BadRow { id: i64, owner: String, why: String },
+}
+
+/// `PID:STARTTIME` of a running process.
+pub fn process_key(pid: u32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    Some(format!("{pid}:{}", start_time(&stat)?))
+}
+
+/// Field 22 of `/proc/PID/stat` (start time in clock ticks since boot). The command name (field
+/// 2) may hold spaces and parentheses, so fields are counted after its last `)`.
+fn start_time(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether the process an owner names still runs.
+pub fn alive(owner: &str) -> bool {
+    let process = owner.split('/').next().unwrap_or_default();
+    let Some(pid) = process.split_once(':').and_then(|(p, _)| p.parse().ok()) else {
+        return false;
+    };
+    process_key(pid).as_deref() == Some(process)
+}
+
+/// The owner key of this hook's push: its parent, when that is `git receive-pack`. None for
+/// every other git command that runs the hooks (pack-refs, gc): their ref changes are no push.
+pub fn receive_pack_parent() -> Option<String> {
+    let ppid = std::os::unix::process::parent_id();
+    let cmdline = std::fs::read(format!("/proc/{ppid}/cmdline")).ok()?;
+    if is_receive_pack(&cmdline) {
+        process_key(ppid)
+    } else {
+        None
+    }
+}
+
+fn is_receive_pack(cmdline: &[u8]) -> bool {
+    let mut args = cmdline.split(|&b| b == 0);
+    let argv0 = args.next().unwrap_or_default();
+    argv0.ends_with(b"git-receive-pack") || args.next() == Some(b"receive-pack".as_slice())
+}
+
+/// Which updates of a dead process's transactions happened. `current` gives a ref's value on
+/// disk (None: absent). A committed transaction happened. Otherwise a ref at its new value moved
+/// and a ref at its old value did not. A ref at neither was changed again since: ours held the
+/// lock before that and may have landed, so it counts as moved (at least once beats never).
+pub fn moved<'a>(
+    txs: &[(PendingState, Vec<RefUpdate>)],
+    current: impl Fn(&str) -> Option<&'a str>,
+) -> Vec<RefUpdate> {
+    let mut out = Vec::new();
+    for (state, refs) in txs {
+        for r in refs {
+            let now = current(&r.refname).unwrap_or(ZERO_OID);
+            if *state == PendingState::Committed || now != r.before {
+                out.push(r.clone());
+            }
+        }
+    }
+    out
+}
+
+/// The event for a push's pending rows and the refs that moved.
+pub fn event_of(first: &PendingRow, refs: Vec<RefUpdate>) -> PushEvent {
+    PushEvent {
+        id: new_event_id(),
+        repository: first.repo.clone(),
+        pusher: first.pusher.clone(),
+        remote_addr: first.remote_addr.clone(),
+        via: first.via.clone(),
+        refs,
+        push_options: Vec::new(),
+        pushed_at: first.created_at,
+    }
+}
+
+/// Reconciles rows of dead processes against the refs on disk.
+pub struct Reconciler {
+    data_dir: PathBuf,
+    repos: RepoRoot,
+    git: PathBuf,
+}
+
+/// What one pass did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Tally {
+    pub published: u64,
+    pub dropped: u64,
+}
+
+impl Reconciler {
+    pub fn new(data_dir: &Path, git: &Path) -> Self {
+        Self {
+            data_dir: data_dir.to_owned(),
+            repos: RepoRoot::new(data_dir),
+            git: git.to_owned(),
+        }
+    }
+
+    /// One pass over every owner whose process is gone.
+    pub fn pass(&self) -> Result<Tally, ReconcileError> {
+        let store = Store::open(&self.data_dir)?;
+        let mut tally = Tally::default();
+        for owner in store.pending_owners()? {
+            if alive(&owner) {
+                continue;
+            }
+            match self.settle(&store, &owner)? {
+                Some(true) => tally.published += 1,
+                Some(false) => tally.dropped += 1,
+                None => {}
+            }
+        }
+        let now = i64::try_from(crate::clock::unix_now()).unwrap_or(i64::MAX);
+        store.pending_purge(now.saturating_sub(KEEP_PUBLISHED_SECS))?;
+        METRICS.hooks.pending_published.add(tally.published);
+        METRICS.hooks.pending_dropped.add(tally.dropped);
+        Ok(tally)
+    }
+
+    /// Publishes or drops one dead owner's rows: Some(published), None when a post-receive got
+    /// there first.
+    fn settle(&self, store: &Store, owner: &str) -> Result<Option<bool>, ReconcileError> {
+        let rows = open_rows(store, owner)?;
+        let Some(first) = rows.first() else {
+            return Ok(None);
+        };
+        let txs = rows
+            .iter()
+            .map(|r| {
+                serde_json::from_str::<Vec<RefUpdate>>(&r.refs)
+                    .map(|refs| (r.state, refs))
+                    .map_err(|e| ReconcileError::BadRow {
+                        id: r.id,
+                        owner: owner.to_owned(),
+                        why: e.to_string(),
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        // git is read before the write lock is taken; the process is dead, so the refs it
+        // locked can no longer change through it.
+        let on_disk = self.refs_of(&first.repo)?;
+        let refs = moved(&txs, |name| on_disk.get(name).map(String::as_str));
+        let event = (!refs.is_empty()).then(|| event_of(first, refs));
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        let done = store.write_transaction(|s| {
+            // Only if nobody (a late post-receive) settled these rows meanwhile.
+            let now: Vec<i64> = open_rows(s, owner)?.iter().map(|r| r.id).collect();
+            if now != ids {
+                return Ok(None);
+            }
+            match &event {
+                Some(e) => {
+                    s.outbox_insert(&e.id, &e.repository, &e.to_json())?;
+                    s.pending_published(owner)?;
+                }
+                None => s.pending_forget(owner)?,
+            }
+            Ok(Some(event.is_some()))
+        })?;
+        if let Some(published) = done {
+            tracing::info!(owner, repo = %first.repo, published, "reconciled a pending ref change");
+        }
+        Ok(done)
+    }
+
+    /// Every ref of `repo` and its value.
+    fn refs_of(&self, repo: &str) -> Result<HashMap<String, String>, ReconcileError> {
+        let fail = |why: String| ReconcileError::Refs {
+            repo: repo.to_owned(),
+            why,
+        };
+        let name = RepoName::parse(repo).map_err(|e| fail(e.to_string()))?;
+        let path = self.repos.path_of(&name);
+        if !path.exists() {
+            // A deleted repository has no refs: nothing of it moved that anyone can see.
+            return Ok(HashMap::new());
+        }
+        let out = super::jobs::git_command(&self.git, &path)
+            .args(["for-each-ref", "--format=%(objectname) %(refname)"])
+            .output()
+            .map_err(|e| fail(e.to_string()))?;
+        if !out.status.success() {
+            return Err(fail(String::from_utf8_lossy(&out.stderr).trim().to_owned()));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_once(' '))
+            .map(|(oid, name)| (name.to_owned(), oid.to_owned()))
+            .collect())
+    }
+
+    /// The start-up pass, then a thread that repeats it for rows whose process dies later (a
+    /// receive-pack of the previous generation still running, or one cut by a deadline).
+    pub fn start(self) -> Result<Tally, ReconcileError> {
+        let tally = self.pass()?;
+        let spawned = std::thread::Builder::new()
+            .name("gitplane-reconcile".into())
+            .spawn(move || loop {
+                std::thread::sleep(RECONCILE_EVERY);
+                if let Err(e) = self.pass() {
+                    tracing::warn!(error = %e, "reconciling pending ref changes");
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the pending ref change reconciler; only start-up reconciles");
+        }
+        Ok(tally)
+    }
+}
+
+/// `owner`'s rows not yet published.
+fn open_rows(store: &Store, owner: &str) -> Result<Vec<PendingRow>, StoreError> {
+    let mut rows = store.pending_of(owner)?;
+    rows.retain(|r| r.state != PendingState::Published);
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &str = "1111111111111111111111111111111111111111";
+    const B: &str = "2222222222222222222222222222222222222222";
+    const C: &str = "3333333333333333333333333333333333333333";
+
+    fn up(name: &str, before: &str, after: &str) -> RefUpdate {
+        RefUpdate {
+            refname: name.into(),
+            before: before.into(),
+            after: after.into(),
+        }
+    }
+
+    #[test]
+    fn decides_by_the_refs_on_disk() {
+        let disk: HashMap<&str, &str> = [
+            ("refs/heads/new", B),
+            ("refs/heads/old", A),
+            ("refs/heads/later", C),
+            ("refs/heads/committed", A),
+        ]
+        .into();
+        let txs = vec![
+            (
+                PendingState::Prepared,
+                vec![
+                    up("refs/heads/new", A, B),
+                    up("refs/heads/old", A, B),
+                    up("refs/heads/later", A, B),
+                ],
+            ),
+            // Created but absent: never landed. Deleted and absent: landed.
+            (
+                PendingState::Prepared,
+                vec![
+                    up("refs/heads/made", ZERO_OID, B),
+                    up("refs/heads/gone", A, ZERO_OID),
+                ],
+            ),
+            (
+                PendingState::Committed,
+                vec![up("refs/heads/committed", A, B)],
+            ),
+        ];
+        let got = moved(&txs, |n| disk.get(n).copied());
+        assert_eq!(
+            got.iter().map(|r| r.refname.as_str()).collect::<Vec<_>>(),
+            [
+                "refs/heads/new",
+                "refs/heads/later",
+                "refs/heads/gone",
+                "refs/heads/committed"
+            ]
+        );
+        assert!(moved(&txs[..1], |_| Some(A)).is_empty());
+    }
+
+    #[test]
+    fn process_keys() {
+        let me = process_key(std::process::id()).unwrap();
+        assert!(alive(&me));
+        assert!(alive(&format!("{me}/tag")));
+        let (pid, _) = me.split_once(':').unwrap();
+        assert!(
+            !alive(&format!("{pid}:1")),
+            "a reused pid is another process"
+        );
+        for bad in ["", "x", "1", ":", "abc:1", "4294967296:1"] {
+            assert!(!alive(bad), "{bad:?}");
+        }
+        let stat = "42 (a b) c) S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 777 19";
+        assert_eq!(start_time(stat), Some(777));
+        assert_eq!(start_time("42 (x"), None);
+        assert!(is_receive_pack(
+            b"git\0receive-pack\0--stateless-rpc\0/r.git\0"
+        ));
+        assert!(is_receive_pack(
+            b"/usr/lib/git-core/git-receive-pack\0/r.git\0"
+        ));
+        assert!(!is_receive_pack(b"git\0pack-refs\0--all\0"));
+        assert!(!is_receive_pack(b""));
+    }
+}
