@@ -641,6 +641,10 @@ fn grpc_ref_changes_trigger_webhooks() {
             ("grpc:Merge".to_owned(), release(&first, &head)),
         ]
     );
+    assert!(
+        server.store().pending_owners().unwrap().is_empty(),
+        "each call's pending row became its event"
+    );
 }
 
 #[test]

@@ -245,6 +245,93 @@ impl Reconciler {
     }
 }
 
+/// A ref change made by this server (a gRPC call): pending, durably, before the ref is written,
+/// and turned into its event once the write is done, so a crash in between is reconciled at the
+/// next start like a push's. Runs on a blocking thread.
+pub struct ServerChange {
+    data_dir: PathBuf,
+    repo: String,
+    via: String,
+    prepared: std::cell::RefCell<Option<(String, RefUpdate)>>,
+}
+
+impl ServerChange {
+    pub fn new(data_dir: &Path, repo: &str, via: String) -> Self {
+        Self {
+            data_dir: data_dir.to_owned(),
+            repo: repo.to_owned(),
+            via,
+            prepared: std::cell::RefCell::new(None),
+        }
+    }
+
+    /// Records the change as pending; an error means the ref must not be written.
+    pub fn prepare(&self, update: &RefUpdate) -> Result<(), StoreError> {
+        static SERVER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        let server = SERVER.get_or_init(|| {
+            // Our own /proc entry is always there; "0:0" (never alive) only if /proc is not.
+            process_key(std::process::id()).unwrap_or_else(|| "0:0".into())
+        });
+        let owner = format!("{server}/{}", new_event_id());
+        let refs = serde_json::to_string(std::slice::from_ref(update))
+            .map_err(|e| StoreError::Internal(e.to_string()))?;
+        crate::store::with_thread_store(&self.data_dir, |s| {
+            s.pending_insert(&PendingRow {
+                id: 0,
+                owner: owner.clone(),
+                repo: self.repo.clone(),
+                refs,
+                pusher: String::new(),
+                remote_addr: String::new(),
+                via: self.via.clone(),
+                state: PendingState::Prepared,
+                created_at: 0,
+            })
+        })?;
+        *self.prepared.borrow_mut() = Some((owner, update.clone()));
+        Ok(())
+    }
+
+    /// After the write: `succeeded` when the call's ref write returned Ok; otherwise the ref's
+    /// value now (`current`) tells whether it moved anyway. Returns whether an event was
+    /// recorded. On an error the pending row stays, and the next start publishes it.
+    pub fn finish(
+        self,
+        succeeded: bool,
+        current: impl FnOnce(&str) -> Option<String>,
+    ) -> Result<bool, StoreError> {
+        let Some((owner, update)) = self.prepared.into_inner() else {
+            return Ok(false);
+        };
+        let landed = succeeded || {
+            let now = current(&update.refname);
+            let txs = [(PendingState::Prepared, vec![update.clone()])];
+            !moved(&txs, |_| now.as_deref()).is_empty()
+        };
+        let first = PendingRow {
+            id: 0,
+            owner: owner.clone(),
+            repo: self.repo,
+            refs: String::new(),
+            pusher: String::new(),
+            remote_addr: String::new(),
+            via: self.via,
+            state: PendingState::Prepared,
+            created_at: i64::try_from(crate::clock::unix_now()).unwrap_or(i64::MAX),
+        };
+        let event = landed.then(|| event_of(&first, vec![update]));
+        crate::store::with_thread_store(&self.data_dir, |s| {
+            s.write_transaction(|s| {
+                s.pending_forget(&owner)?;
+                if let Some(e) = &event {
+                    s.outbox_insert(&e.id, &e.repository, &e.to_json())?;
+                }
+                Ok(landed)
+            })
+        })
+    }
+}
+
 /// `owner`'s rows not yet published.
 fn open_rows(store: &Store, owner: &str) -> Result<Vec<PendingRow>, StoreError> {
     let mut rows = store.pending_of(owner)?;
@@ -336,5 +423,38 @@ mod tests {
         ));
         assert!(!is_receive_pack(b"git\0pack-refs\0--all\0"));
         assert!(!is_receive_pack(b""));
+    }
+
+    #[test]
+    fn server_changes_become_events_only_when_the_ref_moved() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let change = |ok: bool, now: Option<&str>| {
+            let c = ServerChange::new(dir.path(), "o/r", "grpc:Merge".into());
+            c.prepare(&up("refs/heads/main", A, B)).unwrap();
+            assert_eq!(
+                store.pending_owners().unwrap().len(),
+                1,
+                "pending before the write"
+            );
+            let now = now.map(str::to_owned);
+            c.finish(ok, |_| now).unwrap()
+        };
+        assert!(change(true, None));
+        assert!(
+            !change(false, Some(A)),
+            "the write failed, the ref did not move"
+        );
+        assert!(
+            change(false, Some(B)),
+            "an error after the write: the ref moved"
+        );
+        assert!(store.pending_owners().unwrap().is_empty());
+        assert_eq!(store.outbox_depth().unwrap(), 2);
+        let unprepared = ServerChange::new(dir.path(), "o/r", String::new());
+        assert!(!unprepared.finish(false, |_| None).unwrap());
+        let rows = store.outbox_after(0, 10).unwrap();
+        let e = PushEvent::from_json(rows[0].payload.as_bytes()).unwrap();
+        assert_eq!((e.via.as_str(), e.refs.len()), ("grpc:Merge", 1));
     }
 }

@@ -277,14 +277,6 @@ impl Store {
             .map_err(|e| self.db(e))
     }
 
-    pub fn pending_delete(&self, id: i64) -> Result<(), StoreError> {
-        self.conn
-            .prepare_cached("DELETE FROM hook_pending WHERE id = ?1")
-            .and_then(|mut s| s.execute([id]))
-            .map(drop)
-            .map_err(|e| self.db(e))
-    }
-
     /// Every pending row of `owner`, oldest first.
     pub fn pending_of(&self, owner: &str) -> Result<Vec<PendingRow>, StoreError> {
         self.pending_query("WHERE owner = ?1 ORDER BY id", owner)
