@@ -240,7 +240,10 @@ fn main() -> anyhow::Result<()> {
             if let Err(e) =
                 gitplane::hooks::capture::post_receive(&data_dir(), std::io::stdin().lock())
             {
-                eprintln!("gitplane: the push was received but its event was NOT recorded: {e}");
+                eprintln!(
+                    "gitplane: the push was received but its event was NOT recorded: {e} \
+                     (its pending transactions, if recorded, are reconciled once the push ends)"
+                );
                 std::process::exit(1);
             }
             Ok(())

@@ -1102,6 +1102,53 @@ fn hook_without_a_usable_store_fails_loudly() {
     assert!(err.contains("NOT recorded"), "{err}");
 }
 
+#[test]
+fn reference_transaction_without_a_usable_store_refuses_the_update() {
+    // Real git: a `prepared` that cannot be recorded makes git abort, so no ref moves unseen.
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("d");
+    std::fs::create_dir_all(data.join("hooks")).unwrap();
+    std::fs::create_dir(data.join("gitplane.db")).unwrap(); // a directory where the db should be
+    let hook = data.join("hooks/reference-transaction");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\nexec '{BIN}' --data-dir '{}' hook reference-transaction \"$1\"\n",
+            data.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let bare = root.path().join("r.git");
+    let out = Command::new("git")
+        .args(["init", "-q", "--bare"])
+        .arg(&bare)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    git(
+        &bare,
+        &[
+            "config",
+            "core.hooksPath",
+            &data.join("hooks").to_string_lossy(),
+        ],
+    );
+    let work = root.path().join("w");
+    make_worktree(&work, 1);
+    let out = Command::new("git")
+        .current_dir(&work)
+        .env("GITPLANE_REPO", "a/b")
+        .args(["push", &bare.to_string_lossy(), "main"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the push must fail: {err}");
+    assert!(err.contains("ref update refused"), "{err}");
+    let refs = git(&bare, &["for-each-ref"]);
+    assert!(refs.trim().is_empty(), "no ref moved: {refs}");
+}
+
 // --- measurements (ignored by default) ---------------------------------------------------------------
 
 /// End-to-end events/s from the outbox to job completion through the real broker, confirms on,
