@@ -141,10 +141,15 @@ impl Reconciler {
             if alive(&owner) {
                 continue;
             }
-            match self.settle(&store, &owner)? {
-                Some(true) => tally.published += 1,
-                Some(false) => tally.dropped += 1,
-                None => {}
+            // One owner's trouble (a broken repository) must not hold back the others, nor
+            // the server's start: its rows stay for the next pass.
+            match self.settle(&store, &owner) {
+                Ok(Some(true)) => tally.published += 1,
+                Ok(Some(false)) => tally.dropped += 1,
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(owner, error = %e, "cannot reconcile a pending ref change")
+                }
             }
         }
         let now = i64::try_from(crate::clock::unix_now()).unwrap_or(i64::MAX);
@@ -456,5 +461,87 @@ mod tests {
         let rows = store.outbox_after(0, 10).unwrap();
         let e = PushEvent::from_json(rows[0].payload.as_bytes()).unwrap();
         assert_eq!((e.via.as_str(), e.refs.len()), ("grpc:Merge", 1));
+    }
+
+    /// Runs git in `dir` with a fixed identity; its trimmed stdout.
+    fn git_in(dir: &Path, args: &[&str], stdin: &str) -> String {
+        use std::io::Write;
+        let mut child = std::process::Command::new("git")
+            .current_dir(dir)
+            .args(args)
+            .env("GIT_AUTHOR_NAME", "t")
+            .env("GIT_AUTHOR_EMAIL", "t@x")
+            .env("GIT_COMMITTER_NAME", "t")
+            .env("GIT_COMMITTER_EMAIL", "t@x")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("git");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "git {args:?}");
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+
+    #[test]
+    fn a_pass_publishes_what_landed_and_drops_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = dir.path().join("repos/o/r.git");
+        std::fs::create_dir_all(&repo).unwrap();
+        git_in(&repo, &["init", "-q", "--bare"], "");
+        let tree = git_in(&repo, &["hash-object", "-t", "tree", "-w", "--stdin"], "");
+        let sha = git_in(&repo, &["commit-tree", &tree, "-m", "x"], "");
+        git_in(&repo, &["update-ref", "refs/heads/made", &sha], "");
+        let store = Store::open(dir.path()).unwrap();
+        let me = process_key(std::process::id()).unwrap();
+        // Two dead pushes (pid 0 never runs a process) and a live one.
+        for (owner, branch) in [("0:1", "made"), ("0:2", "never"), (me.as_str(), "live")] {
+            let refs = vec![up(&format!("refs/heads/{branch}"), ZERO_OID, &sha)];
+            store
+                .pending_insert(&PendingRow {
+                    id: 0,
+                    owner: owner.into(),
+                    repo: "o/r".into(),
+                    refs: serde_json::to_string(&refs).unwrap(),
+                    pusher: "alice".into(),
+                    remote_addr: String::new(),
+                    via: String::new(),
+                    state: PendingState::Prepared,
+                    created_at: 0,
+                })
+                .unwrap();
+        }
+        let git = PathBuf::from("git");
+        let reconciler = Reconciler::new(dir.path(), &git);
+        let tally = reconciler.pass().unwrap();
+        assert_eq!(
+            tally,
+            Tally {
+                published: 1,
+                dropped: 1
+            }
+        );
+        let rows = store.outbox_after(0, 10).unwrap();
+        assert_eq!(rows.len(), 1);
+        let event = PushEvent::from_json(rows[0].payload.as_bytes()).unwrap();
+        assert_eq!(event.pusher, "alice");
+        assert_eq!(event.refs[0].refname, "refs/heads/made");
+        assert_eq!(
+            store.pending_owners().unwrap(),
+            [me.clone()],
+            "live rows stay"
+        );
+        // Published rows stay (for a late post-receive) but are never published twice.
+        assert_eq!(reconciler.pass().unwrap(), Tally::default());
+        assert_eq!(
+            store.pending_of("0:1").unwrap()[0].state,
+            PendingState::Published
+        );
+        assert_eq!(store.outbox_depth().unwrap(), 1);
     }
 }
