@@ -533,7 +533,7 @@ mod tests {
         assert_eq!(event.refs[0].refname, "refs/heads/made");
         assert_eq!(
             store.pending_owners().unwrap(),
-            [me.clone()],
+            std::slice::from_ref(&me),
             "live rows stay"
         );
         // Published rows stay (for a late post-receive) but are never published twice.
