@@ -877,13 +877,25 @@ fn events_by_branch(receiver: &Receiver) -> HashMap<String, HashSet<String>> {
 /// no branch gets two events.
 #[test]
 fn sigkill_mid_push_every_moved_branch_has_exactly_one_event() {
+    sigkill_mid_push(None, "race");
+}
+
+#[test]
+fn sigkill_mid_push_exactly_one_event_through_rabbitmq() {
+    require_broker();
+    sigkill_mid_push(Some(BROKER), "race-amqp");
+}
+
+/// 3 rounds of 40 concurrent pushes of distinct branches, the server SIGKILLed mid-way and
+/// restarted each round.
+fn sigkill_mid_push(amqp: Option<&str>, test: &str) {
     const ROUNDS: usize = 3;
     const PUSHES: usize = 40;
     let root = tempfile::tempdir().unwrap();
     let receiver = Receiver::start(200, Duration::ZERO);
     let mut server = hook_server(&config(
-        None,
-        &unique_prefix("race"),
+        amqp,
+        &unique_prefix(test),
         "",
         "webhooks = 8\ndisk_usage = 0\nindexing = 0\n",
     ));
@@ -1018,9 +1030,14 @@ fn sigkill_mid_push_every_moved_branch_has_exactly_one_event() {
         String::from_utf8_lossy(&fsck.stderr)
     );
     let reconciled = server.metric("gitplane_hook_pending_reconciled_total{outcome=\"published\"}");
+    let received = receiver.received();
+    let distinct: HashSet<String> = received.iter().map(event_id).collect();
     eprintln!(
         "{ROUNDS} rounds x {PUSHES} pushes: {acked_total} acknowledged, {unacked_moved} moved \
-         without an acknowledgement; reconciled into events by the last start: {reconciled}"
+         without an acknowledgement; reconciled into events by the last start: {reconciled}; \
+         {} deliveries of {} events (duplicates carry the same delivery id)",
+        received.len(),
+        distinct.len()
     );
 }
 
