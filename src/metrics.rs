@@ -596,6 +596,9 @@ pub struct HookMetrics {
     pub publish_failures: Counter,
     /// AMQP connections (re)established.
     pub amqp_connects: Counter,
+    /// Pending ref changes of dead processes reconciled into an event / dropped as not landed.
+    pub pending_published: Counter,
+    pub pending_dropped: Counter,
     pub jobs: [HookJobMetrics; 4],
     repo_sizes: Mutex<BTreeMap<String, u64>>,
 }
@@ -608,6 +611,8 @@ impl HookMetrics {
             confirmed: Counter::new(),
             publish_failures: Counter::new(),
             amqp_connects: Counter::new(),
+            pending_published: Counter::new(),
+            pending_dropped: Counter::new(),
             jobs: [const { HookJobMetrics::new() }; 4],
             repo_sizes: Mutex::new(BTreeMap::new()),
         }
@@ -659,6 +664,12 @@ impl HookMetrics {
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP gitplane_hook_pending_reconciled_total Ref changes of dead processes reconciled against the refs on disk.\n# TYPE gitplane_hook_pending_reconciled_total counter\ngitplane_hook_pending_reconciled_total{{outcome=\"published\"}} {}\ngitplane_hook_pending_reconciled_total{{outcome=\"dropped\"}} {}",
+            self.pending_published.get(),
+            self.pending_dropped.get()
+        );
         type Get = fn(&HookJobMetrics) -> i64;
         let families: [(&str, &str, &str, Get); 7] = [
             (
