@@ -955,8 +955,12 @@ impl From<S3Error> for Failure {
     }
 }
 
-/// Waits, holding no buffer, until the uploader has sent more body bytes.
+/// Waits, holding no buffer, until the uploader has sent more body bytes (those that arrived
+/// with the head wait in the connection's buffer already).
 async fn body_waiting(conn: &mut Conn) -> Result<(), Failure> {
+    if !conn.buffered().is_empty() {
+        return Ok(());
+    }
     conn.body_ready().await.map_err(body_failure)
 }
 
