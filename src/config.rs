@@ -230,6 +230,10 @@ pub struct HttpSection {
     /// `X-Forwarded-For` is believed when naming the client (push events, logs). Default none:
     /// the socket peer is the client.
     pub trusted_proxies: Vec<String>,
+    /// TCP load balancers (addresses or ranges) whose connections start with a PROXY protocol
+    /// header (v1 or v2) naming the client; connections from them without one are refused.
+    /// Default none.
+    pub proxy_protocol_from: Vec<String>,
 }
 
 impl Default for HttpSection {
@@ -245,6 +249,7 @@ impl Default for HttpSection {
             send_idle_secs: 60,
             send_min_bytes_per_sec: 256,
             trusted_proxies: Vec::new(),
+            proxy_protocol_from: Vec::new(),
         }
     }
 }
@@ -770,6 +775,8 @@ pub struct HttpLimits {
     pub drain_idle_timeout: Duration,
     pub max_head_bytes: usize,
     pub trusted_proxies: Vec<IpRange>,
+    /// Balancers that must open each connection with a PROXY protocol header.
+    pub proxy_protocol_from: Vec<IpRange>,
     /// When a request body counts as stalled (`http.body_*`).
     pub body_progress: ProgressRules,
     /// When a response the client does not read counts as stalled (`http.send_*`).
@@ -868,6 +875,7 @@ impl ServeConfig {
             drain_idle_timeout: Duration::from_secs(file.shutdown.keepalive_drain_secs),
             max_head_bytes: h.max_head_bytes,
             trusted_proxies: ip_ranges("http.trusted_proxies", &h.trusted_proxies)?,
+            proxy_protocol_from: ip_ranges("http.proxy_protocol_from", &h.proxy_protocol_from)?,
             body_progress: ProgressRules {
                 idle: positive_secs("http.body_idle_secs", h.body_idle_secs)?,
                 min_rate: h.body_min_bytes_per_sec,

@@ -39,16 +39,23 @@ pub async fn serve_connection<H: Handler>(
         ..HeadLimits::default()
     };
     loop {
-        // None: the peer closed, went idle too long (a short while once shutting down), or sent
-        // garbage (already answered).
-        let Some(head) = next_head(conn, limits, &head_limits, shutdown).await else {
+        // Idle between requests: only this small wait is held (no buffer, no request state).
+        if conn.buffered().is_empty() && !wait_for_request(conn, limits, shutdown).await {
+            break;
+        }
+        // None: the peer closed or sent garbage (already answered). Boxed, like the handler
+        // below, so that their state lives on the heap only while a request is being read or
+        // served, and an idle keep-alive connection costs little more than its socket.
+        let Some(head) = Box::pin(next_head(conn, limits, &head_limits)).await else {
             break;
         };
         // Keep-alive survives shutdown: a git clone or push is several requests on one
         // connection, and the client cannot reconnect once the listener is closed.
         let has_body = !matches!(head.framing, BodyFraming::None | BodyFraming::Length(0));
         conn.begin_request(head.keep_alive, has_body);
-        match handler.handle(head, conn).await {
+        // Boxed: a request's future (an LFS upload to S3 is the largest) lives on the heap only
+        // while the request runs, so an idle keep-alive connection's task stays small.
+        match Box::pin(handler.handle(head, conn)).await {
             Ok(Reuse::KeepAlive) if conn.reusable() => {
                 conn.release_buffer();
             }
@@ -59,7 +66,7 @@ pub async fn serve_connection<H: Handler>(
             }
         }
     }
-    conn.shutdown().await;
+    Box::pin(conn.shutdown()).await;
 }
 
 /// Idle between requests: waits without a buffer until the peer sends something. Gives up after
@@ -82,11 +89,7 @@ async fn next_head(
     conn: &mut Conn,
     limits: &HttpLimits,
     head_limits: &HeadLimits,
-    shutdown: &ShutdownSignal,
 ) -> Option<RequestHead> {
-    if conn.buffered().is_empty() && !wait_for_request(conn, limits, shutdown).await {
-        return None;
-    }
     let deadline = monoio::time::Instant::now() + limits.head_timeout;
     let mut first = true;
     loop {

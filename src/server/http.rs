@@ -176,7 +176,25 @@ impl ShardService for HttpService {
                 let config = Arc::clone(&config);
                 async move {
                     let mut conn = Conn::new(stream, peer, &config.http);
-                    serve_connection(&*router, &mut conn, &config.http, &shutdown).await;
+                    let limits = &config.http;
+                    if limits
+                        .proxy_protocol_from
+                        .iter()
+                        .any(|r| r.contains(peer.ip()))
+                    {
+                        match Box::pin(conn.read_proxy_header(limits.head_timeout)).await {
+                            Ok(client) => conn.peer = client,
+                            Err(reason) => {
+                                METRICS.bad_requests.inc();
+                                tracing::info!(%peer, %reason, "HTTP connection from a PROXY protocol balancer refused");
+                                conn.close_after_response();
+                                let _ = conn.respond_text(400, &[], &format!("{reason}\n")).await;
+                                conn.shutdown().await;
+                                return;
+                            }
+                        }
+                    }
+                    serve_connection(&*router, &mut conn, limits, &shutdown).await;
                 }
             };
             let reject = |stream, peer| {
