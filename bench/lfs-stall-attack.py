@@ -3,8 +3,8 @@
 
 Starts target/release/gitplane on loopback with its default settings (pass --config to change
 them), pushes a commit with one LFS object of --mib MiB to a public repository with the real
-git-lfs client, then times `git lfs fetch` of that object (its local copy deleted first) N times
-without an attack and for at least --seconds while M peers download the same object and never
+git-lfs client, then times `git lfs fetch` of that object (its local copy deleted first) at least
+N times and for at least --seconds, first without an attack and then while M peers download the same object and never
 read: each binds to its own 127.0.0.x source address (4 per address, the default per-address
 anonymous share), shrinks its receive buffer, reads the response head and stops; it reconnects
 after --hold seconds (past the 60 s send deadline, so the server's cuts and fresh stalls both
@@ -66,7 +66,7 @@ def fetch_times(work, n, seconds=0):
     while len(times) < n or time.monotonic() - started < seconds:
         shutil.rmtree(objects, ignore_errors=True)
         t = time.monotonic()
-        run(["git", "lfs", "fetch", "-q", "origin", "main"], cwd=work)
+        run(["git", "lfs", "fetch", "origin", "main"], cwd=work)
         times.append(time.monotonic() - t)
     return times
 
@@ -110,7 +110,8 @@ def main():
         run(["git", "clone", "-q", url, client], stdin=None)
         fetch_times(client, 2)  # warm the page cache
 
-        quiet = fetch_times(client, a.fetches)
+        # As long as the attack phase, so both p99s rest on as many samples.
+        quiet = fetch_times(client, a.fetches, a.seconds)
         quiet_rss = rss_mb(proc.pid)
 
         stop = threading.Event()
