@@ -997,6 +997,29 @@ mod tests {
     }
 
     #[test]
+    fn stall_settings_of_lfs_and_ssh() {
+        let c = ServeConfig::build(FileConfig::default(), Overrides::default()).unwrap();
+        assert_eq!(c.lfs.anonymous_transfers, 32);
+        assert_eq!(c.lfs.anonymous_transfers_per_ip, 4);
+        assert_eq!(c.ssh.channel_idle, Duration::from_secs(60));
+        for (bad, field) in [
+            (
+                "[lfs]\nanonymous_transfers = 0\n",
+                "lfs.anonymous_transfers",
+            ),
+            (
+                "[lfs]\nanonymous_transfers_per_ip = 0\n",
+                "lfs.anonymous_transfers_per_ip",
+            ),
+            ("[ssh]\nchannel_idle_secs = 0\n", "ssh.channel_idle_secs"),
+        ] {
+            let file: FileConfig = toml::from_str(bad).unwrap();
+            let err = ServeConfig::build(file, Overrides::default()).unwrap_err();
+            assert!(err.to_string().contains(field), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn hooks_section() {
         let c = ServeConfig::build(FileConfig::default(), Overrides::default()).unwrap();
         assert_eq!(c.hooks.amqp_url, None);

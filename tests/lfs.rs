@@ -874,3 +874,43 @@ fn a_stalled_upload_is_cut_with_408_and_leaves_nothing() {
         metric(&server, POOL_IN_USE)
     );
 }
+
+/// Downloads from S3 storage that stall hold no pool buffer either: a streamed source reads only
+/// what the socket takes now, so a stall finds no unsent bytes to keep.
+#[test]
+fn stalled_downloads_from_s3_hold_no_buffer() {
+    let s3 = S3Server::start();
+    let server = Server::start_with(ServerOptions {
+        config: Some(format!(
+            "{}\n[http]\nsend_idle_secs = 4\n",
+            s3.bucket_config("lfs-bucket")
+        )),
+        ..ServerOptions::default()
+    });
+    server.create_repo("admin/s3", true);
+    let data = random_bytes(12 << 20, 9);
+    let oid = sha256_hex(&data);
+    let auth = basic("admin", &server.admin_password);
+    assert_eq!(
+        status_of(&put_object(&server, "admin/s3", &oid, &auth, &data)),
+        200
+    );
+    let cuts_before = metric(&server, CUT_SEND_IDLE);
+    let stalled: Vec<TcpStream> = (0..16)
+        .map(|i| {
+            let source = std::net::Ipv4Addr::new(127, 0, 1, 1 + i / 4);
+            let (status, head, s) = stalled_download(&server, source, "admin/s3", &oid, None);
+            assert_eq!(status, 200, "{}", String::from_utf8_lossy(&head));
+            s
+        })
+        .collect();
+    assert!(
+        wait_for(Duration::from_secs(10), || metric(&server, ACTIVE) == 16),
+        "{} transfers active",
+        metric(&server, ACTIVE)
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let held = metric(&server, POOL_IN_USE);
+    assert_eq!(held, 0, "stalled S3 downloads hold {held} pool buffers");
+    stalled_downloads_are_cut(&server, stalled, cuts_before);
+}
