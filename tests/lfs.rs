@@ -671,6 +671,18 @@ fn public_repo_with_object(server: &Server, work: &Path) -> (std::path::PathBuf,
     (src, sha256_hex(&data))
 }
 
+/// A server under [`STALL_CONFIG`] with [`public_repo_with_object`]: (server, work dir, the
+/// pushing work tree, the object id).
+fn stall_server_with_object() -> (Server, tempfile::TempDir, std::path::PathBuf, String) {
+    let server = Server::start_with(ServerOptions {
+        config: Some(STALL_CONFIG.into()),
+        ..ServerOptions::default()
+    });
+    let work = tempfile::tempdir().unwrap();
+    let (src, oid) = public_repo_with_object(&server, work.path());
+    (server, work, src, oid)
+}
+
 /// Waits until every stalled download is cut at the send deadline, then checks that each
 /// connection was closed short of the object and that the pool is whole again.
 fn stalled_downloads_are_cut(server: &Server, stalled: Vec<TcpStream>, cuts_before: u64) {
@@ -701,12 +713,7 @@ fn stalled_downloads_are_cut(server: &Server, stalled: Vec<TcpStream>, cuts_befo
 
 #[test]
 fn eighty_stalled_anonymous_downloads_hold_no_buffer_and_are_cut_at_the_send_deadline() {
-    let server = Server::start_with(ServerOptions {
-        config: Some(STALL_CONFIG.into()),
-        ..ServerOptions::default()
-    });
-    let work = tempfile::tempdir().unwrap();
-    let (src, oid) = public_repo_with_object(&server, work.path());
+    let (server, work, src, oid) = stall_server_with_object();
     let cuts_before = metric(&server, CUT_SEND_IDLE);
 
     // 80 anonymous downloads from 20 addresses, 4 each (their whole share), that never read.
@@ -784,12 +791,7 @@ fn eighty_stalled_anonymous_downloads_hold_no_buffer_and_are_cut_at_the_send_dea
 /// only the buffer release and the send deadline protect the others.
 #[test]
 fn eighty_stalled_authenticated_downloads_leave_the_pool_to_others() {
-    let server = Server::start_with(ServerOptions {
-        config: Some(STALL_CONFIG.into()),
-        ..ServerOptions::default()
-    });
-    let work = tempfile::tempdir().unwrap();
-    let (_src, oid) = public_repo_with_object(&server, work.path());
+    let (server, _work, _src, oid) = stall_server_with_object();
     let cuts_before = metric(&server, CUT_SEND_IDLE);
     let alice = basic("alice", "a-pass");
     let localhost = std::net::Ipv4Addr::LOCALHOST;

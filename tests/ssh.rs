@@ -666,6 +666,22 @@ fn git_descendants(server: &Server) -> Vec<(u32, String)> {
         .collect()
 }
 
+/// git is gone within a bounded time, and no child is left, not even as a zombie (descendants()
+/// lists every child).
+fn assert_no_child_left(server: &Server) {
+    assert!(
+        wait_for(Duration::from_secs(15), || git_descendants(server)
+            .is_empty()),
+        "git left behind: {:?}",
+        git_descendants(server)
+    );
+    assert!(
+        server.descendants().is_empty(),
+        "{:?}",
+        server.descendants()
+    );
+}
+
 #[test]
 fn client_killed_mid_clone_leaves_no_git_process() {
     use std::os::unix::process::CommandExt;
@@ -692,18 +708,7 @@ fn client_killed_mid_clone_leaves_no_git_process() {
     // SAFETY: signalling the process group we just created.
     unsafe { libc::kill(-(client.id() as i32), libc::SIGKILL) };
     let _ = client.wait();
-    assert!(
-        wait_for(Duration::from_secs(15), || git_descendants(&s.server)
-            .is_empty()),
-        "git left behind: {:?}",
-        git_descendants(&s.server)
-    );
-    // Not even as zombies: descendants() lists every child, zombie or not.
-    assert!(
-        s.server.descendants().is_empty(),
-        "{:?}",
-        s.server.descendants()
-    );
+    assert_no_child_left(&s.server);
 }
 
 /// Drives `git-upload-pack` over ssh by hand (protocol v0), reading the pack slowly.
@@ -985,17 +990,7 @@ fn stalled_channels_are_cut_and_their_git_is_gone() {
     );
     let (rest, _) = fetch.finish();
     assert!(rest + 64 * 1024 < size as u64, "the whole pack arrived");
-    assert!(
-        wait_for(Duration::from_secs(15), || git_descendants(&s.server)
-            .is_empty()),
-        "git left behind: {:?}",
-        git_descendants(&s.server)
-    );
-    assert!(
-        s.server.descendants().is_empty(),
-        "{:?}",
-        s.server.descendants()
-    );
+    assert_no_child_left(&s.server);
     // The server still serves the same user at once.
     let dest = s.work.path().join("after");
     s.git_ok(
