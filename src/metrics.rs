@@ -843,6 +843,8 @@ pub struct LfsMetrics {
     pub bytes_in: Counter,
     pub bytes_out: Counter,
     pub active_transfers: Gauge,
+    /// Pool buffers on loan, all shards (object bytes in flight).
+    pub pool_in_use: Gauge,
     pub pool_waits: Counter,
     pub verify_failures: Counter,
     pub batch_requests: Counter,
@@ -854,6 +856,7 @@ impl LfsMetrics {
             bytes_in: Counter::new(),
             bytes_out: Counter::new(),
             active_transfers: Gauge::new(),
+            pool_in_use: Gauge::new(),
             pool_waits: Counter::new(),
             verify_failures: Counter::new(),
             batch_requests: Counter::new(),
@@ -861,7 +864,7 @@ impl LfsMetrics {
     }
 
     fn render(&self, out: &mut String) {
-        let rows: [(&str, &str, &str, i64); 6] = [
+        let rows: [(&str, &str, &str, i64); 7] = [
             (
                 "gitplane_lfs_bytes_in_total",
                 "counter",
@@ -879,6 +882,12 @@ impl LfsMetrics {
                 "gauge",
                 "LFS uploads and downloads in progress.",
                 self.active_transfers.get(),
+            ),
+            (
+                "gitplane_lfs_pool_buffers_in_use",
+                "gauge",
+                "Pinned LFS buffers on loan to transfers, all shards.",
+                self.pool_in_use.get(),
             ),
             (
                 "gitplane_lfs_pool_waits_total",

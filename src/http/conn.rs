@@ -209,8 +209,9 @@ impl Conn {
     }
 
     /// Waits, holding no buffer, until the socket has body bytes (or EOF), or the body deadline
-    /// passes: then the stall is counted and returned.
-    async fn body_ready(&mut self) -> Result<(), BodyReadError> {
+    /// passes: then the stall is counted and returned. A reader that takes a buffer per chunk
+    /// calls this first, so a silent client holds none.
+    pub async fn body_ready(&mut self) -> Result<(), BodyReadError> {
         let rules = self.body_rules;
         let clock = self.body.get_or_insert_with(|| PeerClock::new(rules));
         let started = Instant::now();

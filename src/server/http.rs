@@ -9,11 +9,12 @@ use std::sync::Arc;
 
 use super::shard::{accept_loop, AcceptOptions, ListenerSet, ShardContext, ShardService};
 use crate::access::HttpAuth;
+use crate::admission::AddressLimiter;
 use crate::git::process::Service;
 use crate::http::conn::Conn;
 use crate::http::head::{Method, RequestHead};
 use crate::http::server::{serve_connection, Handler, Reuse};
-use crate::lfs::http::LfsHttp;
+use crate::lfs::http::{anonymous_share, LfsHttp};
 use crate::lifecycle::ShutdownSignal;
 use crate::metrics::{Route, METRICS};
 use crate::smart_http::{AppState, SmartHttp};
@@ -153,12 +154,15 @@ pub struct HttpService {
     listeners: ListenerSet,
     state: Arc<AppState>,
     token_secret: TokenSecret,
+    /// The node-wide share of anonymous LFS downloads.
+    lfs_anonymous: Arc<AddressLimiter>,
 }
 
 impl HttpService {
     pub fn new(listeners: ListenerSet, state: Arc<AppState>, token_secret: TokenSecret) -> Self {
         Self {
             listeners,
+            lfs_anonymous: anonymous_share(&state.config),
             state,
             token_secret,
         }
@@ -170,13 +174,14 @@ impl ShardService for HttpService {
         let listener = self.listeners.take(ctx.shard);
         let state = Arc::clone(&self.state);
         let secret = self.token_secret.clone();
+        let lfs_anonymous = Arc::clone(&self.lfs_anonymous);
         Box::pin(async move {
             let Some(listener) = listener else { return };
             let config = Arc::clone(&state.config);
             let auth = Rc::new(HttpAuth::new(config.data_dir.clone(), secret));
             let router = Rc::new(Router {
                 git: SmartHttp::new(Arc::clone(&state), Rc::clone(&auth)),
-                lfs: LfsHttp::new(&config, auth),
+                lfs: LfsHttp::new(&config, auth, lfs_anonymous),
                 shutdown: Rc::clone(&ctx.shutdown),
             });
             let opts = AcceptOptions {
