@@ -72,6 +72,12 @@ pub struct LfsSection {
     pub max_batch_objects: usize,
     /// Seconds a batch action's href stays valid. Default 3600.
     pub action_expiry_secs: u64,
+    /// Anonymous object transfers (downloads from public repositories without credentials)
+    /// running at once, node-wide; more get 503 with Retry-After. Default 32.
+    pub anonymous_transfers: usize,
+    /// Anonymous object transfers running at once from one client address (IPv4, or IPv6 /64);
+    /// more get 429 with Retry-After (git-lfs retries both). Default 4.
+    pub anonymous_transfers_per_ip: usize,
     /// Store objects in S3-compatible storage instead of `DATA/lfs` (absent: local disk).
     pub s3: Option<S3Section>,
 }
@@ -116,6 +122,8 @@ impl Default for LfsSection {
             max_object_size: 50 << 30,
             max_batch_objects: 1000,
             action_expiry_secs: 3600,
+            anonymous_transfers: 32,
+            anonymous_transfers_per_ip: 4,
             s3: None,
         }
     }
@@ -129,6 +137,8 @@ pub struct LfsLimits {
     pub max_object_size: u64,
     pub max_batch_objects: usize,
     pub action_expiry: Duration,
+    pub anonymous_transfers: usize,
+    pub anonymous_transfers_per_ip: usize,
     pub s3: Option<crate::lfs::s3::S3Settings>,
 }
 
@@ -181,6 +191,11 @@ impl LfsLimits {
             max_object_size: l.max_object_size,
             max_batch_objects: at_least_one("lfs.max_batch_objects", l.max_batch_objects)?,
             action_expiry: positive_secs("lfs.action_expiry_secs", l.action_expiry_secs)?,
+            anonymous_transfers: at_least_one("lfs.anonymous_transfers", l.anonymous_transfers)?,
+            anonymous_transfers_per_ip: at_least_one(
+                "lfs.anonymous_transfers_per_ip",
+                l.anonymous_transfers_per_ip,
+            )?,
             s3: l.s3.map(s3_settings).transpose()?,
         })
     }
@@ -215,6 +230,10 @@ pub struct HttpSection {
     /// `X-Forwarded-For` is believed when naming the client (push events, logs). Default none:
     /// the socket peer is the client.
     pub trusted_proxies: Vec<String>,
+    /// TCP load balancers (addresses or ranges) whose connections start with a PROXY protocol
+    /// header (v1 or v2) naming the client; connections from them without one are refused.
+    /// Default none.
+    pub proxy_protocol_from: Vec<String>,
 }
 
 impl Default for HttpSection {
@@ -230,6 +249,7 @@ impl Default for HttpSection {
             send_idle_secs: 60,
             send_min_bytes_per_sec: 256,
             trusted_proxies: Vec::new(),
+            proxy_protocol_from: Vec::new(),
         }
     }
 }
@@ -506,6 +526,11 @@ pub struct SshSection {
     pub idle_timeout_secs: u64,
     /// Session channels one connection may have open at once. Default 8.
     pub max_channels_per_connection: usize,
+    /// Seconds a git or git-lfs-transfer channel may move no byte (the client sends nothing
+    /// while the server waits for input, or reads nothing while output waits) before the
+    /// channel is closed and its git process killed. Unlike `idle_timeout_secs` this holds
+    /// while other channels or keepalives keep the connection busy. Default 60.
+    pub channel_idle_secs: u64,
     /// Lifetime of the tokens `git-lfs-authenticate` hands out, in seconds. Default 600.
     pub lfs_token_ttl_secs: u64,
     /// TCP load balancers (addresses or ranges) that send a PROXY protocol header (v1 or v2)
@@ -525,6 +550,7 @@ impl Default for SshSection {
             keepalive_max: 3,
             idle_timeout_secs: 600,
             max_channels_per_connection: 8,
+            channel_idle_secs: 60,
             lfs_token_ttl_secs: 600,
             proxy_protocol_from: Vec::new(),
         }
@@ -591,6 +617,7 @@ pub struct SshLimits {
     pub keepalive_max: usize,
     pub idle_timeout: Duration,
     pub max_channels_per_connection: usize,
+    pub channel_idle: Duration,
     pub lfs_token_ttl: Duration,
     pub proxy_protocol_from: Vec<IpRange>,
 }
@@ -624,6 +651,7 @@ impl SshLimits {
                 "ssh.max_channels_per_connection",
                 s.max_channels_per_connection,
             )?,
+            channel_idle: positive_secs("ssh.channel_idle_secs", s.channel_idle_secs)?,
             lfs_token_ttl: positive_secs("ssh.lfs_token_ttl_secs", s.lfs_token_ttl_secs)?,
             proxy_protocol_from: ip_ranges("ssh.proxy_protocol_from", &s.proxy_protocol_from)?,
         })
@@ -823,6 +851,8 @@ pub struct HttpLimits {
     pub drain_idle_timeout: Duration,
     pub max_head_bytes: usize,
     pub trusted_proxies: Vec<IpRange>,
+    /// Balancers that must open each connection with a PROXY protocol header.
+    pub proxy_protocol_from: Vec<IpRange>,
     /// When a request body counts as stalled (`http.body_*`).
     pub body_progress: ProgressRules,
     /// When a response the client does not read counts as stalled (`http.send_*`).
@@ -921,6 +951,7 @@ impl ServeConfig {
             drain_idle_timeout: Duration::from_secs(file.shutdown.keepalive_drain_secs),
             max_head_bytes: h.max_head_bytes,
             trusted_proxies: ip_ranges("http.trusted_proxies", &h.trusted_proxies)?,
+            proxy_protocol_from: ip_ranges("http.proxy_protocol_from", &h.proxy_protocol_from)?,
             body_progress: ProgressRules {
                 idle: positive_secs("http.body_idle_secs", h.body_idle_secs)?,
                 min_rate: h.body_min_bytes_per_sec,
@@ -1039,6 +1070,29 @@ mod tests {
         };
         let err = ServeConfig::build(FileConfig::default(), flags).unwrap_err();
         assert!(err.to_string().contains("http.listen"), "{err}");
+    }
+
+    #[test]
+    fn stall_settings_of_lfs_and_ssh() {
+        let c = ServeConfig::build(FileConfig::default(), Overrides::default()).unwrap();
+        assert_eq!(c.lfs.anonymous_transfers, 32);
+        assert_eq!(c.lfs.anonymous_transfers_per_ip, 4);
+        assert_eq!(c.ssh.channel_idle, Duration::from_secs(60));
+        for (bad, field) in [
+            (
+                "[lfs]\nanonymous_transfers = 0\n",
+                "lfs.anonymous_transfers",
+            ),
+            (
+                "[lfs]\nanonymous_transfers_per_ip = 0\n",
+                "lfs.anonymous_transfers_per_ip",
+            ),
+            ("[ssh]\nchannel_idle_secs = 0\n", "ssh.channel_idle_secs"),
+        ] {
+            let file: FileConfig = toml::from_str(bad).unwrap();
+            let err = ServeConfig::build(file, Overrides::default()).unwrap_err();
+            assert!(err.to_string().contains(field), "{bad}: {err}");
+        }
     }
 
     #[test]

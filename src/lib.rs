@@ -11,6 +11,7 @@ pub mod admin;
 pub mod admission;
 pub mod auth;
 pub mod clock;
+pub mod coarse_timer;
 pub mod config;
 pub mod git;
 pub mod hooks;

@@ -87,6 +87,11 @@ enum TuneCommand {
 enum HookCommand {
     /// Records the push read from stdin (`OLD NEW REF` lines) in the hook outbox.
     PostReceive,
+    /// Records a ref transaction of a push (git's reference-transaction hook) as pending.
+    ReferenceTransaction {
+        /// prepared, committed or aborted.
+        state: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -235,7 +240,23 @@ fn main() -> anyhow::Result<()> {
             if let Err(e) =
                 gitplane::hooks::capture::post_receive(&data_dir(), std::io::stdin().lock())
             {
-                eprintln!("gitplane: the push was received but its event was NOT recorded: {e}");
+                eprintln!(
+                    "gitplane: the push was received but its event was NOT recorded: {e} \
+                     (its pending transactions, if recorded, are reconciled once the push ends)"
+                );
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Command::Hook(HookCommand::ReferenceTransaction { state }) => {
+            // In `prepared`, exiting non-zero makes git abort the update: the push fails and no
+            // ref moves without its pending event. git ignores the status of the other states.
+            if let Err(e) = gitplane::hooks::capture::reference_transaction(
+                &data_dir(),
+                &state,
+                std::io::stdin().lock(),
+            ) {
+                eprintln!("gitplane: ref update refused, its event could not be recorded: {e}");
                 std::process::exit(1);
             }
             Ok(())

@@ -596,6 +596,9 @@ pub struct HookMetrics {
     pub publish_failures: Counter,
     /// AMQP connections (re)established.
     pub amqp_connects: Counter,
+    /// Pending ref changes of dead processes reconciled into an event / dropped as not landed.
+    pub pending_published: Counter,
+    pub pending_dropped: Counter,
     pub jobs: [HookJobMetrics; 4],
     repo_sizes: Mutex<BTreeMap<String, u64>>,
 }
@@ -608,6 +611,8 @@ impl HookMetrics {
             confirmed: Counter::new(),
             publish_failures: Counter::new(),
             amqp_connects: Counter::new(),
+            pending_published: Counter::new(),
+            pending_dropped: Counter::new(),
             jobs: [const { HookJobMetrics::new() }; 4],
             repo_sizes: Mutex::new(BTreeMap::new()),
         }
@@ -659,6 +664,12 @@ impl HookMetrics {
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP gitplane_hook_pending_reconciled_total Ref changes of dead processes reconciled against the refs on disk.\n# TYPE gitplane_hook_pending_reconciled_total counter\ngitplane_hook_pending_reconciled_total{{outcome=\"published\"}} {}\ngitplane_hook_pending_reconciled_total{{outcome=\"dropped\"}} {}",
+            self.pending_published.get(),
+            self.pending_dropped.get()
+        );
         type Get = fn(&HookJobMetrics) -> i64;
         let families: [(&str, &str, &str, Get); 7] = [
             (
@@ -832,6 +843,8 @@ pub struct LfsMetrics {
     pub bytes_in: Counter,
     pub bytes_out: Counter,
     pub active_transfers: Gauge,
+    /// Pool buffers on loan, all shards (object bytes in flight).
+    pub pool_in_use: Gauge,
     pub pool_waits: Counter,
     pub verify_failures: Counter,
     pub batch_requests: Counter,
@@ -843,6 +856,7 @@ impl LfsMetrics {
             bytes_in: Counter::new(),
             bytes_out: Counter::new(),
             active_transfers: Gauge::new(),
+            pool_in_use: Gauge::new(),
             pool_waits: Counter::new(),
             verify_failures: Counter::new(),
             batch_requests: Counter::new(),
@@ -850,7 +864,7 @@ impl LfsMetrics {
     }
 
     fn render(&self, out: &mut String) {
-        let rows: [(&str, &str, &str, i64); 6] = [
+        let rows: [(&str, &str, &str, i64); 7] = [
             (
                 "gitplane_lfs_bytes_in_total",
                 "counter",
@@ -868,6 +882,12 @@ impl LfsMetrics {
                 "gauge",
                 "LFS uploads and downloads in progress.",
                 self.active_transfers.get(),
+            ),
+            (
+                "gitplane_lfs_pool_buffers_in_use",
+                "gauge",
+                "Pinned LFS buffers on loan to transfers, all shards.",
+                self.pool_in_use.get(),
             ),
             (
                 "gitplane_lfs_pool_waits_total",

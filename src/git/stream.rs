@@ -316,7 +316,10 @@ fn chunk_header(out: &mut [u8; 24], leading_crlf: bool, len: usize) -> usize {
 }
 
 /// Waits until the client's socket takes bytes again, within what `client` has left to spend.
-async fn client_writable(sock: &TcpStream, client: &mut PeerClock) -> Result<(), StreamError> {
+pub(crate) async fn client_writable(
+    sock: &TcpStream,
+    client: &mut PeerClock,
+) -> Result<(), StreamError> {
     let started = std::time::Instant::now();
     let ready = monoio::time::timeout(client.budget(), sock.writable(false)).await;
     client.waited(started.elapsed());

@@ -19,6 +19,8 @@ use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
+use gitplane_wire::net::proxy_protocol::{self, ProxyParse};
+
 use super::response::{encode_head, BodyLength};
 use crate::config::HttpLimits;
 use crate::metrics::{Cut, METRICS};
@@ -122,6 +124,34 @@ impl Conn {
         self.keep_alive = false;
     }
 
+    /// Reads the PROXY protocol header (v1 or v2) that a trusted TCP balancer sends before the
+    /// first request, within `within`, and returns the client's address it names (the
+    /// balancer's own for its health checks and unknown families). What follows the header stays
+    /// buffered for the request parser.
+    pub async fn read_proxy_header(
+        &mut self,
+        within: std::time::Duration,
+    ) -> Result<SocketAddr, String> {
+        let deadline = monoio::time::Instant::now() + within;
+        loop {
+            match proxy_protocol::parse(self.buffered()) {
+                Ok(ProxyParse::Complete { consumed, source }) => {
+                    self.consume(consumed);
+                    return Ok(source.unwrap_or(self.peer));
+                }
+                Ok(ProxyParse::Incomplete) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+            let left = deadline.saturating_duration_since(monoio::time::Instant::now());
+            match monoio::time::timeout(left, self.fill(proxy_protocol::MAX_HEADER)).await {
+                Ok(Ok(0)) => return Err("closed before its PROXY protocol header".into()),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e.to_string()),
+                Err(_) => return Err("no PROXY protocol header in time".into()),
+            }
+        }
+    }
+
     /// Waits until the socket has bytes (or EOF) without holding a buffer.
     pub async fn readable(&self) -> io::Result<()> {
         self.stream.readable(false).await
@@ -179,8 +209,9 @@ impl Conn {
     }
 
     /// Waits, holding no buffer, until the socket has body bytes (or EOF), or the body deadline
-    /// passes: then the stall is counted and returned.
-    async fn body_ready(&mut self) -> Result<(), BodyReadError> {
+    /// passes: then the stall is counted and returned. A reader that takes a buffer per chunk
+    /// calls this first, so a silent client holds none.
+    pub async fn body_ready(&mut self) -> Result<(), BodyReadError> {
         let rules = self.body_rules;
         let clock = self.body.get_or_insert_with(|| PeerClock::new(rules));
         let started = Instant::now();

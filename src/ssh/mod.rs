@@ -19,6 +19,7 @@ mod conn;
 mod exec;
 mod handler;
 pub mod hostkey;
+mod idle;
 pub mod keys;
 pub mod lfs;
 mod lfs_transfer;
