@@ -599,6 +599,24 @@ impl IdlePeer {
     }
 }
 
+/// Reads every peer until the server has closed them all (30 s at most), so close times are
+/// seen as they happen.
+fn wait_all_closed(peers: &mut [IdlePeer]) {
+    let all = wait_for(Duration::from_secs(30), || {
+        peers
+            .iter_mut()
+            .map(IdlePeer::poll)
+            .filter(|closed| !closed)
+            .count()
+            == 0
+    });
+    assert!(
+        all,
+        "{} idle connections still open after 30 s",
+        peers.iter().filter(|p| p.closed_at.is_none()).count()
+    );
+}
+
 /// tests/rpc/held_channel.py: a grpcio channel authenticated at start, then calls on demand.
 struct GrpcioApp {
     child: Child,
@@ -676,19 +694,7 @@ fn idle_h2_connections_are_capped_per_address_and_closed_without_a_token() {
         let ms = app.call(channel);
         eprintln!("ListBranches on a {channel} channel during the attack: {ms:.1} ms");
     }
-    assert!(
-        wait_for(Duration::from_secs(30), || {
-            // Every peer is read each round, so close times are seen as they happen.
-            peers
-                .iter_mut()
-                .map(IdlePeer::poll)
-                .filter(|closed| !closed)
-                .count()
-                == 0
-        }),
-        "{} idle connections still open after 30 s",
-        peers.iter().filter(|p| p.closed_at.is_none()).count()
-    );
+    wait_all_closed(&mut peers);
     // Admitted: the server's SETTINGS came back. Only the address's unauthenticated share was.
     let (held, refused): (Vec<_>, Vec<_>) = peers.iter().partition(|p| !p.received.is_empty());
     assert_eq!(held.len(), 16, "max_unauthenticated_per_ip = 16");
@@ -721,17 +727,7 @@ fn a_full_unauthenticated_share_evicts_its_oldest_so_new_clients_get_in() {
         .collect();
     let ms = app.call("fresh");
     eprintln!("ListBranches on a fresh channel with the shares full: {ms:.1} ms");
-    assert!(
-        wait_for(Duration::from_secs(30), || {
-            peers
-                .iter_mut()
-                .map(IdlePeer::poll)
-                .filter(|closed| !closed)
-                .count()
-                == 0
-        }),
-        "idle connections still open after 30 s"
-    );
+    wait_all_closed(&mut peers);
     // Each one was evicted, timed out, or (in the burst) refused over the shard's cap.
     let over_shard_cap = metric(&server, "gitplane_http_connections_rejected_total");
     assert_eq!(cuts(&server, "rpc_no_request") + over_shard_cap, 128);
