@@ -270,6 +270,19 @@ fn five_upgrades_under_load(
     (pids, load)
 }
 
+/// Branches the load clients pushed (each push creates one).
+fn pushed_branches(site: &Site) -> usize {
+    let out = Command::new("git")
+        .args(["for-each-ref", "--format=%(refname)", "refs/heads/"])
+        .current_dir(site.data().join("repos/admin/proj.git"))
+        .output()
+        .expect("for-each-ref");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|r| *r != "refs/heads/main")
+        .count()
+}
+
 fn seed_repo(site: &Site) {
     site.admin(&["repo", "create", "admin/proj"]);
     let src = site.dir.path().join("src");
@@ -341,7 +354,23 @@ fn five_usr2_upgrades_refuse_and_fail_nothing_and_a_broken_binary_changes_nothin
     cmd.args(&args[1..]);
     let log = site.dir.path().join("server.log");
     let mut first = launch(cmd, &log);
-    seed_repo(&site);
+    let (hook_url, deliveries) = webhook_receiver();
+    site.admin(&["repo", "create", "admin/proj"]);
+    let out = Command::new(BIN)
+        .arg("--data-dir")
+        .arg(site.data())
+        .args(["webhook", "add", "admin/proj", &hook_url, "--secret-stdin"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            c.stdin.take().unwrap().write_all(b"s3cret\n")?;
+            c.wait_with_output()
+        })
+        .expect("webhook add");
+    assert!(out.status.success(), "{out:?}");
+    let src = site.dir.path().join("src");
+    make_worktree(&src, 3);
+    git(&src, &["push", "-q", &site.url("admin/proj"), "main"]);
 
     let (pids, load) = five_upgrades_under_load(&site, Duration::from_secs(2), || {
         let out = Command::new(BIN)
@@ -376,6 +405,26 @@ fn five_usr2_upgrades_refuse_and_fail_nothing_and_a_broken_binary_changes_nothin
         log_problems(&log)
     );
     assert!(done >= 16, "only {done} clone+push rounds completed");
+
+    // Every push's event was delivered exactly once, though two generations shared the outbox
+    // during each upgrade (one dispatcher per data directory, see hooks::lease).
+    let branches = pushed_branches(&site);
+    assert!(
+        wait_for(Duration::from_secs(60), || deliveries.lock().unwrap().len()
+            >= branches + 1),
+        "{} deliveries for {} pushes",
+        deliveries.lock().unwrap().len(),
+        branches + 1
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let got = deliveries.lock().unwrap().clone();
+    let ids: std::collections::HashSet<_> = got.iter().map(|d| d["id"].to_string()).collect();
+    assert_eq!(ids.len(), got.len(), "an event was delivered twice");
+    assert_eq!(
+        got.len(),
+        branches + 1,
+        "pushes without exactly one delivery"
+    );
 
     // Old generations exited 0: the first is our child, the others were adopted by this process.
     assert_eq!(first.wait().expect("first generation").code(), Some(0));

@@ -25,6 +25,7 @@ pub mod embedded;
 pub mod event;
 pub mod http_client;
 pub mod jobs;
+mod lease;
 pub mod pending;
 pub mod worker;
 
@@ -68,6 +69,7 @@ impl HooksService {
     pub fn new(config: &ServeConfig) -> Result<Self, HookError> {
         let exe = crate::lifecycle::running_exe().map_err(HookError::Exe)?;
         let hooks_dir = capture::install_hooks(&config.data_dir, &exe)?;
+        lease::init(config.data_dir.join("hooks").join("dispatch.lock"));
         crate::git::process::set_hooks_path(&hooks_dir);
         let db = db::HookDb::start(&config.data_dir)?;
         let reconciled = pending::Reconciler::new(&config.data_dir, &config.git.binary).start()?;
