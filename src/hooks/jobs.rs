@@ -260,18 +260,8 @@ async fn webhooks(ctx: &JobContext, event: &PushEvent, attempt: u32) -> Result<(
 /// inherited fd above stderr closed at exec (sockets and pipes of other connections must never
 /// leak into a child).
 fn git_command(git: &Path, repo: &Path) -> Command {
-    let mut cmd = Command::new(git);
-    cmd.env_clear()
-        .env(
-            "PATH",
-            std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
-        )
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .env("HOME", repo)
-        .arg("-c")
-        .arg("safe.directory=*")
-        .arg("--git-dir")
+    let mut cmd = crate::git::process::git_command(git, repo);
+    cmd.arg("--git-dir")
         .arg(repo)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
