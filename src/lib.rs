@@ -13,6 +13,7 @@ pub mod clock;
 pub mod config;
 pub mod git;
 pub mod hooks;
+pub mod housekeeping;
 pub mod http;
 pub mod lfs;
 pub mod lifecycle;

@@ -314,6 +314,7 @@ impl Metrics {
         self.ssh.render(&mut out);
         self.lfs.render(&mut out);
         render_pack_cache(&mut out);
+        crate::housekeeping::metrics::HOUSEKEEPING.render(&mut out);
         out
     }
 }
@@ -462,7 +463,7 @@ impl RpcMetrics {
 }
 
 /// Hook job types, in the index order of [`HookMetrics::jobs`].
-pub const HOOK_JOBS: [&str; 4] = ["disk_usage", "webhooks", "indexing", "noop"];
+pub const HOOK_JOBS: [&str; 5] = ["disk_usage", "webhooks", "indexing", "noop", "housekeeping"];
 /// Most repositories whose size is exported (the rest are still stored, just not exported).
 const MAX_SIZE_SERIES: usize = 10_000;
 
@@ -520,7 +521,7 @@ pub struct HookMetrics {
     pub publish_failures: Counter,
     /// AMQP connections (re)established.
     pub amqp_connects: Counter,
-    pub jobs: [HookJobMetrics; 4],
+    pub jobs: [HookJobMetrics; 5],
     repo_sizes: Mutex<BTreeMap<String, u64>>,
 }
 
@@ -532,7 +533,7 @@ impl HookMetrics {
             confirmed: Counter::new(),
             publish_failures: Counter::new(),
             amqp_connects: Counter::new(),
-            jobs: [const { HookJobMetrics::new() }; 4],
+            jobs: [const { HookJobMetrics::new() }; 5],
             repo_sizes: Mutex::new(BTreeMap::new()),
         }
     }

@@ -58,7 +58,10 @@ pub struct HooksService {
 
 impl HooksService {
     /// Writes `DATA/hooks/post-receive`, points receive-pack at it, and opens the store.
-    pub fn new(config: &ServeConfig) -> Result<Self, HookError> {
+    pub fn new(
+        config: &ServeConfig,
+        housekeeper: Arc<crate::housekeeping::Housekeeper>,
+    ) -> Result<Self, HookError> {
         let exe = std::env::current_exe().map_err(HookError::Exe)?;
         let hooks_dir = capture::install_hooks(&config.data_dir, &exe)?;
         crate::git::process::set_hooks_path(&hooks_dir);
@@ -68,6 +71,7 @@ impl HooksService {
             repos: RepoRoot::new(&config.data_dir),
             git: config.git.binary.clone(),
             webhook_timeout: config.hooks.webhook_timeout,
+            housekeeper,
         };
         let enabled: Vec<_> = jobs::JobKind::enabled(&config.hooks.concurrency)
             .iter()
