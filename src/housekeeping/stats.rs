@@ -2,7 +2,7 @@
 //! listings and pack index headers; no git process): the inputs of [`super::plan`].
 
 use std::fs;
-use std::io::{self, Read};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -84,7 +84,7 @@ pub fn read(dir: &Path, last_run: SystemTime, grace: Grace, now: SystemTime) -> 
             }
             s.packs.push(Pack {
                 bytes: meta.len(),
-                objects: idx_objects(&idx).unwrap_or(0),
+                objects: crate::rpc::ops::info::idx_object_count(&idx).unwrap_or(0),
                 new: meta.modified().is_ok_and(|m| m > last_run),
             });
         } else if name.ends_with(".bitmap") {
@@ -150,20 +150,4 @@ fn count_entries(dir: &Path, keep: impl Fn(&str) -> bool) -> io::Result<u64> {
         .filter_map(Result::ok)
         .filter(|e| e.file_name().to_str().is_some_and(&keep))
         .count() as u64)
-}
-
-/// Object count of a pack from its version-2 index: the last fan-out entry.
-fn idx_objects(idx: &Path) -> io::Result<u64> {
-    let mut head = [0u8; 8 + 256 * 4];
-    fs::File::open(idx)?.read_exact(&mut head)?;
-    if head[..8] != [0xff, b't', b'O', b'c', 0, 0, 0, 2] {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "not a v2 pack index",
-        ));
-    }
-    let last = &head[head.len() - 4..];
-    Ok(u64::from(u32::from_be_bytes([
-        last[0], last[1], last[2], last[3],
-    ])))
 }
