@@ -20,6 +20,7 @@ need curl curl
 need valgrind valgrind
 need strace strace
 need unshare util-linux
+need start_server libserver-starter-perl
 if [ "${#apt_missing[@]}" -gt 0 ]; then
     echo "test.sh: installing ${apt_missing[*]}"
     if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi

@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use crate::git::pack_cache::PackCacheSettings;
 use crate::http::forwarded::IpRange;
+use crate::progress::ProgressRules;
 
 /// Default data directory, relative to the working directory.
 pub const DEFAULT_DATA_DIR: &str = "./gitplane-data";
@@ -72,6 +73,12 @@ pub struct LfsSection {
     pub max_batch_objects: usize,
     /// Seconds a batch action's href stays valid. Default 3600.
     pub action_expiry_secs: u64,
+    /// Anonymous object transfers (downloads from public repositories without credentials)
+    /// running at once, node-wide; more get 503 with Retry-After. Default 32.
+    pub anonymous_transfers: usize,
+    /// Anonymous object transfers running at once from one client address (IPv4, or IPv6 /64);
+    /// more get 429 with Retry-After (git-lfs retries both). Default 4.
+    pub anonymous_transfers_per_ip: usize,
     /// Store objects in S3-compatible storage instead of `DATA/lfs` (absent: local disk).
     pub s3: Option<S3Section>,
 }
@@ -116,6 +123,8 @@ impl Default for LfsSection {
             max_object_size: 50 << 30,
             max_batch_objects: 1000,
             action_expiry_secs: 3600,
+            anonymous_transfers: 32,
+            anonymous_transfers_per_ip: 4,
             s3: None,
         }
     }
@@ -129,6 +138,8 @@ pub struct LfsLimits {
     pub max_object_size: u64,
     pub max_batch_objects: usize,
     pub action_expiry: Duration,
+    pub anonymous_transfers: usize,
+    pub anonymous_transfers_per_ip: usize,
     pub s3: Option<crate::lfs::s3::S3Settings>,
 }
 
@@ -181,6 +192,11 @@ impl LfsLimits {
             max_object_size: l.max_object_size,
             max_batch_objects: at_least_one("lfs.max_batch_objects", l.max_batch_objects)?,
             action_expiry: positive_secs("lfs.action_expiry_secs", l.action_expiry_secs)?,
+            anonymous_transfers: at_least_one("lfs.anonymous_transfers", l.anonymous_transfers)?,
+            anonymous_transfers_per_ip: at_least_one(
+                "lfs.anonymous_transfers_per_ip",
+                l.anonymous_transfers_per_ip,
+            )?,
             s3: l.s3.map(s3_settings).transpose()?,
         })
     }
@@ -199,10 +215,26 @@ pub struct HttpSection {
     pub idle_timeout_secs: u64,
     /// Largest request head accepted, in bytes. Default 16384.
     pub max_head_bytes: usize,
+    /// Seconds a request body (a push, a fetch negotiation, an LFS upload) may send no byte
+    /// before it is cut with 408. Default 30.
+    pub body_idle_secs: u64,
+    /// Bytes per second a request body must average after its first `body_idle_secs` (a
+    /// trickling client is cut with 408); 0 turns the rule off. Default 256.
+    pub body_min_bytes_per_sec: u64,
+    /// Seconds a response (a pack, an LFS object) may wait for the client to accept a byte
+    /// before it is cut and its resources returned. Default 60.
+    pub send_idle_secs: u64,
+    /// Bytes per second the client must accept on average after its first `send_idle_secs`;
+    /// 0 turns the rule off. Default 256.
+    pub send_min_bytes_per_sec: u64,
     /// Load balancers and proxies (addresses or ranges like `10.0.0.0/8`) whose
     /// `X-Forwarded-For` is believed when naming the client (push events, logs). Default none:
     /// the socket peer is the client.
     pub trusted_proxies: Vec<String>,
+    /// TCP load balancers (addresses or ranges) whose connections start with a PROXY protocol
+    /// header (v1 or v2) naming the client; connections from them without one are refused.
+    /// Default none.
+    pub proxy_protocol_from: Vec<String>,
 }
 
 impl Default for HttpSection {
@@ -213,7 +245,12 @@ impl Default for HttpSection {
             head_timeout_secs: 10,
             idle_timeout_secs: 60,
             max_head_bytes: 16 * 1024,
+            body_idle_secs: 30,
+            body_min_bytes_per_sec: 256,
+            send_idle_secs: 60,
+            send_min_bytes_per_sec: 256,
             trusted_proxies: Vec::new(),
+            proxy_protocol_from: Vec::new(),
         }
     }
 }
@@ -269,6 +306,13 @@ pub struct GitSection {
     /// clone should wait its turn rather than fail (measured: at 32 concurrent clones on 2 cores
     /// the slowest waited 30 to 42 s).
     pub queue_timeout_secs: u64,
+    /// Pack slots that anonymous requests (public repositories, no credentials) may hold at once,
+    /// so anonymous traffic can never take the whole node. Default 32 (half of the default
+    /// `max_concurrent`); at most `max_concurrent`.
+    pub anonymous_max_concurrent: usize,
+    /// Anonymous pack requests from one client address (IPv4, or IPv6 /64), running or waiting;
+    /// beyond this they get 503 at once. Default 8.
+    pub anonymous_max_per_ip: usize,
     /// Share one generated pack between identical fetches (`DATA/cache/packs`). Default true.
     pub pack_cache: bool,
     /// Seconds a cached pack is served; it bounds how long a fetch can miss a tag created after
@@ -286,6 +330,8 @@ impl Default for GitSection {
             max_concurrent_per_repo: 16,
             max_queued: 256,
             queue_timeout_secs: 120,
+            anonymous_max_concurrent: 32,
+            anonymous_max_per_ip: 8,
             pack_cache: true,
             pack_cache_max_age_secs: 300,
             pack_cache_max_mib: 4096,
@@ -302,6 +348,12 @@ pub struct ShutdownSection {
     /// request before it is closed. A git clone or push is several requests on one connection;
     /// closing between them would cut it. Default 10.
     pub keepalive_drain_secs: u64,
+    /// On an upgrade (SIGUSR2), seconds the new generation has to report ready; past them it is
+    /// told to stop and this one keeps serving. Default 60.
+    pub upgrade_timeout_secs: u64,
+    /// File naming the pid of the generation that serves (written once it is ready, replaced by
+    /// the next generation on an upgrade). Also `--pid-file`. Default none.
+    pub pid_file: Option<PathBuf>,
 }
 
 impl Default for ShutdownSection {
@@ -309,6 +361,8 @@ impl Default for ShutdownSection {
         Self {
             grace_secs: 30,
             keepalive_drain_secs: 10,
+            upgrade_timeout_secs: 60,
+            pid_file: None,
         }
     }
 }
@@ -617,6 +671,11 @@ pub struct SshSection {
     pub idle_timeout_secs: u64,
     /// Session channels one connection may have open at once. Default 8.
     pub max_channels_per_connection: usize,
+    /// Seconds a git or git-lfs-transfer channel may move no byte (the client sends nothing
+    /// while the server waits for input, or reads nothing while output waits) before the
+    /// channel is closed and its git process killed. Unlike `idle_timeout_secs` this holds
+    /// while other channels or keepalives keep the connection busy. Default 60.
+    pub channel_idle_secs: u64,
     /// Lifetime of the tokens `git-lfs-authenticate` hands out, in seconds. Default 600.
     pub lfs_token_ttl_secs: u64,
     /// TCP load balancers (addresses or ranges) that send a PROXY protocol header (v1 or v2)
@@ -636,6 +695,7 @@ impl Default for SshSection {
             keepalive_max: 3,
             idle_timeout_secs: 600,
             max_channels_per_connection: 8,
+            channel_idle_secs: 60,
             lfs_token_ttl_secs: 600,
             proxy_protocol_from: Vec::new(),
         }
@@ -665,6 +725,7 @@ pub struct Overrides {
     pub amqp_url: Option<String>,
     pub rpc_listen: Option<String>,
     pub ssh_listen: Option<String>,
+    pub pid_file: Option<PathBuf>,
 }
 
 /// Validated runtime configuration of `gitplane serve`.
@@ -679,6 +740,9 @@ pub struct ServeConfig {
     pub tcp: TcpOptions,
     pub git: GitLimits,
     pub shutdown_grace: Duration,
+    /// How long an upgrade waits for the next generation to be ready.
+    pub upgrade_timeout: Duration,
+    pub pid_file: Option<PathBuf>,
     pub hooks: HookConfig,
     pub rpc_listen: SocketAddr,
     pub rpc: RpcLimits,
@@ -699,6 +763,7 @@ pub struct SshLimits {
     pub keepalive_max: usize,
     pub idle_timeout: Duration,
     pub max_channels_per_connection: usize,
+    pub channel_idle: Duration,
     pub lfs_token_ttl: Duration,
     pub proxy_protocol_from: Vec<IpRange>,
 }
@@ -732,6 +797,7 @@ impl SshLimits {
                 "ssh.max_channels_per_connection",
                 s.max_channels_per_connection,
             )?,
+            channel_idle: positive_secs("ssh.channel_idle_secs", s.channel_idle_secs)?,
             lfs_token_ttl: positive_secs("ssh.lfs_token_ttl_secs", s.lfs_token_ttl_secs)?,
             proxy_protocol_from: ip_ranges("ssh.proxy_protocol_from", &s.proxy_protocol_from)?,
         })
@@ -883,6 +949,12 @@ pub struct HttpLimits {
     pub drain_idle_timeout: Duration,
     pub max_head_bytes: usize,
     pub trusted_proxies: Vec<IpRange>,
+    /// Balancers that must open each connection with a PROXY protocol header.
+    pub proxy_protocol_from: Vec<IpRange>,
+    /// When a request body counts as stalled (`http.body_*`).
+    pub body_progress: ProgressRules,
+    /// When a response the client does not read counts as stalled (`http.send_*`).
+    pub send_progress: ProgressRules,
 }
 
 #[derive(Debug, Clone)]
@@ -900,6 +972,8 @@ pub struct GitLimits {
     pub max_concurrent_per_repo: usize,
     pub max_queued: usize,
     pub queue_timeout: Duration,
+    pub anonymous_max_concurrent: usize,
+    pub anonymous_max_per_ip: usize,
     /// None: every fetch runs its own pack-objects.
     pub pack_cache: Option<PackCacheSettings>,
 }
@@ -975,6 +1049,15 @@ impl ServeConfig {
             drain_idle_timeout: Duration::from_secs(file.shutdown.keepalive_drain_secs),
             max_head_bytes: h.max_head_bytes,
             trusted_proxies: ip_ranges("http.trusted_proxies", &h.trusted_proxies)?,
+            proxy_protocol_from: ip_ranges("http.proxy_protocol_from", &h.proxy_protocol_from)?,
+            body_progress: ProgressRules {
+                idle: positive_secs("http.body_idle_secs", h.body_idle_secs)?,
+                min_rate: h.body_min_bytes_per_sec,
+            },
+            send_progress: ProgressRules {
+                idle: positive_secs("http.send_idle_secs", h.send_idle_secs)?,
+                min_rate: h.send_min_bytes_per_sec,
+            },
         };
         let t = file.tcp;
         if t.keepalive_probes == 0 {
@@ -1000,6 +1083,12 @@ impl ServeConfig {
             )?,
             max_queued: g.max_queued,
             queue_timeout: positive_secs("git.queue_timeout_secs", g.queue_timeout_secs)?,
+            anonymous_max_concurrent: at_least_one(
+                "git.anonymous_max_concurrent",
+                g.anonymous_max_concurrent,
+            )?
+            .min(g.max_concurrent),
+            anonymous_max_per_ip: at_least_one("git.anonymous_max_per_ip", g.anonymous_max_per_ip)?,
             pack_cache: if g.pack_cache {
                 Some(PackCacheSettings {
                     dir: data_dir.join("cache").join("packs"),
@@ -1026,6 +1115,11 @@ impl ServeConfig {
             tcp,
             git,
             shutdown_grace: Duration::from_secs(file.shutdown.grace_secs),
+            upgrade_timeout: positive_secs(
+                "shutdown.upgrade_timeout_secs",
+                file.shutdown.upgrade_timeout_secs,
+            )?,
+            pid_file: flags.pid_file.or(file.shutdown.pid_file),
             hooks: HookConfig::build(file.hooks, flags.amqp_url)?,
             rpc_listen,
             rpc,
@@ -1076,6 +1170,29 @@ mod tests {
         };
         let err = ServeConfig::build(FileConfig::default(), flags).unwrap_err();
         assert!(err.to_string().contains("http.listen"), "{err}");
+    }
+
+    #[test]
+    fn stall_settings_of_lfs_and_ssh() {
+        let c = ServeConfig::build(FileConfig::default(), Overrides::default()).unwrap();
+        assert_eq!(c.lfs.anonymous_transfers, 32);
+        assert_eq!(c.lfs.anonymous_transfers_per_ip, 4);
+        assert_eq!(c.ssh.channel_idle, Duration::from_secs(60));
+        for (bad, field) in [
+            (
+                "[lfs]\nanonymous_transfers = 0\n",
+                "lfs.anonymous_transfers",
+            ),
+            (
+                "[lfs]\nanonymous_transfers_per_ip = 0\n",
+                "lfs.anonymous_transfers_per_ip",
+            ),
+            ("[ssh]\nchannel_idle_secs = 0\n", "ssh.channel_idle_secs"),
+        ] {
+            let file: FileConfig = toml::from_str(bad).unwrap();
+            let err = ServeConfig::build(file, Overrides::default()).unwrap_err();
+            assert!(err.to_string().contains(field), "{bad}: {err}");
+        }
     }
 
     #[test]

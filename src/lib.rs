@@ -8,8 +8,10 @@
 
 pub mod access;
 pub mod admin;
+pub mod admission;
 pub mod auth;
 pub mod clock;
+pub mod coarse_timer;
 pub mod config;
 pub mod git;
 pub mod hooks;
@@ -18,6 +20,7 @@ pub mod http;
 pub mod lfs;
 pub mod lifecycle;
 pub mod metrics;
+pub mod progress;
 pub mod rpc;
 pub mod server;
 pub mod smart_http;

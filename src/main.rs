@@ -46,6 +46,15 @@ enum Command {
     /// Check this node's kernel and limits against tuning/.
     #[command(subcommand)]
     Tune(TuneCommand),
+    /// Hot upgrade: the server named by the pid file starts the binary now on disk, hands it its
+    /// listening sockets, and drains once the new one is ready; waits for that and reports.
+    Upgrade {
+        #[arg(long)]
+        pid_file: PathBuf,
+        /// Seconds to wait for the new generation.
+        #[arg(long, default_value_t = 90)]
+        timeout_secs: u64,
+    },
     /// The pack-objects cache, run by upload-pack as `uploadpack.packObjectsHook` (not by hand).
     #[command(hide = true)]
     PackObjectsHook(PackObjectsHookArgs),
@@ -78,6 +87,11 @@ enum TuneCommand {
 enum HookCommand {
     /// Records the push read from stdin (`OLD NEW REF` lines) in the hook outbox.
     PostReceive,
+    /// Records a ref transaction of a push (git's reference-transaction hook) as pending.
+    ReferenceTransaction {
+        /// prepared, committed or aborted.
+        state: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -115,6 +129,9 @@ struct ServeArgs {
     /// RabbitMQ URL for the hook workers [default: none, the embedded queue].
     #[arg(long)]
     amqp_url: Option<String>,
+    /// Write the serving generation's pid here once it is ready (for `gitplane upgrade`).
+    #[arg(long)]
+    pid_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -196,6 +213,10 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Upgrade {
+            pid_file,
+            timeout_secs,
+        } => upgrade(&pid_file, std::time::Duration::from_secs(timeout_secs)),
         Command::User(UserCommand::Add { name, .. }) => {
             let password = admin::read_password(std::io::stdin().lock())?;
             admin::user_add(&data_dir(), &name, &password)
@@ -247,7 +268,23 @@ fn main() -> anyhow::Result<()> {
             if let Err(e) =
                 gitplane::hooks::capture::post_receive(&data_dir(), std::io::stdin().lock())
             {
-                eprintln!("gitplane: the push was received but its event was NOT recorded: {e}");
+                eprintln!(
+                    "gitplane: the push was received but its event was NOT recorded: {e} \
+                     (its pending transactions, if recorded, are reconciled once the push ends)"
+                );
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Command::Hook(HookCommand::ReferenceTransaction { state }) => {
+            // In `prepared`, exiting non-zero makes git abort the update: the push fails and no
+            // ref moves without its pending event. git ignores the status of the other states.
+            if let Err(e) = gitplane::hooks::capture::reference_transaction(
+                &data_dir(),
+                &state,
+                std::io::stdin().lock(),
+            ) {
+                eprintln!("gitplane: ref update refused, its event could not be recorded: {e}");
                 std::process::exit(1);
             }
             Ok(())
@@ -286,6 +323,42 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// Sends SIGUSR2 to the generation in `pid_file` and waits until the file names a new, live one.
+fn upgrade(pid_file: &Path, timeout: std::time::Duration) -> anyhow::Result<()> {
+    use gitplane::server::upgrade::read_pid_file;
+    let old = read_pid_file(pid_file).context("reading the pid file")?;
+    let alive = |pid: u32| {
+        // SAFETY: signal 0 only checks that the process exists.
+        unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
+    };
+    // SAFETY: asking the named server to upgrade itself.
+    if unsafe { libc::kill(old as libc::pid_t, libc::SIGUSR2) } != 0 {
+        anyhow::bail!(
+            "cannot signal pid {old}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        if let Ok(new) = read_pid_file(pid_file) {
+            if new != old && alive(new) {
+                println!("upgraded: pid {new} serves; pid {old} is draining");
+                return Ok(());
+            }
+        }
+    }
+    anyhow::bail!(
+        "no new generation within {} s; pid {old} {} (see its log)",
+        timeout.as_secs(),
+        if alive(old) {
+            "keeps serving"
+        } else {
+            "is gone"
+        }
+    )
+}
+
 fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<()> {
     let file = match &args.config {
         Some(path) => FileConfig::load(path)?,
@@ -301,6 +374,7 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<()> {
             amqp_url: args.amqp_url,
             rpc_listen: args.rpc_listen,
             ssh_listen: args.ssh_listen,
+            pid_file: args.pid_file,
         },
     )?;
     let data_dir = config.data_dir.clone();

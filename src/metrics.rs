@@ -83,6 +83,57 @@ impl Route {
     }
 }
 
+/// Why a stream or connection was cut for stalling or for holding more than its share (issue
+/// #17): one counter per reason, so an operator sees an attack as it happens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cut {
+    /// A request body sent no byte for `http.body_idle_secs`.
+    HttpBodyIdle,
+    /// A request body stayed under `http.body_min_bytes_per_sec`.
+    HttpBodySlow,
+    /// A response (pack, LFS object) the client accepted no byte of for `http.send_idle_secs`.
+    HttpSendIdle,
+    /// An anonymous client over its address's share of pack slots or LFS transfers.
+    AnonymousShare,
+    /// An SSH channel (git or git-lfs-transfer) that moved no byte for its idle limit.
+    SshChannelIdle,
+    /// A gRPC connection with no open stream for its idle limit.
+    RpcIdle,
+    /// A gRPC connection that sent no authenticated request in time after its preface.
+    RpcNoRequest,
+    /// A gRPC connection refused over the per-address cap.
+    RpcPerAddress,
+    /// A gRPC connection whose keepalive ping went unanswered.
+    RpcKeepalive,
+}
+
+impl Cut {
+    pub const ALL: [Cut; 9] = [
+        Cut::HttpBodyIdle,
+        Cut::HttpBodySlow,
+        Cut::HttpSendIdle,
+        Cut::AnonymousShare,
+        Cut::SshChannelIdle,
+        Cut::RpcIdle,
+        Cut::RpcNoRequest,
+        Cut::RpcPerAddress,
+        Cut::RpcKeepalive,
+    ];
+    fn label(self) -> &'static str {
+        match self {
+            Cut::HttpBodyIdle => "http_body_idle",
+            Cut::HttpBodySlow => "http_body_slow",
+            Cut::HttpSendIdle => "http_send_idle",
+            Cut::AnonymousShare => "anonymous_share",
+            Cut::SshChannelIdle => "ssh_channel_idle",
+            Cut::RpcIdle => "rpc_idle",
+            Cut::RpcNoRequest => "rpc_no_request",
+            Cut::RpcPerAddress => "rpc_per_address",
+            Cut::RpcKeepalive => "rpc_keepalive",
+        }
+    }
+}
+
 pub struct Metrics {
     pub requests: [Counter; 7],
     /// Responses by status class: index 1 = 1xx ... 5 = 5xx.
@@ -103,6 +154,8 @@ pub struct Metrics {
     pub pack_queued: Gauge,
     pub pack_queue_waits: Counter,
     pub pack_queue_rejected: Counter,
+    /// Streams and connections cut for stalling, by reason ([`Cut`]).
+    cuts: [Counter; Cut::ALL.len()],
     /// gRPC calls by method: count, status codes, latency.
     pub rpc: RpcMetrics,
     /// Hook workers: outbox, relay, per-job counters, repository sizes.
@@ -136,6 +189,7 @@ impl Metrics {
             pack_queued: Gauge::new(),
             pack_queue_waits: Counter::new(),
             pack_queue_rejected: Counter::new(),
+            cuts: [const { Counter::new() }; Cut::ALL.len()],
             rpc: RpcMetrics::new(),
             hooks: HookMetrics::new(),
             ssh: SshMetrics::new(),
@@ -157,6 +211,16 @@ impl Metrics {
         if let Some(c) = self.responses.get(usize::from(status / 100)) {
             c.inc();
         }
+    }
+
+    pub fn cut(&self, reason: Cut) {
+        if let Some(c) = self.cuts.get(reason as usize) {
+            c.inc();
+        }
+    }
+
+    pub fn cuts(&self, reason: Cut) -> u64 {
+        self.cuts.get(reason as usize).map_or(0, Counter::get)
     }
 
     pub fn shard_connections(&self, shard: usize) -> Option<&Gauge> {
@@ -307,6 +371,18 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP gitplane_stalled_cuts_total Streams and connections cut for stalling or over their share, by reason.\n# TYPE gitplane_stalled_cuts_total counter"
+        );
+        for reason in Cut::ALL {
+            let _ = writeln!(
+                out,
+                "gitplane_stalled_cuts_total{{reason=\"{}\"}} {}",
+                reason.label(),
+                self.cuts(reason)
             );
         }
         self.rpc.render(&mut out);
@@ -521,6 +597,9 @@ pub struct HookMetrics {
     pub publish_failures: Counter,
     /// AMQP connections (re)established.
     pub amqp_connects: Counter,
+    /// Pending ref changes of dead processes reconciled into an event / dropped as not landed.
+    pub pending_published: Counter,
+    pub pending_dropped: Counter,
     pub jobs: [HookJobMetrics; 5],
     repo_sizes: Mutex<BTreeMap<String, u64>>,
 }
@@ -533,6 +612,8 @@ impl HookMetrics {
             confirmed: Counter::new(),
             publish_failures: Counter::new(),
             amqp_connects: Counter::new(),
+            pending_published: Counter::new(),
+            pending_dropped: Counter::new(),
             jobs: [const { HookJobMetrics::new() }; 5],
             repo_sizes: Mutex::new(BTreeMap::new()),
         }
@@ -584,6 +665,12 @@ impl HookMetrics {
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP gitplane_hook_pending_reconciled_total Ref changes of dead processes reconciled against the refs on disk.\n# TYPE gitplane_hook_pending_reconciled_total counter\ngitplane_hook_pending_reconciled_total{{outcome=\"published\"}} {}\ngitplane_hook_pending_reconciled_total{{outcome=\"dropped\"}} {}",
+            self.pending_published.get(),
+            self.pending_dropped.get()
+        );
         type Get = fn(&HookJobMetrics) -> i64;
         let families: [(&str, &str, &str, Get); 7] = [
             (
@@ -757,6 +844,8 @@ pub struct LfsMetrics {
     pub bytes_in: Counter,
     pub bytes_out: Counter,
     pub active_transfers: Gauge,
+    /// Pool buffers on loan, all shards (object bytes in flight).
+    pub pool_in_use: Gauge,
     pub pool_waits: Counter,
     pub verify_failures: Counter,
     pub batch_requests: Counter,
@@ -768,6 +857,7 @@ impl LfsMetrics {
             bytes_in: Counter::new(),
             bytes_out: Counter::new(),
             active_transfers: Gauge::new(),
+            pool_in_use: Gauge::new(),
             pool_waits: Counter::new(),
             verify_failures: Counter::new(),
             batch_requests: Counter::new(),
@@ -775,7 +865,7 @@ impl LfsMetrics {
     }
 
     fn render(&self, out: &mut String) {
-        let rows: [(&str, &str, &str, i64); 6] = [
+        let rows: [(&str, &str, &str, i64); 7] = [
             (
                 "gitplane_lfs_bytes_in_total",
                 "counter",
@@ -793,6 +883,12 @@ impl LfsMetrics {
                 "gauge",
                 "LFS uploads and downloads in progress.",
                 self.active_transfers.get(),
+            ),
+            (
+                "gitplane_lfs_pool_buffers_in_use",
+                "gauge",
+                "Pinned LFS buffers on loan to transfers, all shards.",
+                self.pool_in_use.get(),
             ),
             (
                 "gitplane_lfs_pool_waits_total",

@@ -3,35 +3,45 @@
 //! - `GET  /OWNER/NAME[.git]/info/refs?service=git-upload-pack|git-receive-pack`
 //! - `POST /OWNER/NAME[.git]/git-upload-pack` and `.../git-receive-pack`
 //!
-//! Each request authenticates ([`crate::access`]: HTTP Basic, or anonymous for public reads), resolves the repository
-//! under the data dir, takes a pack slot, spawns git, streams the request body into git's stdin
-//! and git's stdout to the socket with splice. Dumb HTTP is refused.
+//! Each request authenticates ([`crate::access`]: HTTP Basic, or anonymous for public reads),
+//! resolves the repository under the data dir, reads the request body ahead (all of a fetch
+//! negotiation, the first bytes of a push) so that a client that stalls never holds a pack slot,
+//! takes a pack slot, spawns git, streams the rest of the body into git's stdin and git's stdout
+//! to the socket with splice. Bodies and responses run under progress deadlines
+//! ([`crate::progress`]); anonymous requests get their own smaller share of pack slots, per client
+//! address too. Dumb HTTP is refused.
 
 use std::io;
+use std::net::IpAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::access::{HttpAuth, Principal, Refusal};
+use crate::admission::{AddressLimiter, AddressSlot};
 use crate::config::ServeConfig;
-use crate::git::limiter::{PackLimiter, PackPermit};
+use crate::git::limiter::{PackLimiter, PackPermit, Requester};
 use crate::git::process::{sanitize_git_protocol, GitCommand, Mode, Service};
 use crate::git::repo::RepoRoot;
 use crate::git::repo_name::RepoName;
 use crate::git::stream::{Framing, RunningGit, StreamError};
-use crate::http::body::BodyReader;
+use crate::http::body::{BodyError, BodyReader};
 use crate::http::conn::Conn;
 use crate::http::forwarded::client_addr;
 use crate::http::head::RequestHead;
 use crate::http::query_param;
 use crate::http::response::{encode_head, BodyLength, NO_CACHE};
 use crate::http::server::Reuse;
-use crate::metrics::{Route, METRICS};
+use crate::metrics::{Cut, Route, METRICS};
 use crate::store::Access;
 
 /// Largest inflated gzip request body (git gzips upload-pack negotiation requests; git's own
 /// http-backend caps them at 10 MB by default).
 const MAX_INFLATED_REQUEST: u64 = 64 << 20;
+/// A fetch negotiation up to this size is read whole before a pack slot is taken (they are a few
+/// KiB; one with many `have`s can reach hundreds). A larger one has shown it keeps sending and
+/// streams the rest under the body deadline.
+const READ_AHEAD_LIMIT: usize = 1 << 20;
 pub const WWW_AUTHENTICATE: (&str, &str) = (
     "WWW-Authenticate",
     "Basic realm=\"gitplane\", charset=\"UTF-8\"",
@@ -42,6 +52,8 @@ pub struct AppState {
     pub config: Arc<ServeConfig>,
     pub repos: RepoRoot,
     pub limiter: Arc<PackLimiter>,
+    /// Anonymous pack requests, running or waiting, node-wide and per client address.
+    anonymous: Arc<AddressLimiter>,
 }
 
 impl AppState {
@@ -49,7 +61,17 @@ impl AppState {
         let g = &config.git;
         Self {
             repos: RepoRoot::new(&config.data_dir),
-            limiter: PackLimiter::new(g.max_concurrent, g.max_concurrent_per_repo, g.max_queued),
+            limiter: PackLimiter::new(
+                g.max_concurrent,
+                g.max_concurrent_per_repo,
+                g.max_queued,
+                g.anonymous_max_concurrent,
+            ),
+            // Anonymous requests may hold their slots and half of the wait queue, no more.
+            anonymous: AddressLimiter::new(
+                g.anonymous_max_concurrent + g.max_queued / 2,
+                g.anonymous_max_per_ip,
+            ),
             config,
         }
     }
@@ -87,9 +109,9 @@ impl SmartHttp {
     }
 
     /// Waits for a pack slot, bounded in queue length and time.
-    async fn pack_slot(&self, repo: &str) -> Option<PackPermit> {
+    async fn pack_slot(&self, repo: &str, requester: Requester) -> Option<PackPermit> {
         let limiter = &self.state.limiter;
-        if let Some(p) = limiter.try_acquire(repo) {
+        if let Some(p) = limiter.try_acquire(repo, requester) {
             return Some(p);
         }
         let Some(_ticket) = limiter.enqueue() else {
@@ -101,7 +123,7 @@ impl SmartHttp {
         let mut delay = Duration::from_millis(1);
         loop {
             monoio::time::sleep(delay).await;
-            if let Some(p) = limiter.try_acquire(repo) {
+            if let Some(p) = limiter.try_acquire(repo, requester) {
                 return Some(p);
             }
             if Instant::now() >= deadline {
@@ -109,6 +131,28 @@ impl SmartHttp {
                 return None;
             }
             delay = (delay * 2).min(Duration::from_millis(20));
+        }
+    }
+
+    /// The client's address: the peer, or what a trusted proxy says.
+    fn client_ip(&self, head: &RequestHead, conn: &Conn) -> IpAddr {
+        client_addr(
+            conn.peer.ip(),
+            head.x_forwarded_for.as_deref(),
+            &self.state.config.http.trusted_proxies,
+        )
+    }
+
+    /// An anonymous request's place in the anonymous share; None (already counted) when its
+    /// address has used up its share.
+    fn admit_anonymous(&self, head: &RequestHead, conn: &Conn) -> Option<AddressSlot> {
+        match self.state.anonymous.try_admit(self.client_ip(head, conn)) {
+            Ok(slot) => Some(slot),
+            Err(refusal) => {
+                METRICS.cut(Cut::AnonymousShare);
+                tracing::debug!(peer = %conn.peer, %refusal, "anonymous pack request refused");
+                None
+            }
         }
     }
 
@@ -122,12 +166,7 @@ impl SmartHttp {
         who: &Principal,
     ) -> Result<RunningGit, String> {
         let dir = self.state.repos.path_of(repo);
-        let client = client_addr(
-            conn.peer.ip(),
-            head.x_forwarded_for.as_deref(),
-            &self.state.config.http.trusted_proxies,
-        )
-        .to_string();
+        let client = self.client_ip(head, conn).to_string();
         let repo_text = repo.to_string();
         let env = [
             ("GITPLANE_REPO", repo_text.as_str()),
@@ -248,37 +287,41 @@ impl SmartHttp {
             Ok(w) => w,
             Err(refusal) => return respond_refusal(conn, &refusal).await,
         };
-        let Some(_permit) = self.pack_slot(&repo.to_string()).await else {
-            conn.respond_text(
-                503,
-                &[("Retry-After", "5")],
-                "server busy: too many pack operations, retry later\n",
-            )
-            .await?;
-            return Ok(Reuse::Close);
+        if head.expect_continue {
+            conn.send_continue().await?;
+        }
+        // Nothing scarce is held while the body is read ahead: a client that stalls here holds
+        // only its connection, and the body deadline cuts it.
+        let mut reader = BodyReader::new(head, MAX_INFLATED_REQUEST);
+        let mut buf = Vec::with_capacity(64 * 1024);
+        let mut more = match read_ahead(&mut reader, conn, &mut buf, service).await {
+            Ok(more) => more,
+            Err(e) => return body_failed(conn, &repo, e).await,
+        };
+        let requester = if who.user.is_some() {
+            Requester::Authenticated
+        } else {
+            Requester::Anonymous
+        };
+        let _anonymous_share = match requester {
+            Requester::Anonymous => match self.admit_anonymous(head, conn) {
+                Some(slot) => Some(slot),
+                None => {
+                    return server_busy(conn, "too many anonymous pack requests from your address")
+                        .await
+                }
+            },
+            Requester::Authenticated => None,
+        };
+        let Some(_permit) = self.pack_slot(&repo.to_string(), requester).await else {
+            return server_busy(conn, "too many pack operations").await;
         };
         let mut git = match self.spawn_git(head, conn, &repo, service, Mode::StatelessRpc, &who) {
             Ok(g) => g,
             Err(e) => return self.internal_error(conn, &e).await,
         };
-        if head.expect_continue {
-            conn.send_continue().await?;
-        }
         // Request body → git's stdin, streamed.
-        let mut reader = BodyReader::new(head, MAX_INFLATED_REQUEST);
-        let mut buf = Vec::with_capacity(64 * 1024);
         loop {
-            buf.clear();
-            let more = match reader.read(conn, &mut buf).await {
-                Ok(more) => more,
-                Err(e) => {
-                    tracing::debug!(%repo, error = %e, "bad request body");
-                    drop(git);
-                    conn.close_after_response();
-                    let _ = conn.respond_text(e.status(), &[], &format!("{e}\n")).await;
-                    return Ok(Reuse::Close);
-                }
-            };
             if !buf.is_empty() {
                 let (res, b) = git.write_stdin(buf).await;
                 buf = b;
@@ -292,6 +335,14 @@ impl SmartHttp {
             if !more {
                 break;
             }
+            buf.clear();
+            more = match reader.read(conn, &mut buf).await {
+                Ok(more) => more,
+                Err(e) => {
+                    drop(git);
+                    return body_failed(conn, &repo, e).await;
+                }
+            };
         }
         git.close_stdin().await;
         let content_type = format!("application/x-{}-result", service.wire_name());
@@ -333,10 +384,15 @@ impl SmartHttp {
         }
         METRICS.response(200);
         conn.write_all(out).await.0?;
-        match git.splice_stdout(conn.stream(), framing).await {
+        let send = conn.send_rules();
+        match git.splice_stdout(conn.stream(), framing, send).await {
             Ok(_) => Ok(()),
             // Either way the response is cut mid-body: the connection must end.
             Err(StreamError::ClientGone(e) | StreamError::Child(e)) => Err(e),
+            Err(StreamError::Stalled(stall)) => {
+                METRICS.cut(Cut::HttpSendIdle);
+                Err(io::Error::new(io::ErrorKind::TimedOut, stall.to_string()))
+            }
         }
     }
 
@@ -357,6 +413,47 @@ impl SmartHttp {
         conn.respond_text(500, &[], "internal error\n").await?;
         Ok(Reuse::Close)
     }
+}
+
+/// Reads the request body before a pack slot is taken: all of a fetch negotiation (up to
+/// [`READ_AHEAD_LIMIT`]), or the first bytes of a push, so a client that never sends its body
+/// holds no slot. Returns whether more body follows what is in `buf`.
+async fn read_ahead(
+    reader: &mut BodyReader,
+    conn: &mut Conn,
+    buf: &mut Vec<u8>,
+    service: Service,
+) -> Result<bool, BodyError> {
+    loop {
+        let more = reader.read(conn, buf).await?;
+        let enough = match service {
+            Service::ReceivePack => !buf.is_empty(),
+            _ => buf.len() >= READ_AHEAD_LIMIT,
+        };
+        if !more || enough {
+            return Ok(more);
+        }
+    }
+}
+
+/// Answers a request body that could not be read (stalled: 408, malformed: 400, too large: 413)
+/// and ends the connection.
+async fn body_failed(conn: &mut Conn, repo: &RepoName, e: BodyError) -> io::Result<Reuse> {
+    tracing::debug!(%repo, peer = %conn.peer, error = %e, "request body failed");
+    conn.close_after_response();
+    let _ = conn.respond_text(e.status(), &[], &format!("{e}\n")).await;
+    Ok(Reuse::Close)
+}
+
+async fn server_busy(conn: &mut Conn, why: &str) -> io::Result<Reuse> {
+    conn.close_after_response();
+    conn.respond_text(
+        503,
+        &[("Retry-After", "5")],
+        &format!("server busy: {why}, retry later\n"),
+    )
+    .await?;
+    Ok(Reuse::Close)
 }
 
 fn log_exit(repo: &RepoName, service: Service, exit: &crate::git::stream::ExitInfo) {

@@ -641,6 +641,10 @@ fn grpc_ref_changes_trigger_webhooks() {
             ("grpc:Merge".to_owned(), release(&first, &head)),
         ]
     );
+    assert!(
+        server.store().pending_owners().unwrap().is_empty(),
+        "each call's pending row became its event"
+    );
 }
 
 #[test]
@@ -825,6 +829,218 @@ fn sigkill_while_jobs_run_loses_no_event() {
     assert_eq!(outbox_events, ids.iter().cloned().collect());
 }
 
+/// Runs `cmd` for at most `limit`; whether it exited 0 (a push still running at the limit is
+/// killed and counts as failed).
+fn run_bounded(mut cmd: Command, limit: Duration) -> bool {
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run git");
+    let until = Instant::now() + limit;
+    while Instant::now() < until {
+        if let Some(status) = child.try_wait().expect("wait git") {
+            return status.success();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    false
+}
+
+/// Processes whose command line names `path` (the receive-packs of a repository).
+fn processes_on(path: &Path) -> usize {
+    let needle = path.as_os_str().as_encoded_bytes();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+        .filter(|c| c.windows(needle.len()).any(|w| w == needle))
+        .count()
+}
+
+/// Branch -> the distinct delivery ids of the events that name it.
+fn events_by_branch(receiver: &Receiver) -> HashMap<String, HashSet<String>> {
+    let mut out: HashMap<String, HashSet<String>> = HashMap::new();
+    for r in receiver.received() {
+        let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        for u in body["refs"].as_array().unwrap() {
+            let name = u["ref"].as_str().unwrap();
+            out.entry(name.to_owned()).or_default().insert(event_id(&r));
+        }
+    }
+    out
+}
+
+/// Issue #17: pushes cut by a server crash between git's ref update and post-receive still get
+/// their event (the pending row written by reference-transaction is reconciled at restart), and
+/// no branch gets two events.
+#[test]
+fn sigkill_mid_push_every_moved_branch_has_exactly_one_event() {
+    sigkill_mid_push(None, "race");
+}
+
+#[test]
+fn sigkill_mid_push_exactly_one_event_through_rabbitmq() {
+    require_broker();
+    sigkill_mid_push(Some(BROKER), "race-amqp");
+}
+
+/// 3 rounds of 40 concurrent pushes of distinct branches, the server SIGKILLed mid-way and
+/// restarted each round.
+fn sigkill_mid_push(amqp: Option<&str>, test: &str) {
+    const ROUNDS: usize = 3;
+    const PUSHES: usize = 40;
+    let root = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start(200, Duration::ZERO);
+    let mut server = hook_server(&config(
+        amqp,
+        &unique_prefix(test),
+        "",
+        "webhooks = 8\ndisk_usage = 0\nindexing = 0\n",
+    ));
+    server.repo_with_webhook("admin/race", &receiver.url(), "r");
+    let work = root.path().join("work");
+    make_worktree(&work, 1);
+    git(
+        &work,
+        &["push", "-q", &server.admin_url("admin/race"), "main"],
+    );
+    let bare = server.repo_path("admin/race");
+    let store = server.store();
+    let mut acked_total = 0;
+    let mut unacked_moved = 0;
+    for round in 0..ROUNDS {
+        // One distinct commit per branch, so "present" means this push's commit.
+        let commits: Vec<(String, String)> = (0..PUSHES)
+            .map(|i| {
+                let branch = format!("refs/heads/r{round}-{i}");
+                let msg = format!("round {round} push {i}");
+                let sha = git(
+                    &work,
+                    &["commit-tree", "HEAD^{tree}", "-p", "HEAD", "-m", &msg],
+                );
+                (branch, sha.trim().to_owned())
+            })
+            .collect();
+        let url = server.admin_url("admin/race");
+        let acked = Arc::new(AtomicUsize::new(0));
+        let pushes: Vec<_> = commits
+            .iter()
+            .cloned()
+            .map(|(branch, sha)| {
+                let (work, url, acked) = (work.clone(), url.clone(), Arc::clone(&acked));
+                std::thread::spawn(move || {
+                    let mut cmd = Command::new("git");
+                    cmd.current_dir(&work)
+                        .args(["push", "-q", &url, &format!("{sha}:{branch}")]);
+                    let ok = run_bounded(cmd, Duration::from_secs(60));
+                    if ok {
+                        acked.fetch_add(1, Ordering::SeqCst);
+                    }
+                    ok
+                })
+            })
+            .collect();
+        // Kill once a few pushes have landed and most are still in flight.
+        let some_landed = wait_for(Duration::from_secs(60), || {
+            acked.load(Ordering::SeqCst) >= PUSHES / 5
+        });
+        server.kill9();
+        assert!(
+            some_landed,
+            "round {round}: pushes never landed\n{}",
+            server.log()
+        );
+        let results: Vec<bool> = pushes.into_iter().map(|t| t.join().unwrap()).collect();
+        server.restart();
+        // receive-packs of the killed server run on (own process group) and may still move
+        // refs: judge the refs once they are gone.
+        assert!(
+            wait_for(Duration::from_secs(60), || processes_on(&bare) == 0),
+            "round {round}: git processes of the killed server still run"
+        );
+        let on_disk: HashMap<String, String> = git(
+            &bare,
+            &[
+                "for-each-ref",
+                "--format=%(refname) %(objectname)",
+                "refs/heads/",
+            ],
+        )
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(r, o)| (r.to_owned(), o.to_owned()))
+        .collect();
+        for ((branch, sha), ok) in commits.iter().zip(&results) {
+            if *ok {
+                assert_eq!(
+                    on_disk.get(branch),
+                    Some(sha),
+                    "round {round}: acknowledged push of {branch} is not on disk"
+                );
+            }
+        }
+        let moved: HashSet<String> = commits
+            .iter()
+            .filter(|(b, _)| on_disk.contains_key(b))
+            .map(|(b, _)| b.clone())
+            .collect();
+        acked_total += results.iter().filter(|ok| **ok).count();
+        unacked_moved += moved.len() - results.iter().filter(|ok| **ok).count();
+        // Settled: every moved branch delivered, nothing pending, nothing left in the outbox.
+        let settled = wait_for(Duration::from_secs(90), || {
+            let seen = events_by_branch(&receiver);
+            moved.iter().all(|b| seen.contains_key(b))
+                && store.pending_owners().unwrap().is_empty()
+                && store.outbox_depth().unwrap() == 0
+        });
+        let seen = events_by_branch(&receiver);
+        assert!(
+            settled,
+            "round {round}: moved branches without an event: {:?}; pending {:?}; outbox {}\n{}",
+            moved
+                .iter()
+                .filter(|b| !seen.contains_key(*b))
+                .collect::<Vec<_>>(),
+            store.pending_owners().unwrap(),
+            store.outbox_depth().unwrap(),
+            server.log()
+        );
+        for (branch, _) in &commits {
+            let events = seen.get(branch).map_or(0, HashSet::len);
+            let expected = usize::from(moved.contains(branch));
+            assert_eq!(
+                events,
+                expected,
+                "round {round}: {branch} (moved: {}) has {events} events",
+                moved.contains(branch)
+            );
+        }
+    }
+    let fsck = Command::new("git")
+        .arg("--git-dir")
+        .arg(&bare)
+        .args(["fsck", "--full"])
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "git fsck --full: {}",
+        String::from_utf8_lossy(&fsck.stderr)
+    );
+    let reconciled = server.metric("gitplane_hook_pending_reconciled_total{outcome=\"published\"}");
+    let received = receiver.received();
+    let distinct: HashSet<String> = received.iter().map(event_id).collect();
+    eprintln!(
+        "{ROUNDS} rounds x {PUSHES} pushes: {acked_total} acknowledged, {unacked_moved} moved \
+         without an acknowledgement; reconciled into events by the last start: {reconciled}; \
+         {} deliveries of {} events (duplicates carry the same delivery id)",
+        received.len(),
+        distinct.len()
+    );
+}
+
 #[test]
 fn failing_receiver_ends_in_the_dead_letter_queue() {
     require_broker();
@@ -901,6 +1117,53 @@ fn hook_without_a_usable_store_fails_loudly() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("NOT recorded"), "{err}");
+}
+
+#[test]
+fn reference_transaction_without_a_usable_store_refuses_the_update() {
+    // Real git: a `prepared` that cannot be recorded makes git abort, so no ref moves unseen.
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("d");
+    std::fs::create_dir_all(data.join("hooks")).unwrap();
+    std::fs::create_dir(data.join("gitplane.db")).unwrap(); // a directory where the db should be
+    let hook = data.join("hooks/reference-transaction");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\nexec '{BIN}' --data-dir '{}' hook reference-transaction \"$1\"\n",
+            data.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let bare = root.path().join("r.git");
+    let out = Command::new("git")
+        .args(["init", "-q", "--bare"])
+        .arg(&bare)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    git(
+        &bare,
+        &[
+            "config",
+            "core.hooksPath",
+            &data.join("hooks").to_string_lossy(),
+        ],
+    );
+    let work = root.path().join("w");
+    make_worktree(&work, 1);
+    let out = Command::new("git")
+        .current_dir(&work)
+        .env("GITPLANE_REPO", "a/b")
+        .args(["push", &bare.to_string_lossy(), "main"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the push must fail: {err}");
+    assert!(err.contains("ref update refused"), "{err}");
+    let refs = git(&bare, &["for-each-ref"]);
+    assert!(refs.trim().is_empty(), "no ref moved: {refs}");
 }
 
 // --- measurements (ignored by default) ---------------------------------------------------------------

@@ -599,3 +599,320 @@ fn s3_backend_multipart_uploads_verified_objects() {
     git(&dest, &["pull", "-q", "origin", "main"]);
     assert_eq!(std::fs::read(dest.join("x.bin")).unwrap(), blob);
 }
+
+// --- Stalled downloads hold nothing (issue #17) ------------------------------------------------
+
+/// Short send deadline so the test runs in seconds; a small pool, so stalled transfers that held
+/// buffers would starve everyone else at once. The anonymous share admits 80 clients spread
+/// over 20 addresses (4 each), so the attack below is stopped by the buffer logic, not the share.
+const STALL_CONFIG: &str = "\
+[http]
+send_idle_secs = 12
+send_min_bytes_per_sec = 256
+[lfs]
+buffers_per_shard = 8
+anonymous_transfers = 100
+anonymous_transfers_per_ip = 4
+";
+const STALLED: usize = 80;
+const CUT_SEND_IDLE: &str = "gitplane_stalled_cuts_total{reason=\"http_send_idle\"}";
+const POOL_IN_USE: &str = "gitplane_lfs_pool_buffers_in_use";
+const ACTIVE: &str = "gitplane_lfs_active_transfers";
+
+/// A download of `oid` from `source` whose client reads the status line and then nothing more.
+/// Its receive buffer is small, so the server's socket fills after a few hundred KiB.
+fn stalled_download(
+    server: &Server,
+    source: std::net::Ipv4Addr,
+    repo: &str,
+    oid: &str,
+    auth: Option<&str>,
+) -> (u16, Vec<u8>, TcpStream) {
+    use socket2::{Domain, Socket, Type};
+    let sock = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    sock.set_recv_buffer_size(8 * 1024).expect("SO_RCVBUF");
+    sock.bind(&std::net::SocketAddr::new(source.into(), 0).into())
+        .expect("bind source address");
+    sock.connect(&server.addr.into()).expect("connect");
+    let mut s: TcpStream = sock.into();
+    let auth = auth.map_or(String::new(), |a| format!("Authorization: {a}\r\n"));
+    s.write_all(
+        format!("GET /{repo}.git/info/lfs/objects/{oid} HTTP/1.1\r\nHost: x\r\n{auth}\r\n")
+            .as_bytes(),
+    )
+    .expect("request");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    // Enough for the head of any answer (a refusal's whole body too).
+    let mut head = vec![0u8; 512];
+    let n = s.read(&mut head).expect("response head");
+    head.truncate(n);
+    (status_of(&head), head, s)
+}
+
+/// A public repository holding one 50 MiB object, pushed by `alice` with the real client;
+/// returns the pushing work tree and the object id.
+fn public_repo_with_object(server: &Server, work: &Path) -> (std::path::PathBuf, String) {
+    require_tool("git-lfs");
+    server.add_user("alice", "a-pass");
+    server.create_repo("admin/pub", true);
+    server.admin(&["repo", "grant", "admin/pub", "alice", "write"], None);
+    let src = work.join("src");
+    lfs_worktree(server, &src, "alice", "a-pass");
+    git(&src, &["lfs", "track", "*.bin"]);
+    let data = random_bytes(50 << 20, 17);
+    std::fs::write(src.join("a.bin"), &data).unwrap();
+    git(&src, &["add", "."]);
+    git(&src, &["commit", "-q", "-m", "a"]);
+    git(
+        &src,
+        &["remote", "add", "origin", &server.url("admin/pub", None)],
+    );
+    git_env(&src, &["push", "-q", "origin", "main"], &lfs_env());
+    (src, sha256_hex(&data))
+}
+
+/// A server under [`STALL_CONFIG`] with [`public_repo_with_object`]: (server, work dir, the
+/// pushing work tree, the object id).
+fn stall_server_with_object() -> (Server, tempfile::TempDir, std::path::PathBuf, String) {
+    let server = Server::start_with(ServerOptions {
+        config: Some(STALL_CONFIG.into()),
+        ..ServerOptions::default()
+    });
+    let work = tempfile::tempdir().unwrap();
+    let (src, oid) = public_repo_with_object(&server, work.path());
+    (server, work, src, oid)
+}
+
+/// Waits until every stalled download is cut at the send deadline, then checks that each
+/// connection was closed short of the object and that the pool is whole again.
+fn stalled_downloads_are_cut(server: &Server, stalled: Vec<TcpStream>, cuts_before: u64) {
+    let n = stalled.len() as u64;
+    assert!(
+        wait_for(Duration::from_secs(60), || metric(server, CUT_SEND_IDLE)
+            >= cuts_before + n),
+        "only {} of {n} stalled downloads were cut",
+        metric(server, CUT_SEND_IDLE) - cuts_before
+    );
+    for mut s in stalled {
+        let mut rest = Vec::new();
+        // Closed by the server: what the kernel still holds, then EOF (or a reset).
+        let _ = s.read_to_end(&mut rest);
+        assert!(
+            rest.len() < 50 << 20,
+            "a stalled download got the whole object"
+        );
+    }
+    assert!(
+        wait_for(Duration::from_secs(10), || metric(server, POOL_IN_USE) == 0
+            && metric(server, ACTIVE) == 0),
+        "pool not whole after the cuts: {} buffers in use, {} transfers",
+        metric(server, POOL_IN_USE),
+        metric(server, ACTIVE)
+    );
+}
+
+#[test]
+fn eighty_stalled_anonymous_downloads_hold_no_buffer_and_are_cut_at_the_send_deadline() {
+    let (server, work, src, oid) = stall_server_with_object();
+    let cuts_before = metric(&server, CUT_SEND_IDLE);
+
+    // 80 anonymous downloads from 20 addresses, 4 each (their whole share), that never read.
+    let sources: Vec<std::net::Ipv4Addr> = (0..STALLED)
+        .map(|i| std::net::Ipv4Addr::new(127, 0, 0, 11 + (i / 4) as u8))
+        .collect();
+    let stalled: Vec<TcpStream> = sources
+        .iter()
+        .map(|ip| {
+            let (status, head, s) = stalled_download(&server, *ip, "admin/pub", &oid, None);
+            assert_eq!(status, 200, "{}", String::from_utf8_lossy(&head));
+            s
+        })
+        .collect();
+    // A fifth from an address that has its share is told to come back later.
+    let (status, head, _) = stalled_download(&server, sources[0], "admin/pub", &oid, None);
+    assert_eq!(status, 429, "{}", String::from_utf8_lossy(&head));
+    assert!(
+        String::from_utf8_lossy(&head).contains("Retry-After:"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    assert!(
+        metric(
+            &server,
+            "gitplane_stalled_cuts_total{reason=\"anonymous_share\"}"
+        ) >= 1
+    );
+
+    // All 80 are transferring, and none holds a pool buffer while its socket is full.
+    assert!(
+        wait_for(Duration::from_secs(10), || metric(&server, ACTIVE)
+            == STALLED as u64),
+        "{} transfers active",
+        metric(&server, ACTIVE)
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let held = metric(&server, POOL_IN_USE);
+    assert_eq!(held, 0, "stalled downloads hold {held} pool buffers");
+    assert_eq!(
+        metric(&server, CUT_SEND_IDLE),
+        cuts_before,
+        "cut before the deadline"
+    );
+
+    // Meanwhile another user downloads and uploads 50 MiB objects with the real client.
+    let dest = work.path().join("dest");
+    lfs_worktree(&server, &dest, "alice", "a-pass");
+    git(
+        &dest,
+        &["remote", "add", "origin", &server.url("admin/pub", None)],
+    );
+    let started = std::time::Instant::now();
+    git_env(&dest, &["pull", "-q", "origin", "main"], &lfs_env());
+    let download = started.elapsed();
+    assert_eq!(sha256_hex(&std::fs::read(dest.join("a.bin")).unwrap()), oid);
+    let data = random_bytes(50 << 20, 18);
+    std::fs::write(src.join("b.bin"), &data).unwrap();
+    git(&src, &["add", "."]);
+    git(&src, &["commit", "-q", "-m", "b"]);
+    let started = std::time::Instant::now();
+    git_env(&src, &["push", "-q", "origin", "main"], &lfs_env());
+    let upload = started.elapsed();
+    assert!(server.lfs_object_path(&sha256_hex(&data)).exists());
+    eprintln!("during the attack: 50 MiB download {download:?}, upload {upload:?}");
+    assert!(
+        download < Duration::from_secs(10) && upload < Duration::from_secs(10),
+        "download {download:?}, upload {upload:?} while 80 downloads stalled"
+    );
+
+    stalled_downloads_are_cut(&server, stalled, cuts_before);
+}
+
+/// The same attack by authenticated clients from one address, which no anonymous share stops:
+/// only the buffer release and the send deadline protect the others.
+#[test]
+fn eighty_stalled_authenticated_downloads_leave_the_pool_to_others() {
+    let (server, _work, _src, oid) = stall_server_with_object();
+    let cuts_before = metric(&server, CUT_SEND_IDLE);
+    let alice = basic("alice", "a-pass");
+    let localhost = std::net::Ipv4Addr::LOCALHOST;
+    let stalled: Vec<TcpStream> = (0..STALLED)
+        .map(|_| {
+            let (status, head, s) =
+                stalled_download(&server, localhost, "admin/pub", &oid, Some(&alice));
+            assert_eq!(status, 200, "{}", String::from_utf8_lossy(&head));
+            s
+        })
+        .collect();
+    assert!(
+        wait_for(Duration::from_secs(10), || metric(&server, ACTIVE)
+            == STALLED as u64),
+        "{} transfers active",
+        metric(&server, ACTIVE)
+    );
+    // Another client downloads the whole object and gets every byte.
+    let started = std::time::Instant::now();
+    let raw = raw_request(
+        server.addr,
+        format!(
+            "GET /admin/pub.git/info/lfs/objects/{oid} HTTP/1.1\r\nHost: x\r\n\
+             Authorization: {}\r\nConnection: close\r\n\r\n",
+            basic("admin", &server.admin_password)
+        )
+        .as_bytes(),
+        Duration::from_secs(30),
+    );
+    let took = started.elapsed();
+    assert_eq!(status_of(&raw), 200);
+    assert_eq!(sha256_hex(body_of(&raw)), oid);
+    eprintln!("50 MiB download while 80 authenticated downloads stalled: {took:?}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    stalled_downloads_are_cut(&server, stalled, cuts_before);
+}
+
+/// An upload whose client stops sending mid-body is cut at the body deadline with 408; its
+/// staging file is removed and its buffers are back in the pool.
+#[test]
+fn a_stalled_upload_is_cut_with_408_and_leaves_nothing() {
+    let server = Server::start_with(ServerOptions {
+        shards: 1,
+        config: Some("[http]\nbody_idle_secs = 2\n[lfs]\nbuffer_kib = 64\n".into()),
+        ..ServerOptions::default()
+    });
+    server.create_repo("admin/up", false);
+    let data = random_bytes(4 << 20, 5);
+    let oid = sha256_hex(&data);
+    let mut s = TcpStream::connect(server.addr).unwrap();
+    s.write_all(
+        format!(
+            "PUT /admin/up.git/info/lfs/objects/{oid} HTTP/1.1\r\nHost: x\r\n\
+             Authorization: {}\r\nContent-Length: {}\r\n\r\n",
+            basic("admin", &server.admin_password),
+            data.len()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    // A megabyte and a bit (not a whole number of buffers), then silence.
+    s.write_all(&data[..(1 << 20) + 1000]).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    assert_eq!(status_of(&out), 408, "{}", String::from_utf8_lossy(&out));
+    assert!(
+        metric(
+            &server,
+            "gitplane_stalled_cuts_total{reason=\"http_body_idle\"}"
+        ) >= 1
+    );
+    assert!(!server.lfs_object_path(&oid).exists());
+    let tmp = server.data_dir().join("lfs").join("tmp");
+    let staged: Vec<_> = std::fs::read_dir(&tmp)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(staged.is_empty(), "staging files left: {staged:?}");
+    assert!(
+        wait_for(Duration::from_secs(5), || metric(&server, POOL_IN_USE) == 0),
+        "{} buffers still in use",
+        metric(&server, POOL_IN_USE)
+    );
+}
+
+/// Downloads from S3 storage that stall hold no pool buffer either: a streamed source reads only
+/// what the socket takes now, so a stall finds no unsent bytes to keep.
+#[test]
+fn stalled_downloads_from_s3_hold_no_buffer() {
+    let s3 = S3Server::start();
+    let server = Server::start_with(ServerOptions {
+        config: Some(format!(
+            "{}\n[http]\nsend_idle_secs = 4\n",
+            s3.bucket_config("lfs-bucket")
+        )),
+        ..ServerOptions::default()
+    });
+    server.create_repo("admin/s3", true);
+    let data = random_bytes(12 << 20, 9);
+    let oid = sha256_hex(&data);
+    let auth = basic("admin", &server.admin_password);
+    assert_eq!(
+        status_of(&put_object(&server, "admin/s3", &oid, &auth, &data)),
+        200
+    );
+    let cuts_before = metric(&server, CUT_SEND_IDLE);
+    let stalled: Vec<TcpStream> = (0..16)
+        .map(|i| {
+            let source = std::net::Ipv4Addr::new(127, 0, 1, 1 + i / 4);
+            let (status, head, s) = stalled_download(&server, source, "admin/s3", &oid, None);
+            assert_eq!(status, 200, "{}", String::from_utf8_lossy(&head));
+            s
+        })
+        .collect();
+    assert!(
+        wait_for(Duration::from_secs(10), || metric(&server, ACTIVE) == 16),
+        "{} transfers active",
+        metric(&server, ACTIVE)
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let held = metric(&server, POOL_IN_USE);
+    assert_eq!(held, 0, "stalled S3 downloads hold {held} pool buffers");
+    stalled_downloads_are_cut(&server, stalled, cuts_before);
+}

@@ -104,6 +104,11 @@ impl Ssh {
 
     /// Runs `ssh git@127.0.0.1 COMMAND` with `input` on stdin (then EOF), bounded by a timeout.
     fn raw(&self, key: &Path, command: &str, input: &[u8]) -> Output {
+        self.raw_then(key, command, input, true)
+    }
+
+    /// [`Self::raw`], with stdin closed after `input` or kept open (a client that goes quiet).
+    fn raw_then(&self, key: &Path, command: &str, input: &[u8], eof: bool) -> Output {
         let base = self.ssh_command(key);
         let mut child = Command::new("timeout")
             .arg("30")
@@ -117,8 +122,10 @@ impl Ssh {
         let mut stdin = child.stdin.take().expect("stdin");
         // The server may stop reading early (it refuses, or the session ends): fine.
         let _ = stdin.write_all(input);
-        drop(stdin);
-        child.wait_with_output().expect("wait ssh")
+        let open = (!eof).then_some(stdin);
+        let out = child.wait_with_output().expect("wait ssh");
+        drop(open);
+        out
     }
 
     fn object_path(&self, oid: &str) -> PathBuf {
@@ -633,4 +640,41 @@ fn git_lfs_transfer_with_s3_storage_stores_verified_objects_in_s3() {
         assert_eq!(&sha256_hex(&got), oid, "{name} differs after the clone");
     }
     assert_eq!(metric(&s.server, "gitplane_lfs_batch_requests_total"), 0);
+}
+
+/// A git-lfs-transfer client that goes quiet mid-upload, with its connection still up, is cut
+/// at `ssh.channel_idle_secs`; its staging file is removed and nothing is stored.
+#[test]
+fn a_quiet_transfer_session_is_cut_and_leaves_nothing() {
+    let s = Ssh::start_with(ServerOptions {
+        config: Some("[ssh]\nchannel_idle_secs = 2\n".into()),
+        ..ServerOptions::default()
+    });
+    let key = s.key_for("admin");
+    s.server.create_repo("admin/quiet", false);
+    let oid = "b".repeat(64);
+    let mut input = start_session();
+    line(&mut input, &format!("put-object {oid}"));
+    line(&mut input, "size=100000");
+    input.extend_from_slice(DELIM);
+    pkt(&mut input, &[7u8; 5000]);
+    let started = std::time::Instant::now();
+    let out = s.raw_then(&key, "git-lfs-transfer admin/quiet upload", &input, false);
+    assert_ne!(
+        out.status.code(),
+        Some(124),
+        "the quiet session was never cut"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "cut before the deadline"
+    );
+    assert!(
+        metric(
+            &s.server,
+            "gitplane_stalled_cuts_total{reason=\"ssh_channel_idle\"}"
+        ) >= 1
+    );
+    assert!(wait_for(Duration::from_secs(5), || s.staged_files() == 0));
+    assert!(!s.object_path(&oid).exists());
 }

@@ -22,12 +22,9 @@ fn v2_fetch_request(server: &Server, repo: &str, want: &str) -> Vec<u8> {
         pkt(&format!("want {want}\n")),
         pkt("done\n")
     );
-    let auth = {
-        use base64::Engine;
-        base64::engine::general_purpose::STANDARD.encode(format!("admin:{}", server.admin_password))
-    };
+    let auth = basic_auth("admin", &server.admin_password);
     format!(
-        "POST /{repo}.git/git-upload-pack HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {auth}\r\n\
+        "POST /{repo}.git/git-upload-pack HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n\
          Content-Type: application/x-git-upload-pack-request\r\nGit-Protocol: version=2\r\n\
          Content-Length: {}\r\n\r\n{body}",
         body.len()

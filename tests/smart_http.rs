@@ -353,18 +353,13 @@ fn access_control() {
         String::from_utf8_lossy(&out.stderr)
     );
     server.create_repo("admin/hidden", false);
-    let auth = format!("Basic {}", base64_encode("reader:r-pass"));
+    let auth = basic_auth("reader", "r-pass");
     let raw = raw_request(
         server.addr,
         format!("GET /admin/hidden.git/info/refs?service=git-upload-pack HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nConnection: close\r\n\r\n").as_bytes(),
         Duration::from_secs(10),
     );
     assert_eq!(status_of(&raw), 404);
-}
-
-fn base64_encode(s: &str) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD.encode(s)
 }
 
 #[test]

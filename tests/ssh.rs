@@ -666,6 +666,22 @@ fn git_descendants(server: &Server) -> Vec<(u32, String)> {
         .collect()
 }
 
+/// git is gone within a bounded time, and no child is left, not even as a zombie (descendants()
+/// lists every child).
+fn assert_no_child_left(server: &Server) {
+    assert!(
+        wait_for(Duration::from_secs(15), || git_descendants(server)
+            .is_empty()),
+        "git left behind: {:?}",
+        git_descendants(server)
+    );
+    assert!(
+        server.descendants().is_empty(),
+        "{:?}",
+        server.descendants()
+    );
+}
+
 #[test]
 fn client_killed_mid_clone_leaves_no_git_process() {
     use std::os::unix::process::CommandExt;
@@ -692,18 +708,7 @@ fn client_killed_mid_clone_leaves_no_git_process() {
     // SAFETY: signalling the process group we just created.
     unsafe { libc::kill(-(client.id() as i32), libc::SIGKILL) };
     let _ = client.wait();
-    assert!(
-        wait_for(Duration::from_secs(15), || git_descendants(&s.server)
-            .is_empty()),
-        "git left behind: {:?}",
-        git_descendants(&s.server)
-    );
-    // Not even as zombies: descendants() lists every child, zombie or not.
-    assert!(
-        s.server.descendants().is_empty(),
-        "{:?}",
-        s.server.descendants()
-    );
+    assert_no_child_left(&s.server);
 }
 
 /// Drives `git-upload-pack` over ssh by hand (protocol v0), reading the pack slowly.
@@ -933,5 +938,63 @@ fn proxy_protocol_from_a_trusted_balancer_names_the_client() {
         got.is_empty(),
         "answered without a PROXY header: {:?}",
         String::from_utf8_lossy(&got)
+    );
+}
+
+/// A channel whose client stalls, while the connection itself stays up, is cut at
+/// `ssh.channel_idle_secs` and its git process is gone: one client stops sending while git
+/// waits for its wants, another stops reading a pack so that the channel window stays shut.
+#[test]
+fn stalled_channels_are_cut_and_their_git_is_gone() {
+    let s = Ssh::start_with(ServerOptions {
+        config: Some("[ssh]\nchannel_idle_secs = 2\n".into()),
+        ..ServerOptions::default()
+    });
+    let size = 24 << 20;
+    let head = make_big_repo(&s.server, "admin/big", size);
+    let cuts = "gitplane_stalled_cuts_total{reason=\"ssh_channel_idle\"}";
+
+    // Stops sending: reads the advertisement, then says nothing with stdin still open.
+    let base = s.ssh_base(&s.admin_key);
+    let mut silent = Command::new("timeout")
+        .arg("60")
+        .args(base.split(' '))
+        .args(["-p", &s.port.to_string(), "git@127.0.0.1"])
+        .arg("git-upload-pack 'admin/big.git'")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ssh");
+    let _stdin = silent.stdin.take();
+    let mut adv = Vec::new();
+    silent
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_end(&mut adv)
+        .expect("advertisement");
+    assert!(adv.ends_with(b"0000"), "{}", String::from_utf8_lossy(&adv));
+    let status = silent.wait().unwrap();
+    // `timeout` exits 124 if it had to kill ssh: the server must have closed the channel.
+    assert_ne!(status.code(), Some(124), "the silent channel was never cut");
+    assert!(metric(&s.server, cuts) >= 1);
+
+    // Stops reading: takes the start of the pack, then nothing.
+    let mut fetch = SlowFetch::start(&s, "admin/big", &head);
+    let mut first = vec![0u8; 64 * 1024];
+    fetch.out.read_exact(&mut first).expect("start of the pack");
+    assert!(
+        wait_for(Duration::from_secs(30), || metric(&s.server, cuts) >= 2),
+        "the channel whose client stopped reading was never cut"
+    );
+    let (rest, _) = fetch.finish();
+    assert!(rest + 64 * 1024 < size as u64, "the whole pack arrived");
+    assert_no_child_left(&s.server);
+    // The server still serves the same user at once.
+    let dest = s.work.path().join("after");
+    s.git_ok(
+        s.work.path(),
+        &["clone", "-q", &s.url("admin/big"), dest.to_str().unwrap()],
     );
 }

@@ -20,6 +20,7 @@ use monoio::net::{TcpStream, UnixStream};
 
 use super::process::{kill_group, set_nonblocking, try_reap, SpawnedGit};
 use crate::metrics::METRICS;
+use crate::progress::{PeerClock, ProgressRules, Stall};
 
 /// How stdout bytes are framed on the socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +38,9 @@ pub enum StreamError {
     ClientGone(io::Error),
     #[error("reading git's output failed: {0}")]
     Child(io::Error),
+    /// The client stopped accepting bytes (see [`crate::progress`]): the response is cut.
+    #[error("the client stopped reading: {0}")]
+    Stalled(Stall),
 }
 
 /// How a git child ended.
@@ -129,15 +133,18 @@ impl RunningGit {
         }
     }
 
-    /// Streams all of git's stdout to `sock` with splice; returns the payload bytes moved.
+    /// Streams all of git's stdout to `sock` with splice; returns the payload bytes moved. A
+    /// client that stops accepting bytes under `send` gets [`StreamError::Stalled`].
     pub async fn splice_stdout(
         &mut self,
         sock: &mut TcpStream,
         framing: Framing,
+        send: ProgressRules,
     ) -> Result<u64, StreamError> {
         let sock_fd = sock.as_raw_fd();
         let saved = set_nonblocking(sock_fd, true).map_err(StreamError::ClientGone)?;
-        let result = self.splice_loop(sock, framing).await;
+        let mut client = PeerClock::new(send);
+        let result = self.splice_loop(sock, framing, &mut client).await;
         // Back to what monoio expects for its own requests on this socket.
         if saved & libc::O_NONBLOCK == 0 {
             let _ = set_nonblocking(sock_fd, false);
@@ -149,6 +156,7 @@ impl RunningGit {
         &mut self,
         sock: &mut TcpStream,
         framing: Framing,
+        client: &mut PeerClock,
     ) -> Result<u64, StreamError> {
         let pipe_fd = self.stdout.as_raw_fd();
         let sock_fd = sock.as_raw_fd();
@@ -172,7 +180,7 @@ impl RunningGit {
             };
             if framing == Framing::Chunked {
                 let len = chunk_header(&mut header, pending_crlf, available);
-                send_all(sock, sock_fd, &header[..len], libc::MSG_MORE).await?;
+                send_all(sock, sock_fd, &header[..len], libc::MSG_MORE, client).await?;
                 pending_crlf = true;
             }
             let mut remaining = available;
@@ -190,6 +198,7 @@ impl RunningGit {
                 };
                 if n > 0 {
                     remaining -= n as usize;
+                    client.moved(n as u64);
                     continue;
                 }
                 if n == 0 {
@@ -200,10 +209,7 @@ impl RunningGit {
                 let err = io::Error::last_os_error();
                 match err.kind() {
                     // The pipe holds `remaining` bytes, so only the socket can be full.
-                    io::ErrorKind::WouldBlock => sock
-                        .writable(false)
-                        .await
-                        .map_err(StreamError::ClientGone)?,
+                    io::ErrorKind::WouldBlock => client_writable(sock, client).await?,
                     io::ErrorKind::Interrupted => {}
                     _ => return Err(StreamError::ClientGone(err)),
                 }
@@ -217,7 +223,7 @@ impl RunningGit {
             } else {
                 b"0\r\n\r\n"
             };
-            send_all(sock, sock_fd, tail, 0).await?;
+            send_all(sock, sock_fd, tail, 0, client).await?;
         }
         Ok(total)
     }
@@ -309,12 +315,27 @@ fn chunk_header(out: &mut [u8; 24], leading_crlf: bool, len: usize) -> usize {
     cursor.position() as usize
 }
 
+/// Waits until the client's socket takes bytes again, within what `client` has left to spend.
+pub(crate) async fn client_writable(
+    sock: &TcpStream,
+    client: &mut PeerClock,
+) -> Result<(), StreamError> {
+    let started = std::time::Instant::now();
+    let ready = monoio::time::timeout(client.budget(), sock.writable(false)).await;
+    client.waited(started.elapsed());
+    match ready {
+        Ok(r) => r.map_err(StreamError::ClientGone),
+        Err(_) => Err(StreamError::Stalled(client.stall())),
+    }
+}
+
 /// Sends all of `data` on a socket in non-blocking mode, waiting for writability as needed.
 async fn send_all(
     sock: &TcpStream,
     fd: libc::c_int,
     mut data: &[u8],
     flags: libc::c_int,
+    client: &mut PeerClock,
 ) -> Result<(), StreamError> {
     while !data.is_empty() {
         // SAFETY: sending from a valid slice.
@@ -328,14 +349,12 @@ async fn send_all(
         };
         if n >= 0 {
             data = data.get(n as usize..).unwrap_or_default();
+            client.moved(n as u64);
             continue;
         }
         let err = io::Error::last_os_error();
         match err.kind() {
-            io::ErrorKind::WouldBlock => sock
-                .writable(false)
-                .await
-                .map_err(StreamError::ClientGone)?,
+            io::ErrorKind::WouldBlock => client_writable(sock, client).await?,
             io::ErrorKind::Interrupted => {}
             _ => return Err(StreamError::ClientGone(err)),
         }

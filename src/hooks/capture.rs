@@ -1,24 +1,33 @@
-//! Capture: git's post-receive hook runs `gitplane hook post-receive`, which turns the push into
-//! one [`PushEvent`] row in the outbox (SQLite, WAL, synchronous=FULL) and exits. receive-pack
-//! waits for the hook, so the event is durable before the pusher sees success. The server points
-//! every receive-pack at `DATA/hooks` (`core.hooksPath`), where [`install_hooks`] wrote a
-//! `post-receive` that execs this binary.
+//! Capture: git runs two hooks of ours in every receive-pack (`core.hooksPath=DATA/hooks`, where
+//! [`install_hooks`] wrote scripts that exec this binary):
+//! - `reference-transaction` records each ref transaction of the push in `hook_pending` in its
+//!   `prepared` state (refs locked, nothing moved), durably, before git commits it; a failure
+//!   exits non-zero, and git then aborts the update. `committed` and `aborted` mark or drop it.
+//! - `post-receive` turns the push into one [`PushEvent`] row in the outbox (SQLite, WAL,
+//!   synchronous=FULL) and forgets the push's pending rows, in one transaction. receive-pack
+//!   waits for it, so the event is durable before the pusher sees the end of the push.
+//!
+//! A push whose receive-pack dies between the two leaves pending rows, which
+//! [`super::pending`] reconciles against the refs on disk.
 
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use super::event::{new_event_id, parse_ref_updates, push_options, EventError, PushEvent};
+use super::event::{
+    new_event_id, parse_ref_updates, parse_transaction, push_options, EventError, PushEvent,
+};
+use super::pending;
 use crate::git::process::shell_quote;
 use crate::git::repo_name::RepoName;
-use crate::store::{Store, StoreError};
+use crate::store::{PendingRow, PendingState, Store, StoreError};
 
-/// Largest post-receive input accepted (a mirror push of very many refs still fits).
+/// Largest hook input accepted (a mirror push of very many refs still fits).
 const MAX_INPUT: u64 = 64 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
-    #[error("reading post-receive input: {0}")]
+    #[error("reading the hook's input: {0}")]
     Stdin(std::io::Error),
     #[error(transparent)]
     Event(#[from] EventError),
@@ -67,32 +76,130 @@ pub fn event_from_hook(
     })
 }
 
-/// Writes one event into the outbox; returns it.
-pub fn record(data_dir: &Path, event: &PushEvent) -> Result<(), CaptureError> {
+/// Writes a push's one event into the outbox and forgets the pending transactions of `owner`
+/// (its receive-pack), in one write transaction. Records nothing when the reconciler has already
+/// published them (it found the receive-pack dead while this hook still ran). Returns whether the
+/// event was recorded.
+pub fn record(
+    data_dir: &Path,
+    owner: Option<&str>,
+    event: &PushEvent,
+) -> Result<bool, CaptureError> {
     let store = Store::open(data_dir)?;
-    store.outbox_insert(&event.id, &event.repository, &event.to_json())?;
-    Ok(())
+    Ok(store.write_transaction(|s| {
+        if let Some(owner) = owner {
+            let rows = s.pending_of(owner)?;
+            s.pending_forget(owner)?;
+            if rows.iter().any(|r| r.state == PendingState::Published) {
+                return Ok(false);
+            }
+        }
+        s.outbox_insert(&event.id, &event.repository, &event.to_json())?;
+        Ok(true)
+    })?)
 }
 
-/// `gitplane hook post-receive`: reads git's input from `stdin`, records the event, returns it.
-/// A push that changed no ref (git does not run the hook then, but be safe) records nothing.
-pub fn post_receive(data_dir: &Path, stdin: impl Read) -> Result<Option<PushEvent>, CaptureError> {
+fn read_input(stdin: impl Read) -> Result<String, CaptureError> {
     let mut input = String::new();
     stdin
         .take(MAX_INPUT)
         .read_to_string(&mut input)
         .map_err(CaptureError::Stdin)?;
+    Ok(input)
+}
+
+/// `gitplane hook post-receive`: reads git's input from `stdin`, records the event, returns it.
+/// A push that changed no ref (git does not run the hook then, but be safe) records nothing.
+pub fn post_receive(data_dir: &Path, stdin: impl Read) -> Result<Option<PushEvent>, CaptureError> {
+    let input = read_input(stdin)?;
     let event = event_from_hook(data_dir, &input, |k| std::env::var(k).ok())?;
     if event.refs.is_empty() {
         return Ok(None);
     }
-    record(data_dir, &event)?;
-    Ok(Some(event))
+    let owner = pending::receive_pack_parent();
+    Ok(record(data_dir, owner.as_deref(), &event)?.then_some(event))
 }
 
-/// Writes `DATA/hooks/post-receive`, which execs `exe hook post-receive` for `data_dir`, and
-/// returns the hooks directory (for `core.hooksPath`). Written to a temporary name and renamed,
-/// so a push running during a restart never sees half a script.
+/// The states of git's `reference-transaction` hook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxState {
+    Prepared,
+    Committed,
+    Aborted,
+}
+
+impl TxState {
+    /// None for a state git may add later (2.48 has `preparing`, before the refs are locked):
+    /// nothing to record there.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "prepared" => Some(Self::Prepared),
+            "committed" => Some(Self::Committed),
+            "aborted" => Some(Self::Aborted),
+            _ => None,
+        }
+    }
+}
+
+/// `gitplane hook reference-transaction STATE`. Records only transactions of a push (the parent
+/// is receive-pack); pack-refs and gc run the hook too.
+pub fn reference_transaction(
+    data_dir: &Path,
+    state: &str,
+    stdin: impl Read,
+) -> Result<(), CaptureError> {
+    let input = read_input(stdin)?;
+    let (Some(state), Some(owner)) = (TxState::parse(state), pending::receive_pack_parent()) else {
+        return Ok(());
+    };
+    record_transaction(data_dir, state, &owner, &input, |k| std::env::var(k).ok())
+}
+
+/// Records one state of one transaction of `owner`'s push.
+pub fn record_transaction(
+    data_dir: &Path,
+    state: TxState,
+    owner: &str,
+    input: &str,
+    var: impl Fn(&str) -> Option<String>,
+) -> Result<(), CaptureError> {
+    let refs = parse_transaction(input)?;
+    if refs.is_empty() {
+        return Ok(());
+    }
+    // The same text for the same updates: `committed` and `aborted` find the row by it.
+    let refs = serde_json::to_string(&refs).map_err(|e| EventError::Payload(e.to_string()))?;
+    let store = Store::open(data_dir)?;
+    match state {
+        TxState::Prepared => {
+            let repo = repo_of(data_dir, &var).ok_or(CaptureError::UnknownRepo)?;
+            store.pending_insert(&PendingRow {
+                id: 0,
+                owner: owner.to_owned(),
+                repo,
+                refs,
+                pusher: var("GITPLANE_USER").unwrap_or_default(),
+                remote_addr: var("GITPLANE_REMOTE_ADDR").unwrap_or_default(),
+                via: String::new(),
+                state: PendingState::Prepared,
+                created_at: 0,
+            })?;
+        }
+        TxState::Committed => store.pending_committed(owner, &refs)?,
+        TxState::Aborted => store.pending_aborted(owner, &refs)?,
+    }
+    Ok(())
+}
+
+/// The hooks [`install_hooks`] writes, and the arguments their scripts pass on.
+const HOOKS: [(&str, &str); 2] = [
+    ("post-receive", "hook post-receive"),
+    ("reference-transaction", "hook reference-transaction \"$1\""),
+];
+
+/// Writes `DATA/hooks/post-receive` and `DATA/hooks/reference-transaction`, which exec `exe hook
+/// ...` for `data_dir`, and returns the hooks directory (for `core.hooksPath`). Each is written
+/// to a temporary name and renamed, so a push running during a restart never sees half a script.
 pub fn install_hooks(data_dir: &Path, exe: &Path) -> Result<PathBuf, CaptureError> {
     let install = |path: &Path, source| CaptureError::Install {
         path: path.to_owned(),
@@ -101,21 +208,23 @@ pub fn install_hooks(data_dir: &Path, exe: &Path) -> Result<PathBuf, CaptureErro
     let data_dir = data_dir.canonicalize().map_err(|e| install(data_dir, e))?;
     let dir = data_dir.join("hooks");
     std::fs::create_dir_all(&dir).map_err(|e| install(&dir, e))?;
-    let script = format!(
-        "#!/bin/sh\n# Written by gitplane at start-up: records each push in the hook outbox.\nexec {} --data-dir {} hook post-receive\n",
-        shell_quote(&exe.to_string_lossy()),
-        shell_quote(&data_dir.to_string_lossy()),
-    );
-    let path = dir.join("post-receive");
-    let tmp = dir.join(format!(".post-receive.{}", std::process::id()));
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(script.as_bytes())?;
-        f.set_permissions(std::fs::Permissions::from_mode(0o755))?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)
-    };
-    write().map_err(|e| install(&path, e))?;
+    for (name, args) in HOOKS {
+        let script = format!(
+            "#!/bin/sh\n# Written by gitplane at start-up: records each push in the hook outbox.\nexec {} --data-dir {} {args}\n",
+            shell_quote(&exe.to_string_lossy()),
+            shell_quote(&data_dir.to_string_lossy()),
+        );
+        let path = dir.join(name);
+        let tmp = dir.join(format!(".{name}.{}", std::process::id()));
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(script.as_bytes())?;
+            f.set_permissions(std::fs::Permissions::from_mode(0o755))?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        };
+        write().map_err(|e| install(&path, e))?;
+    }
     Ok(dir)
 }
 
@@ -141,7 +250,7 @@ mod tests {
         let event = event_from_hook(dir.path(), &input, vars).unwrap();
         assert_eq!(event.repository, "alice/proj");
         assert_eq!(event.push_options, vec!["ci.skip".to_owned()]);
-        record(dir.path(), &event).unwrap();
+        assert!(record(dir.path(), None, &event).unwrap());
         let store = Store::open(dir.path()).unwrap();
         let rows = store.outbox_after(0, 10).unwrap();
         assert_eq!(rows.len(), 1);
@@ -159,10 +268,56 @@ mod tests {
             script.contains("exec '/usr/bin/gitplane' --data-dir '"),
             "{script}"
         );
+        let tx = std::fs::read_to_string(hooks.join("reference-transaction")).unwrap();
+        assert!(tx.contains("hook reference-transaction \"$1\""), "{tx}");
         let mode = std::fs::metadata(hooks.join("post-receive"))
             .unwrap()
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o755);
+    }
+
+    #[test]
+    fn one_event_per_push_and_none_after_the_reconciler() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = ("a".repeat(40), "b".repeat(40));
+        let tx1 = format!("{a} {b} refs/heads/main\n{a} {b} HEAD\n");
+        let tx2 = format!("{} {b} refs/heads/topic\n", super::super::event::ZERO_OID);
+        let vars = |k: &str| (k == "GITPLANE_REPO").then(|| "alice/proj".to_owned());
+        let store = Store::open(dir.path()).unwrap();
+        // A non-atomic push: one transaction per ref, the second aborted.
+        for (state, input) in [
+            (TxState::Prepared, &tx1),
+            (TxState::Committed, &tx1),
+            (TxState::Prepared, &tx2),
+            (TxState::Aborted, &tx2),
+        ] {
+            record_transaction(dir.path(), state, "7:1", input, vars).unwrap();
+        }
+        let rows = store.pending_of("7:1").unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].state, PendingState::Committed);
+        assert!(!rows[0].refs.contains("HEAD"), "{}", rows[0].refs);
+        let event = event_from_hook(dir.path(), &tx1, vars).unwrap();
+        assert!(record(dir.path(), Some("7:1"), &event).unwrap());
+        assert!(store.pending_of("7:1").unwrap().is_empty());
+        assert_eq!(store.outbox_depth().unwrap(), 1);
+
+        // The reconciler published this push already: its late post-receive adds nothing.
+        record_transaction(dir.path(), TxState::Prepared, "8:1", &tx1, vars).unwrap();
+        store.pending_published("8:1").unwrap();
+        let late = event_from_hook(dir.path(), &tx1, vars).unwrap();
+        assert!(!record(dir.path(), Some("8:1"), &late).unwrap());
+        assert_eq!(store.outbox_depth().unwrap(), 1);
+        assert!(store.pending_of("8:1").unwrap().is_empty());
+
+        // Malformed input is refused (git then aborts the update), and nothing is recorded.
+        let bad = record_transaction(dir.path(), TxState::Prepared, "9:1", "x y\n", vars);
+        assert!(
+            matches!(bad, Err(CaptureError::Event(EventError::BadTxLine { .. }))),
+            "{bad:?}"
+        );
+        assert!(store.pending_of("9:1").unwrap().is_empty());
+        assert_eq!(TxState::parse("preparing"), None);
     }
 }

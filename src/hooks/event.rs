@@ -17,6 +17,8 @@ pub enum EventError {
     BadLine { line: usize, text: String },
     #[error("post-receive input line {line}: `{oid}` is not a hex object id")]
     BadOid { line: usize, oid: String },
+    #[error("reference-transaction input line {line}: expected `OLD NEW REFNAME`, got {text:?}")]
+    BadTxLine { line: usize, text: String },
     #[error("malformed event payload: {0}")]
     Payload(String),
 }
@@ -115,6 +117,51 @@ pub fn parse_ref_updates(input: &str) -> Result<Vec<RefUpdate>, EventError> {
     Ok(out)
 }
 
+/// Parses reference-transaction's standard input (`OLD NEW REFNAME` lines) and keeps what a push
+/// event is about: updates of `refs/` that change a value. Dropped on purpose: `HEAD` (git adds it
+/// beside the branch it points to), symref values (`ref:TARGET`), and no-op lines such as the
+/// zero-to-zero deletes of the packed-refs transaction nested inside a branch deletion.
+pub fn parse_transaction(input: &str) -> Result<Vec<RefUpdate>, EventError> {
+    let mut out = Vec::new();
+    for (i, line) in input.lines().enumerate() {
+        if line.is_empty() {
+            continue;
+        }
+        let bad = || EventError::BadTxLine {
+            line: i + 1,
+            text: line.chars().take(200).collect(),
+        };
+        let mut parts = line.splitn(3, ' ');
+        let (Some(before), Some(after), Some(refname)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(bad());
+        };
+        if before.starts_with("ref:") || after.starts_with("ref:") {
+            continue;
+        }
+        for oid in [before, after] {
+            if !is_oid(oid) {
+                return Err(EventError::BadOid {
+                    line: i + 1,
+                    oid: oid.chars().take(80).collect(),
+                });
+            }
+        }
+        if refname.is_empty() {
+            return Err(bad());
+        }
+        if !refname.starts_with("refs/") || before == after {
+            continue;
+        }
+        out.push(RefUpdate {
+            refname: refname.to_owned(),
+            before: before.to_owned(),
+            after: after.to_owned(),
+        });
+    }
+    Ok(out)
+}
+
 /// Push options from git's `GIT_PUSH_OPTION_COUNT` / `GIT_PUSH_OPTION_<n>` variables, looked up
 /// through `var` (bounded in count and length).
 pub fn push_options(var: impl Fn(&str) -> Option<String>) -> Vec<String> {
@@ -162,6 +209,42 @@ mod tests {
             Err(EventError::BadOid { .. })
         ));
         assert!(parse_ref_updates("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn transaction_input_keeps_only_ref_changes_of_refs() {
+        let input = format!(
+            "{ZERO_OID} {A} refs/heads/main\n{ZERO_OID} {A} HEAD\n{ZERO_OID} {ZERO_OID} refs/heads/gone\n\
+             ref:refs/heads/a ref:refs/heads/b HEAD\n{A} {ZERO_OID} refs/heads/gone\n"
+        );
+        let refs = parse_transaction(&input).unwrap();
+        assert_eq!(
+            refs.iter().map(|r| r.refname.as_str()).collect::<Vec<_>>(),
+            ["refs/heads/main", "refs/heads/gone"]
+        );
+        assert!(refs[1].deleted());
+        assert!(parse_transaction("").unwrap().is_empty());
+        // Malformed input is an error naming the line, never a panic.
+        for bad in ["x\n", &format!("{A} {B}\n"), &format!("{A} {B} \n")] {
+            assert!(
+                matches!(
+                    parse_transaction(bad),
+                    Err(EventError::BadTxLine { line: 1, .. })
+                ),
+                "{bad:?}"
+            );
+        }
+        let err =
+            parse_transaction(&format!("{A} {B} refs/heads/a\n{A} nothex refs/x\n")).unwrap_err();
+        assert_eq!(
+            err,
+            EventError::BadOid {
+                line: 2,
+                oid: "nothex".into()
+            }
+        );
+        assert!(err.to_string().contains("not a hex object id"), "{err}");
+        assert!(parse_transaction("\u{0}\u{ff} \u{1} \u{2}").is_err());
     }
 
     #[test]

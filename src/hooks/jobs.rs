@@ -271,7 +271,7 @@ async fn webhooks(ctx: &JobContext, event: &PushEvent, attempt: u32) -> Result<(
 /// A git command for reading a repository: clean environment, no user/system config, and every
 /// inherited fd above stderr closed at exec (sockets and pipes of other connections must never
 /// leak into a child).
-fn git_command(git: &Path, repo: &Path) -> Command {
+pub(super) fn git_command(git: &Path, repo: &Path) -> Command {
     let mut cmd = crate::git::process::git_command(git, repo);
     cmd.arg("--git-dir")
         .arg(repo)

@@ -1,9 +1,12 @@
 //! Hook workers (issue #6): every push becomes one durable event, and workers run jobs for it.
 //!
 //! Data flow, in the order an event travels:
-//! - [`capture`]: git's post-receive runs `gitplane hook post-receive`, which writes the
-//!   [`event::PushEvent`] into the outbox (SQLite, WAL, synchronous=FULL) before receive-pack
-//!   reports success;
+//! - [`capture`]: git's reference-transaction hook records each ref transaction of a push as
+//!   pending before git commits it; post-receive runs `gitplane hook post-receive`, which writes
+//!   the push's one [`event::PushEvent`] into the outbox (SQLite, WAL, synchronous=FULL) before
+//!   receive-pack reports success;
+//! - [`pending`]: pending transactions whose process died are reconciled against the refs on
+//!   disk (at start-up, then every few seconds): published as one event, or dropped;
 //! - with `--amqp-url`, [`amqp`]: the relay (core 0 only) publishes outbox rows to a durable topic
 //!   exchange with publisher confirms and deletes a row only once confirmed; per core, one
 //!   connection consumes a durable queue per job type;
@@ -22,6 +25,7 @@ pub mod embedded;
 pub mod event;
 pub mod http_client;
 pub mod jobs;
+pub mod pending;
 pub mod worker;
 
 use std::future::Future;
@@ -47,6 +51,8 @@ pub enum HookError {
     Capture(#[from] capture::CaptureError),
     #[error(transparent)]
     Db(#[from] db::DbError),
+    #[error("reconciling pending ref changes at start-up: {0}")]
+    Reconcile(#[from] pending::ReconcileError),
 }
 
 /// The hook workers as a sidecar service: on every core, the consumers (AMQP) or this core's
@@ -57,15 +63,17 @@ pub struct HooksService {
 }
 
 impl HooksService {
-    /// Writes `DATA/hooks/post-receive`, points receive-pack at it, and opens the store.
+    /// Writes the git hooks, points receive-pack at them, opens the store, and reconciles the
+    /// pending ref changes of processes that died (then keeps doing so in the background).
     pub fn new(
         config: &ServeConfig,
         housekeeper: Arc<crate::housekeeping::Housekeeper>,
     ) -> Result<Self, HookError> {
-        let exe = std::env::current_exe().map_err(HookError::Exe)?;
+        let exe = crate::lifecycle::running_exe().map_err(HookError::Exe)?;
         let hooks_dir = capture::install_hooks(&config.data_dir, &exe)?;
         crate::git::process::set_hooks_path(&hooks_dir);
         let db = db::HookDb::start(&config.data_dir)?;
+        let reconciled = pending::Reconciler::new(&config.data_dir, &config.git.binary).start()?;
         let jobs = jobs::JobContext {
             db: db.clone(),
             repos: RepoRoot::new(&config.data_dir),
@@ -81,6 +89,8 @@ impl HooksService {
             mode = if config.hooks.amqp_url.is_some() { "amqp" } else { "embedded" },
             jobs = ?enabled,
             hooks = %hooks_dir.display(),
+            reconciled_published = reconciled.published,
+            reconciled_dropped = reconciled.dropped,
             "hook workers ready"
         );
         Ok(Self {

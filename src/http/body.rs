@@ -6,8 +6,9 @@ use std::io::Write;
 use flate2::write::GzDecoder;
 
 use super::chunked::{ChunkedDecoder, ChunkedError};
-use super::conn::Conn;
+use super::conn::{BodyReadError, Conn};
 use super::head::{BodyFraming, RequestHead};
+use crate::progress::Stall;
 
 /// Compressed input is inflated in slices this small so that one step's output stays bounded
 /// (deflate expands at most ~1032:1).
@@ -25,6 +26,17 @@ pub enum BodyError {
     Gzip(std::io::Error),
     #[error("request body inflates beyond {limit} bytes")]
     TooLarge { limit: u64 },
+    #[error("request body not received in time: {0}")]
+    Stalled(Stall),
+}
+
+impl From<BodyReadError> for BodyError {
+    fn from(e: BodyReadError) -> Self {
+        match e {
+            BodyReadError::Io(e) => Self::Io(e),
+            BodyReadError::Stalled(s) => Self::Stalled(s),
+        }
+    }
 }
 
 impl BodyError {
@@ -32,6 +44,7 @@ impl BodyError {
     pub fn status(&self) -> u16 {
         match self {
             Self::TooLarge { .. } => 413,
+            Self::Stalled(_) => 408,
             _ => 400,
         }
     }

@@ -4,16 +4,27 @@
 //! Memory per idle connection is kept small: between requests the read buffer is released and
 //! the connection waits for readability (an io_uring poll, which holds no buffer) before it
 //! allocates one again.
+//!
+//! Request bodies and responses run under progress deadlines ([`crate::progress`]): a body read
+//! first waits for readability within the body deadline, holding no buffer, and a client that
+//! stops sending (or trickles) gets [`BodyReadError::Stalled`]; a response write that the client
+//! does not accept within the send deadline fails with `TimedOut`.
 
 use std::io;
 use std::net::SocketAddr;
+
+use std::time::Instant;
 
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
+use gitplane_wire::net::proxy_protocol::{self, ProxyParse};
+
 use super::response::{encode_head, BodyLength};
-use crate::metrics::METRICS;
+use crate::config::HttpLimits;
+use crate::metrics::{Cut, METRICS};
+use crate::progress::{PeerClock, ProgressRules, Stall};
 
 /// First read buffer size; it grows (up to the head limit, or this for bodies) as needed.
 const INITIAL_BUF: usize = 4 * 1024;
@@ -22,6 +33,15 @@ const BODY_BUF: usize = 64 * 1024;
 /// Lingering close: at most this long and this much of an unread body is drained.
 const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(2);
 const LINGER_BYTES: usize = 4 << 20;
+
+/// Why a request body could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyReadError {
+    #[error("reading the request body: {0}")]
+    Io(#[from] io::Error),
+    #[error("request body stalled: {0}")]
+    Stalled(Stall),
+}
 
 pub struct Conn {
     stream: TcpStream,
@@ -33,10 +53,14 @@ pub struct Conn {
     keep_alive: bool,
     /// The current request has body bytes not yet read: the connection cannot be reused.
     body_pending: bool,
+    body_rules: ProgressRules,
+    send_rules: ProgressRules,
+    /// The current request body's progress, from its first read.
+    body: Option<PeerClock>,
 }
 
 impl Conn {
-    pub fn new(stream: TcpStream, peer: SocketAddr) -> Self {
+    pub fn new(stream: TcpStream, peer: SocketAddr, limits: &HttpLimits) -> Self {
         Self {
             stream,
             buf: Vec::new(),
@@ -44,7 +68,15 @@ impl Conn {
             peer,
             keep_alive: false,
             body_pending: false,
+            body_rules: limits.body_progress,
+            send_rules: limits.send_progress,
+            body: None,
         }
+    }
+
+    /// When a response the client does not read counts as stalled.
+    pub fn send_rules(&self) -> ProgressRules {
+        self.send_rules
     }
 
     pub fn stream(&mut self) -> &mut TcpStream {
@@ -74,6 +106,7 @@ impl Conn {
     pub(super) fn begin_request(&mut self, keep_alive: bool, has_body: bool) {
         self.keep_alive = keep_alive;
         self.body_pending = has_body;
+        self.body = None;
     }
 
     /// Records that the request body has been read to its end.
@@ -89,6 +122,34 @@ impl Conn {
     /// Marks the connection for closing after this response.
     pub fn close_after_response(&mut self) {
         self.keep_alive = false;
+    }
+
+    /// Reads the PROXY protocol header (v1 or v2) that a trusted TCP balancer sends before the
+    /// first request, within `within`, and returns the client's address it names (the
+    /// balancer's own for its health checks and unknown families). What follows the header stays
+    /// buffered for the request parser.
+    pub async fn read_proxy_header(
+        &mut self,
+        within: std::time::Duration,
+    ) -> Result<SocketAddr, String> {
+        let deadline = monoio::time::Instant::now() + within;
+        loop {
+            match proxy_protocol::parse(self.buffered()) {
+                Ok(ProxyParse::Complete { consumed, source }) => {
+                    self.consume(consumed);
+                    return Ok(source.unwrap_or(self.peer));
+                }
+                Ok(ProxyParse::Incomplete) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+            let left = deadline.saturating_duration_since(monoio::time::Instant::now());
+            match monoio::time::timeout(left, self.fill(proxy_protocol::MAX_HEADER)).await {
+                Ok(Ok(0)) => return Err("closed before its PROXY protocol header".into()),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e.to_string()),
+                Err(_) => return Err("no PROXY protocol header in time".into()),
+            }
+        }
     }
 
     /// Waits until the socket has bytes (or EOF) without holding a buffer.
@@ -120,18 +181,83 @@ impl Conn {
         Ok(n)
     }
 
-    /// Reads more body bytes, within the body buffer size.
-    pub async fn fill_body(&mut self) -> io::Result<usize> {
-        self.fill(BODY_BUF).await
+    /// Reads more body bytes into the connection's buffer, within the body buffer size and the
+    /// body deadline. 0 means EOF.
+    pub async fn fill_body(&mut self) -> Result<usize, BodyReadError> {
+        self.body_ready().await?;
+        let n = self.fill(BODY_BUF).await?;
+        self.body_moved(n);
+        Ok(n)
     }
 
+    /// Reads body bytes straight into `buf` (for example a pooled buffer), within the body
+    /// deadline. Nothing is read while the client is silent, so a stalled upload holds `buf` only
+    /// if the caller took it before calling. 0 means EOF.
+    pub async fn read_body<T: IoBufMut>(&mut self, buf: T) -> (Result<usize, BodyReadError>, T) {
+        if let Err(e) = self.body_ready().await {
+            return (Err(e), buf);
+        }
+        let (res, buf) = self.stream.read(buf).await;
+        match res {
+            Ok(n) => {
+                METRICS.bytes_received.add(n as u64);
+                self.body_moved(n);
+                (Ok(n), buf)
+            }
+            Err(e) => (Err(e.into()), buf),
+        }
+    }
+
+    /// Waits, holding no buffer, until the socket has body bytes (or EOF), or the body deadline
+    /// passes: then the stall is counted and returned. A reader that takes a buffer per chunk
+    /// calls this first, so a silent client holds none.
+    pub async fn body_ready(&mut self) -> Result<(), BodyReadError> {
+        let rules = self.body_rules;
+        let clock = self.body.get_or_insert_with(|| PeerClock::new(rules));
+        let started = Instant::now();
+        let ready = monoio::time::timeout(clock.budget(), self.stream.readable(false)).await;
+        clock.waited(started.elapsed());
+        match ready {
+            Ok(ready) => Ok(ready?),
+            Err(_) => {
+                let stall = clock.stall();
+                METRICS.cut(match stall {
+                    Stall::Idle => Cut::HttpBodyIdle,
+                    Stall::Slow => Cut::HttpBodySlow,
+                });
+                Err(BodyReadError::Stalled(stall))
+            }
+        }
+    }
+
+    fn body_moved(&mut self, n: usize) {
+        if let Some(clock) = self.body.as_mut() {
+            clock.moved(n as u64);
+        }
+    }
+
+    /// Writes all of `data`, or fails with `TimedOut` when the client accepts no byte within
+    /// the send deadline (then the connection must end: the response is cut).
     pub async fn write_all(&mut self, data: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
         let len = data.len();
-        let (res, data) = self.stream.write_all(data).await;
-        if res.is_ok() {
-            METRICS.bytes_written.add(len as u64);
+        // A response written from memory is small (heads, JSON, error text): one idle window
+        // bounds it; streamed bodies track their progress chunk by chunk.
+        match monoio::time::timeout(self.send_rules.idle, self.stream.write_all(data)).await {
+            Ok((res, data)) => {
+                if res.is_ok() {
+                    METRICS.bytes_written.add(len as u64);
+                }
+                (res.map(|_| ()), data)
+            }
+            Err(_) => {
+                METRICS.cut(Cut::HttpSendIdle);
+                let timed_out = io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the client accepted no response bytes within the send deadline",
+                );
+                (Err(timed_out), Vec::new())
+            }
         }
-        (res.map(|_| ()), data)
     }
 
     /// Tells a client that sent `Expect: 100-continue` to go ahead with the body.

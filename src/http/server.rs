@@ -5,10 +5,13 @@
 use std::future::Future;
 use std::io;
 
+use std::time::Instant;
+
 use monoio::time::timeout;
 
 use super::conn::Conn;
 use super::head::{parse_request_head, BodyFraming, HeadLimits, HeadParse, RequestHead};
+use crate::coarse_timer;
 use crate::config::HttpLimits;
 use crate::lifecycle::ShutdownSignal;
 use crate::metrics::METRICS;
@@ -39,16 +42,23 @@ pub async fn serve_connection<H: Handler>(
         ..HeadLimits::default()
     };
     loop {
-        // None: the peer closed, went idle too long (a short while once shutting down), or sent
-        // garbage (already answered).
-        let Some(head) = next_head(conn, limits, &head_limits, shutdown).await else {
+        // Idle between requests: only this small wait is held (no buffer, no request state).
+        if conn.buffered().is_empty() && !wait_for_request(conn, limits, shutdown).await {
+            break;
+        }
+        // None: the peer closed or sent garbage (already answered). Boxed, like the handler
+        // below, so that their state lives on the heap only while a request is being read or
+        // served, and an idle keep-alive connection costs little more than its socket.
+        let Some(head) = Box::pin(next_head(conn, limits, &head_limits)).await else {
             break;
         };
         // Keep-alive survives shutdown: a git clone or push is several requests on one
         // connection, and the client cannot reconnect once the listener is closed.
         let has_body = !matches!(head.framing, BodyFraming::None | BodyFraming::Length(0));
         conn.begin_request(head.keep_alive, has_body);
-        match handler.handle(head, conn).await {
+        // Boxed: a request's future (an LFS upload to S3 is the largest) lives on the heap only
+        // while the request runs, so an idle keep-alive connection's task stays small.
+        match Box::pin(handler.handle(head, conn)).await {
             Ok(Reuse::KeepAlive) if conn.reusable() => {
                 conn.release_buffer();
             }
@@ -59,22 +69,27 @@ pub async fn serve_connection<H: Handler>(
             }
         }
     }
-    conn.shutdown().await;
+    Box::pin(conn.shutdown()).await;
 }
 
 /// Idle between requests: waits without a buffer until the peer sends something. Gives up after
 /// the idle timeout, or after the shorter drain timeout once shutdown has begun, so that idle
-/// connections do not hold the process for the whole grace period.
+/// connections do not hold the process for the whole grace period. The timers are coarse
+/// ([`crate::coarse_timer`]): this wait is what every idle keep-alive connection holds.
 async fn wait_for_request(conn: &Conn, limits: &HttpLimits, shutdown: &ShutdownSignal) -> bool {
-    let started = monoio::time::Instant::now();
-    let readable = monoio::select! {
-        r = timeout(limits.idle_timeout, conn.readable()) => r,
+    let started = Instant::now();
+    let idle_until = started + limits.idle_timeout;
+    monoio::select! {
+        r = conn.readable() => r.is_ok(),
+        _ = coarse_timer::deadline(idle_until) => false,
         _ = shutdown.wait() => {
-            let idle_left = limits.idle_timeout.saturating_sub(started.elapsed());
-            timeout(idle_left.min(limits.drain_idle_timeout), conn.readable()).await
+            let drain_until = idle_until.min(Instant::now() + limits.drain_idle_timeout);
+            monoio::select! {
+                r = conn.readable() => r.is_ok(),
+                _ = coarse_timer::deadline(drain_until) => false,
+            }
         }
-    };
-    matches!(readable, Ok(Ok(())))
+    }
 }
 
 /// Reads the next request head. Errors have already been answered (or the peer is gone).
@@ -82,11 +97,7 @@ async fn next_head(
     conn: &mut Conn,
     limits: &HttpLimits,
     head_limits: &HeadLimits,
-    shutdown: &ShutdownSignal,
 ) -> Option<RequestHead> {
-    if conn.buffered().is_empty() && !wait_for_request(conn, limits, shutdown).await {
-        return None;
-    }
     let deadline = monoio::time::Instant::now() + limits.head_timeout;
     let mut first = true;
     loop {

@@ -5,14 +5,20 @@
 //! pool buffer and writes it to the socket. A transfer holds at most a few buffers (a disk
 //! upload up to one more than [`WRITES_IN_FLIGHT`], and only one while another transfer waits),
 //! so a shard's transfer memory is the pool's size, whatever the object sizes and concurrency.
+//!
+//! Buffers are held only while bytes move: a download waits for the socket to take bytes before
+//! it takes one ([`super::send`]), an upload waits for body bytes before it takes one, and both
+//! run under progress deadlines (`http.send_*`, `http.body_*`), so a client that stops is cut
+//! and holds nothing meanwhile. Anonymous downloads have their own smaller share, node-wide and
+//! per client address.
 
 use std::collections::BTreeMap;
 use std::io;
 use std::path::PathBuf;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use monoio::buf::IoBufMut;
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -20,17 +26,20 @@ use sha2::{Digest, Sha256};
 use super::api::{self, ActionContext, BatchRequest, Known, Lock, Operation, CONTENT_TYPE};
 use super::pool::{BufferPool, PooledBuf};
 use super::s3::{Parts, S3Client, S3Error};
+use super::send::{send_object, SendError, Source};
 use super::storage::{DirectWriter, DiskStore, Staging, Writeback};
 use crate::access::{with_store, HttpAuth, Principal, Refusal};
+use crate::admission::{self, AddressLimiter, AddressSlot};
 use crate::config::{LfsLimits, ServeConfig};
 use crate::git::repo_name::RepoName;
 use crate::http::body::BodyReader;
-use crate::http::conn::Conn;
+use crate::http::conn::{BodyReadError, Conn};
+use crate::http::forwarded::{client_addr, IpRange};
 use crate::http::head::{BodyFraming, Method, RequestHead};
 use crate::http::query_param;
 use crate::http::response::{encode_head, BodyLength};
 use crate::http::server::Reuse;
-use crate::metrics::METRICS;
+use crate::metrics::{Cut, METRICS};
 use crate::store::{Access, LockQuery, LockRecord};
 
 /// Most O_DIRECT writes one upload keeps going while it receives the next chunk (each holds a
@@ -45,12 +54,15 @@ const MAX_LOCK_PAGE: usize = 1000;
 struct Failure {
     status: u16,
     message: String,
+    /// Seconds after which the client should try again (429, 503).
+    retry_after: Option<&'static str>,
 }
 
 fn fail(status: u16, message: impl Into<String>) -> Failure {
     Failure {
         status,
         message: message.into(),
+        retry_after: None,
     }
 }
 
@@ -100,11 +112,24 @@ pub struct LfsHttp {
     s3: Option<S3Client>,
     limits: LfsLimits,
     fallback_host: String,
+    /// Anonymous downloads running, node-wide and per client address.
+    anonymous: Arc<AddressLimiter>,
+    trusted_proxies: Vec<IpRange>,
+}
+
+/// The node-wide share of anonymous LFS transfers; one per process, handed to every shard.
+pub fn anonymous_share(config: &ServeConfig) -> Arc<AddressLimiter> {
+    AddressLimiter::new(
+        config.lfs.anonymous_transfers,
+        config.lfs.anonymous_transfers_per_ip,
+    )
 }
 
 impl LfsHttp {
-    pub fn new(config: &ServeConfig, auth: Rc<HttpAuth>) -> Self {
+    pub fn new(config: &ServeConfig, auth: Rc<HttpAuth>, anonymous: Arc<AddressLimiter>) -> Self {
         Self {
+            anonymous,
+            trusted_proxies: config.http.trusted_proxies.clone(),
             data_dir: config.data_dir.clone(),
             auth,
             pool: BufferPool::new(config.lfs.buffer_size, config.lfs.buffers_per_shard),
@@ -129,21 +154,21 @@ impl LfsHttp {
         match result {
             Ok(reuse) => Ok(reuse),
             Err(f) => {
-                let challenge: &[(&str, &str)] = if f.status == 401 {
-                    &[
-                        crate::smart_http::WWW_AUTHENTICATE,
-                        ("LFS-Authenticate", "Basic realm=\"gitplane\""),
-                    ]
-                } else {
-                    &[]
-                };
+                let mut extra = Vec::new();
+                if f.status == 401 {
+                    extra.push(crate::smart_http::WWW_AUTHENTICATE);
+                    extra.push(("LFS-Authenticate", "Basic realm=\"gitplane\""));
+                }
+                if let Some(secs) = f.retry_after {
+                    extra.push(("Retry-After", secs));
+                }
                 respond_json(
                     conn,
                     f.status,
                     &api::ErrorBody {
                         message: &f.message,
                     },
-                    challenge,
+                    &extra,
                 )
                 .await?;
                 Ok(Reuse::KeepAlive)
@@ -316,8 +341,10 @@ impl LfsHttp {
     }
 
     /// Fills `buf` (emptied first) with the next `min(want, capacity)` request-body bytes: what
-    /// the connection already buffered, then socket reads straight into pool memory. Whole
-    /// buffers mean fewer, larger file writes and hash updates than one per socket read.
+    /// the connection already buffered, then socket reads straight into pool memory, under the
+    /// body deadline. Whole buffers mean fewer, larger file writes and hash updates than one per
+    /// socket read. Callers take `buf` only once body bytes wait ([`body_waiting`]), so a silent
+    /// uploader holds no buffer between chunks.
     async fn fill_body(
         &self,
         conn: &mut Conn,
@@ -336,7 +363,7 @@ impl LfsHttp {
         conn.consume(take);
         while buf.filled().len() < want {
             let filled = buf.filled().len();
-            let (res, slice) = conn.stream().read(buf.slice_mut(filled..want)).await;
+            let (res, slice) = conn.read_body(buf.slice_mut(filled..want)).await;
             buf = slice.into_inner();
             match res {
                 Ok(0) => {
@@ -344,7 +371,7 @@ impl LfsHttp {
                     return Err(fail(400, format!("body ended after {got} of {size} bytes")));
                 }
                 Ok(_) => {}
-                Err(e) => return Err(io_failure(e)),
+                Err(e) => return Err(body_failure(e)),
             }
         }
         METRICS.lfs.bytes_in.add(want as u64);
@@ -412,6 +439,7 @@ impl LfsHttp {
     ) -> Result<(), Failure> {
         let mut offset = 0u64;
         while offset < size {
+            body_waiting(conn).await?;
             let empty = self.direct_buffer(writer).await?;
             let (buf, chunk_offset) = self
                 .next_chunk(conn, empty, &mut offset, size, hasher)
@@ -475,8 +503,8 @@ impl LfsHttp {
         Ok((buf, at))
     }
 
-    /// Buffered staging, where the filesystem refuses O_DIRECT: one buffer, written through the
-    /// page cache with writeback started as it goes.
+    /// Buffered staging, where the filesystem refuses O_DIRECT: one buffer per chunk, written
+    /// through the page cache with writeback started as it goes.
     async fn stream_buffered(
         &self,
         conn: &mut Conn,
@@ -486,20 +514,15 @@ impl LfsHttp {
     ) -> Result<(), Failure> {
         let mut offset = 0u64;
         let mut writeback = Writeback::new(file);
-        // Taken on the first chunk and reused, so an empty upload never waits for the pool.
-        let mut reuse = None;
         while offset < size {
-            let empty = match reuse.take() {
-                Some(b) => b,
-                None => self.pool.acquire().await,
-            };
+            body_waiting(conn).await?;
+            let empty = self.pool.acquire().await;
             let (buf, chunk_offset) = self
                 .next_chunk(conn, empty, &mut offset, size, hasher)
                 .await?;
-            let (res, written) = file.write_all_at(buf, chunk_offset).await;
+            let (res, _written) = file.write_all_at(buf, chunk_offset).await;
             res.map_err(write_failed)?;
             writeback.written_to(offset);
-            reuse = Some(written);
         }
         Ok(())
     }
@@ -547,6 +570,7 @@ impl LfsHttp {
                 .map_err(Failure::from)?;
             let mut sent = 0u64;
             while sent < part_len {
+                body_waiting(conn).await?;
                 let buf = self.pool.acquire().await;
                 let buf = self
                     .fill_body(conn, buf, part_len - sent, offset + sent, size)
@@ -573,7 +597,11 @@ impl LfsHttp {
         if !api::valid_oid(oid) {
             return Err(fail(404, "object not found"));
         }
-        self.authorize(head, repo, Access::Read).await?;
+        let who = self.authorize(head, repo, Access::Read).await?;
+        let _share = match who.user {
+            Some(_) => None,
+            None => Some(self.admit_anonymous(head, conn)?),
+        };
         let (repo_key, oid_owned) = (repo.to_string(), oid.to_owned());
         let state = self
             .store(move |s| s.lfs_object_state(&repo_key, &oid_owned))
@@ -631,12 +659,23 @@ impl LfsHttp {
         let (res, _) = conn.write_all(out).await;
         res.map_err(io_failure)?;
         METRICS.lfs.active_transfers.inc();
-        let sent = self.send_body(conn, &mut source, start, len).await;
+        let rules = conn.send_rules();
+        let sent = send_object(conn.stream(), &self.pool, &mut source, start, len, rules).await;
         METRICS.lfs.active_transfers.dec();
         if let Source::Disk(file) = source {
             let _ = file.close().await;
         }
-        if sent.is_err() {
+        if let Err(e) = sent {
+            match e {
+                SendError::Stalled(stall) => {
+                    METRICS.cut(Cut::HttpSendIdle);
+                    tracing::debug!(peer = %conn.peer, %oid, %stall, "LFS download cut");
+                }
+                SendError::Source(_) | SendError::Short => {
+                    tracing::error!(%oid, error = %e, "LFS download failed")
+                }
+                SendError::ClientGone(_) => tracing::debug!(%oid, error = %e, "LFS download ended"),
+            }
             // The head promised `len` bytes: the connection cannot carry on.
             conn.close_after_response();
             return Ok(Reuse::Close);
@@ -644,38 +683,29 @@ impl LfsHttp {
         Ok(Reuse::KeepAlive)
     }
 
-    /// Copies `len` object bytes to the client through pool buffers.
-    async fn send_body(
-        &self,
-        conn: &mut Conn,
-        source: &mut Source,
-        start: u64,
-        len: u64,
-    ) -> Result<(), Failure> {
-        let mut done = 0u64;
-        while done < len {
-            let buf = self.pool.acquire().await;
-            let want = usize::try_from(len - done)
-                .unwrap_or(usize::MAX)
-                .min(buf.capacity());
-            let (res, slice) = match source {
-                Source::Disk(file) => file.read_at(buf.slice_mut(0..want), start + done).await,
-                Source::S3(resp) => resp.read_into(buf.slice_mut(0..want)).await,
-                Source::Empty => break,
+    /// A place in the anonymous share of transfers, or 429 (this address has its share) or 503
+    /// (anonymous downloads fill the node's share), both with Retry-After.
+    fn admit_anonymous(&self, head: &RequestHead, conn: &Conn) -> Result<AddressSlot, Failure> {
+        let ip = client_addr(
+            conn.peer.ip(),
+            head.x_forwarded_for.as_deref(),
+            &self.trusted_proxies,
+        );
+        self.anonymous.try_admit(ip).map_err(|refusal| {
+            METRICS.cut(Cut::AnonymousShare);
+            tracing::debug!(peer = %conn.peer, %refusal, "anonymous LFS download refused");
+            let status = match refusal {
+                admission::Refusal::PerSource(_) => 429,
+                admission::Refusal::Global(_) => 503,
             };
-            let buf = slice.into_inner();
-            match res {
-                Ok(0) => return Err(fail(500, "object shorter than recorded")),
-                Ok(_) => {}
-                Err(e) => return Err(io_failure(e)),
+            Failure {
+                retry_after: Some("1"),
+                ..fail(
+                    status,
+                    format!("anonymous downloads: {refusal}; retry later"),
+                )
             }
-            let n = buf.filled().len() as u64;
-            let (res, _buf) = conn.stream().write_all(buf).await;
-            res.map_err(io_failure)?;
-            METRICS.lfs.bytes_out.add(n);
-            done += n;
-        }
-        Ok(())
+        })
     }
 
     async fn verify(
@@ -898,13 +928,6 @@ impl LfsHttp {
     }
 }
 
-/// Where a download's bytes come from.
-enum Source {
-    Empty,
-    Disk(monoio::fs::File),
-    S3(super::s3::Response),
-}
-
 fn write_failed(e: io::Error) -> Failure {
     tracing::error!(error = %e, "writing LFS staging file");
     fail(507, "cannot store the object")
@@ -929,6 +952,23 @@ impl From<S3Error> for Failure {
     fn from(e: S3Error) -> Self {
         tracing::error!(error = %e, "S3 request failed");
         fail(502, "object storage failed")
+    }
+}
+
+/// Waits, holding no buffer, until the uploader has sent more body bytes (those that arrived
+/// with the head wait in the connection's buffer already).
+async fn body_waiting(conn: &mut Conn) -> Result<(), Failure> {
+    if !conn.buffered().is_empty() {
+        return Ok(());
+    }
+    conn.body_ready().await.map_err(body_failure)
+}
+
+/// A stalled body is 408; a broken connection has no one left to answer.
+fn body_failure(e: BodyReadError) -> Failure {
+    match e {
+        BodyReadError::Stalled(stall) => fail(408, format!("request body stalled: {stall}")),
+        BodyReadError::Io(e) => io_failure(e),
     }
 }
 

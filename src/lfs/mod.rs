@@ -5,12 +5,13 @@
 //! - [`pool`]: the per-shard pool of pinned, page-aligned transfer buffers that bounds memory;
 //! - [`storage`]: verified objects on local disk; [`s3`] and [`sigv4`]: or in S3-compatible storage;
 //! - [`s3_bridge`]: that S3 client on a thread of its own, for the tokio SSH sidecars;
-//! - [`http`]: the request handlers.
+//! - [`http`]: the request handlers; [`send`]: a download's paced send loop.
 
 pub mod http;
 pub mod pool;
 pub mod s3;
 pub mod s3_bridge;
+mod send;
 pub mod sigv4;
 pub mod storage;
 

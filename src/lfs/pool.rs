@@ -117,6 +117,7 @@ impl BufferPool {
     /// Takes a buffer only if one is free right now.
     pub fn try_acquire(&self) -> Option<PooledBuf> {
         let buf = self.0.free.borrow_mut().pop()?;
+        METRICS.lfs.pool_in_use.inc();
         Some(PooledBuf {
             buf: Some(buf),
             len: 0,
@@ -125,6 +126,7 @@ impl BufferPool {
     }
 
     fn give_back(&self, buf: Pinned) {
+        METRICS.lfs.pool_in_use.dec();
         self.0.free.borrow_mut().push(buf);
         if let Some(w) = self.0.waiters.borrow_mut().pop_front() {
             w.wake();

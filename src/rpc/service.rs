@@ -23,9 +23,9 @@ use super::status::{Code, Status};
 use crate::config::{HousekeepingConfig, RpcLimits};
 use crate::git::repo::RepoRoot;
 use crate::git::repo_name::RepoName;
-use crate::hooks::event::{new_event_id, PushEvent, RefUpdate, ZERO_OID};
+use crate::hooks::event::RefUpdate;
+use crate::hooks::pending::ServerChange;
 use crate::lifecycle::ShutdownSignal;
-use crate::store::with_thread_store;
 
 /// Messages a streaming call may have in flight between its worker and the shard: with 64 KiB
 /// blob chunks, 4 keep the socket busy while bounding memory per call.
@@ -140,33 +140,38 @@ pub struct CallEnv {
 }
 
 impl CallEnv {
-    /// Records the ref change a call made as one hook event in the outbox, durably, before the
-    /// call answers: what post-receive does for a push, so webhooks and indexing see merges and
-    /// branches made through the API too.
-    fn record_ref_update(&self, method: &str, update: RefUpdate) -> OpResult<()> {
-        let event = PushEvent {
-            id: new_event_id(),
-            repository: self.name.clone(),
-            pusher: String::new(),
-            remote_addr: String::new(),
-            via: format!("grpc:{method}"),
-            refs: vec![update],
-            push_options: Vec::new(),
-            pushed_at: i64::try_from(crate::clock::unix_now()).unwrap_or(i64::MAX),
+    /// Runs `op`, which writes one ref: the change is recorded as pending (durably) right before
+    /// libgit2 writes the ref, and becomes its hook event once the op is done, so webhooks and
+    /// indexing see merges and branches made through the API too, even across a crash.
+    fn changing_ref<T>(
+        &self,
+        method: &str,
+        repo: &Repository,
+        op: impl FnOnce(ops::BeforeRefWrite<'_>) -> OpResult<T>,
+    ) -> OpResult<T> {
+        let change = ServerChange::new(&self.data_dir, &self.name, format!("grpc:{method}"));
+        let result = op(&|update: &RefUpdate| {
+            change.prepare(update).map_err(|e| {
+                ops::OpError::Status(Status::new(
+                    Code::Internal,
+                    format!(
+                        "{method} did not change {}: its hook event could not be recorded: {e}",
+                        update.refname
+                    ),
+                ))
+            })
+        });
+        let current = |name: &str| {
+            ops::refs::ref_target(repo, name)
+                .ok()
+                .flatten()
+                .map(|o| o.to_string())
         };
-        with_thread_store(&self.data_dir, |s| {
-            s.outbox_insert(&event.id, &event.repository, &event.to_json())
-                .map(drop)
-        })
-        .map_err(|e| {
-            ops::OpError::Status(Status::new(
-                Code::Internal,
-                format!(
-                    "{method} changed {} but its hook event was not recorded: {e}",
-                    event.refs[0].refname
-                ),
-            ))
-        })
+        if let Err(e) = change.finish(result.is_ok(), current) {
+            // The pending row stays, and the next start publishes it: the answer stands.
+            tracing::warn!(repo = %self.name, method, error = %e, "ref change event left pending");
+        }
+        result
     }
 }
 
@@ -296,32 +301,13 @@ impl RpcState {
             }
             Method::CreateBranch => {
                 self.unary(body, ctx, |r, q, e| {
-                    let resp = refs::create_branch(r, q)?;
-                    let after = resp.branch.as_ref().and_then(|b| b.target.as_ref());
-                    e.record_ref_update(
-                        "CreateBranch",
-                        RefUpdate {
-                            refname: refs::branch_ref(&q.name)?,
-                            before: ZERO_OID.into(),
-                            after: after.map(|c| c.id.clone()).unwrap_or_default(),
-                        },
-                    )?;
-                    Ok(resp)
+                    e.changing_ref("CreateBranch", r, |w| refs::create_branch(r, q, w))
                 })
                 .await
             }
             Method::DeleteBranch => {
                 self.unary(body, ctx, |r, q, e| {
-                    let resp = refs::delete_branch(r, q)?;
-                    e.record_ref_update(
-                        "DeleteBranch",
-                        RefUpdate {
-                            refname: refs::branch_ref(&q.name)?,
-                            before: resp.old_id.clone(),
-                            after: ZERO_OID.into(),
-                        },
-                    )?;
-                    Ok(resp)
+                    e.changing_ref("DeleteBranch", r, |w| refs::delete_branch(r, q, w))
                 })
                 .await
             }
@@ -331,19 +317,7 @@ impl RpcState {
             }
             Method::Merge => {
                 self.unary(body, ctx, |r, q, e| {
-                    let resp = merge::merge(r, q)?;
-                    if !resp.up_to_date {
-                        // The update was a compare-and-swap from expected_target_id.
-                        e.record_ref_update(
-                            "Merge",
-                            RefUpdate {
-                                refname: refs::branch_ref(&q.target)?,
-                                before: q.expected_target_id.to_ascii_lowercase(),
-                                after: resp.commit_id.clone(),
-                            },
-                        )?;
-                    }
-                    Ok(resp)
+                    e.changing_ref("Merge", r, |w| merge::merge(r, q, w))
                 })
                 .await
             }

@@ -9,11 +9,12 @@ use std::sync::Arc;
 
 use super::shard::{accept_loop, AcceptOptions, ListenerSet, ShardContext, ShardService};
 use crate::access::HttpAuth;
+use crate::admission::AddressLimiter;
 use crate::git::process::Service;
 use crate::http::conn::Conn;
 use crate::http::head::{Method, RequestHead};
 use crate::http::server::{serve_connection, Handler, Reuse};
-use crate::lfs::http::LfsHttp;
+use crate::lfs::http::{anonymous_share, LfsHttp};
 use crate::lifecycle::ShutdownSignal;
 use crate::metrics::{Route, METRICS};
 use crate::smart_http::{AppState, SmartHttp};
@@ -122,6 +123,25 @@ impl Handler for Router {
     }
 }
 
+/// Replaces the peer with the client a balancer's PROXY protocol header names; false (after
+/// answering 400 and closing) when there is no valid header in time.
+async fn take_proxy_header(conn: &mut Conn, limits: &crate::config::HttpLimits) -> bool {
+    match conn.read_proxy_header(limits.head_timeout).await {
+        Ok(client) => {
+            conn.peer = client;
+            true
+        }
+        Err(reason) => {
+            METRICS.bad_requests.inc();
+            tracing::info!(peer = %conn.peer, %reason, "HTTP connection from a PROXY protocol balancer refused");
+            conn.close_after_response();
+            let _ = conn.respond_text(400, &[], &format!("{reason}\n")).await;
+            conn.shutdown().await;
+            false
+        }
+    }
+}
+
 async fn method_not_allowed(conn: &mut Conn, allow: &str) -> io::Result<Reuse> {
     METRICS.request(Route::Other);
     conn.close_after_response();
@@ -134,12 +154,15 @@ pub struct HttpService {
     listeners: ListenerSet,
     state: Arc<AppState>,
     token_secret: TokenSecret,
+    /// The node-wide share of anonymous LFS downloads.
+    lfs_anonymous: Arc<AddressLimiter>,
 }
 
 impl HttpService {
     pub fn new(listeners: ListenerSet, state: Arc<AppState>, token_secret: TokenSecret) -> Self {
         Self {
             listeners,
+            lfs_anonymous: anonymous_share(&state.config),
             state,
             token_secret,
         }
@@ -151,13 +174,14 @@ impl ShardService for HttpService {
         let listener = self.listeners.take(ctx.shard);
         let state = Arc::clone(&self.state);
         let secret = self.token_secret.clone();
+        let lfs_anonymous = Arc::clone(&self.lfs_anonymous);
         Box::pin(async move {
             let Some(listener) = listener else { return };
             let config = Arc::clone(&state.config);
             let auth = Rc::new(HttpAuth::new(config.data_dir.clone(), secret));
             let router = Rc::new(Router {
                 git: SmartHttp::new(Arc::clone(&state), Rc::clone(&auth)),
-                lfs: LfsHttp::new(&config, auth),
+                lfs: LfsHttp::new(&config, auth, lfs_anonymous),
                 shutdown: Rc::clone(&ctx.shutdown),
             });
             let opts = AcceptOptions {
@@ -170,17 +194,29 @@ impl ShardService for HttpService {
                 let shutdown = Rc::clone(&ctx.shutdown);
                 let config = Arc::clone(&config);
                 async move {
-                    let mut conn = Conn::new(stream, peer);
-                    serve_connection(&*router, &mut conn, &config.http, &shutdown).await;
+                    let mut conn = Conn::new(stream, peer, &config.http);
+                    let limits = &config.http;
+                    let proxied = limits
+                        .proxy_protocol_from
+                        .iter()
+                        .any(|r| r.contains(peer.ip()));
+                    // Boxed: its state is needed once, not while the connection idles.
+                    if proxied && !Box::pin(take_proxy_header(&mut conn, limits)).await {
+                        return;
+                    }
+                    serve_connection(&*router, &mut conn, limits, &shutdown).await;
                 }
             };
-            let reject = |stream, peer| async move {
-                let mut conn = Conn::new(stream, peer);
-                conn.close_after_response();
-                let _ = conn
-                    .respond_text(503, &[("Retry-After", "1")], "too many connections\n")
-                    .await;
-                conn.shutdown().await;
+            let reject = |stream, peer| {
+                let config = Arc::clone(&config);
+                async move {
+                    let mut conn = Conn::new(stream, peer, &config.http);
+                    conn.close_after_response();
+                    let _ = conn
+                        .respond_text(503, &[("Retry-After", "1")], "too many connections\n")
+                        .await;
+                    conn.shutdown().await;
+                }
             };
             accept_loop(listener, &ctx, opts, serve, reject).await;
         })

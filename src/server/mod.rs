@@ -3,15 +3,21 @@
 //! Per core there is a monoio shard ([`shard`]) serving the io_uring front ends (HTTP, gRPC) and
 //! a tokio sidecar ([`sidecar`]) for the tokio-bound ones (SSH, AMQP). Each front end owns one
 //! SO_REUSEPORT listener per core, so the kernel spreads connections and no accept lock is
-//! shared. The main thread only waits for SIGTERM/SIGINT: then every front end stops accepting,
-//! lets in-flight work finish up to the grace period, cuts the rest, and the process exits 0.
+//! shared. The main thread only waits for signals: on SIGTERM/SIGINT every front end stops
+//! accepting, lets in-flight work finish up to the grace period, cuts the rest, and the process
+//! exits 0; on SIGUSR2 it first starts the next generation with the listening sockets
+//! ([`upgrade`]) and drains only once that one is ready. Listeners handed down by server_starter
+//! or by the previous generation are taken over instead of bound ([`inherit`]).
 
 mod http;
+pub mod inherit;
 pub mod shard;
 pub mod sidecar;
+pub mod upgrade;
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -52,6 +58,8 @@ pub enum ServeError {
         path: std::path::PathBuf,
         source: io::Error,
     },
+    #[error("inherited listening sockets: {0}")]
+    Inherit(#[from] inherit::InheritError),
 }
 
 /// The services a server runs, and where they listen.
@@ -61,21 +69,40 @@ pub struct Frontends {
     pub sidecar: Vec<Arc<dyn SidecarService>>,
     /// (service name, bound address), reported once everything listens.
     pub bound: Vec<(&'static str, SocketAddr)>,
+    /// Every service's listening sockets, for the next generation.
+    pub fds: Vec<(&'static str, Vec<RawFd>)>,
+    /// Sockets handed down by the previous generation, until taken.
+    inherited: inherit::Inherited,
 }
 
 impl Frontends {
-    /// Binds one listener per core for `service` on `addr`.
+    /// One listener per core for `service` on `addr`: the inherited ones if any, else bound.
     pub fn listen(
         &mut self,
         service: &'static str,
         addr: SocketAddr,
         cores: usize,
     ) -> Result<ListenerSet, ServeError> {
-        let listeners = bind_listeners(addr, cores).map_err(|source| ServeError::Listen {
+        let listen_error = |source| ServeError::Listen {
             service,
             addr,
             source,
-        })?;
+        };
+        let listeners = match self.inherited.take(service, addr, cores) {
+            Ok(Some(listeners)) => {
+                tracing::info!(service, %addr, "serving on inherited listening sockets");
+                listeners
+            }
+            Ok(None) => {
+                if self.inherited.under_server_starter() {
+                    tracing::info!(service, %addr, "server_starter passed no socket for this address: binding it");
+                }
+                bind_listeners(addr, cores).map_err(listen_error)?
+            }
+            Err(e) => return Err(listen_error(e)),
+        };
+        self.fds
+            .push((service, listeners.iter().map(|l| l.as_raw_fd()).collect()));
         let bound = listeners
             .first()
             .and_then(|l| l.local_addr().ok())
@@ -86,9 +113,15 @@ impl Frontends {
 }
 
 /// Binds every front end. A new front end is added here.
-fn build_frontends(config: &Arc<ServeConfig>) -> Result<Frontends, ServeError> {
+fn build_frontends(
+    config: &Arc<ServeConfig>,
+    inherited: inherit::Inherited,
+) -> Result<Frontends, ServeError> {
     let cores = config.shards.get();
-    let mut f = Frontends::default();
+    let mut f = Frontends {
+        inherited,
+        ..Frontends::default()
+    };
     let state = Arc::new(AppState::new(Arc::clone(config)));
     let token_secret = crate::token::TokenSecret::load_or_create(&config.data_dir)?;
     crate::lfs::storage::DiskStore::new(&config.data_dir)
@@ -98,7 +131,7 @@ fn build_frontends(config: &Arc<ServeConfig>) -> Result<Frontends, ServeError> {
             source,
         })?;
     if let Some(cache) = &config.git.pack_cache {
-        let exe = std::env::current_exe().map_err(ServeError::Exe)?;
+        let exe = crate::lifecycle::running_exe().map_err(ServeError::Exe)?;
         crate::git::pack_cache::enable(&exe, cache)?;
     }
     let http_listeners = f.listen("http", config.http_listen, cores)?;
@@ -152,6 +185,7 @@ fn block_signals() -> io::Result<libc::sigset_t> {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGUSR2);
         let r = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         if r != 0 {
             return Err(io::Error::from_raw_os_error(r));
@@ -183,9 +217,21 @@ pub fn run(
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
     }
+    // Taken before any thread exists: the fds are ours, and the environment is read once.
+    let inherited = inherit::Inherited::from_env()?;
+    let next = upgrade::NextGeneration {
+        exe: std::env::current_exe().map_err(ServeError::Exe)?,
+        args: std::env::args_os().skip(1).collect(),
+        listeners: Vec::new(),
+        ready_timeout: config.upgrade_timeout,
+    };
     let config = Arc::new(config);
     let cores = config.shards.get();
-    let frontends = build_frontends(&config)?;
+    let frontends = build_frontends(&config, inherited)?;
+    let next = upgrade::NextGeneration {
+        listeners: frontends.fds.clone(),
+        ..next
+    };
     METRICS.set_shards(cores);
     if !config.force_epoll && !monoio::utils::detect_uring() {
         tracing::warn!("io_uring is unavailable (old kernel, kernel.io_uring_disabled=1, or a seccomp filter): shards use epoll");
@@ -237,7 +283,24 @@ pub fn run(
         tracing::info!(%service, %addr, cores, "listening");
     }
     ready(&frontends.bound);
-    let sig = wait_signal(&signals);
+    upgrade::report_ready(config.pid_file.as_deref());
+    let sig = loop {
+        let sig = wait_signal(&signals);
+        if sig != libc::SIGUSR2 {
+            break sig;
+        }
+        tracing::info!(exe = %next.exe.display(), "upgrade: starting the next generation");
+        match next.start() {
+            Ok(pid) => {
+                tracing::info!(
+                    pid,
+                    "upgrade: the next generation is ready; draining this one"
+                );
+                break sig;
+            }
+            Err(e) => tracing::error!(error = %e, "upgrade failed: this generation keeps serving"),
+        }
+    };
     tracing::info!(
         signal = sig,
         grace_secs = grace.as_secs(),
@@ -247,12 +310,17 @@ pub fn run(
     let _ = stop_tx.send(true);
     // A second signal during the drain means "now".
     std::thread::spawn(move || {
-        wait_signal(&signals);
+        while wait_signal(&signals) == libc::SIGUSR2 {
+            tracing::warn!("upgrade requested while draining: ignored");
+        }
         tracing::warn!("second signal: exiting without waiting");
         std::process::exit(1);
     });
     for t in threads {
         let _ = t.join();
+    }
+    if let Some(path) = &config.pid_file {
+        upgrade::remove_pid_file(path);
     }
     tracing::info!("stopped");
     Ok(())

@@ -127,24 +127,11 @@ pub async fn accept_loop<S, F, R, G>(
         }
     };
     let gauge = METRICS.shard_connections(ctx.shard);
-    loop {
-        let accepted = monoio::select! {
-            r = listener.accept() => r,
-            _ = ctx.shutdown.wait() => break,
-        };
-        let (stream, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                tracing::warn!(shard = ctx.shard, service = opts.name, error = %e, "accept failed");
-                monoio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
-        };
+    let admit = |stream: TcpStream, peer: SocketAddr| {
         if ctx.connections.get() >= opts.max_connections {
             METRICS.connections_rejected.inc();
             monoio::spawn(reject(stream, peer));
-            continue;
+            return;
         }
         if let Err(e) = tune_socket(std::os::fd::AsRawFd::as_raw_fd(&stream), opts.tcp) {
             tracing::debug!(error = %e, "cannot set socket options");
@@ -163,6 +150,32 @@ pub async fn accept_loop<S, F, R, G>(
                 g.dec();
             }
         });
+    };
+    loop {
+        let canceller = monoio::io::Canceller::new();
+        let mut accept = std::pin::pin!(listener.cancelable_accept(canceller.handle()));
+        let accepted = monoio::select! {
+            r = &mut accept => r,
+            _ = ctx.shutdown.wait() => {
+                // Cancel the pending accept, but serve what it may already have accepted: on
+                // io_uring the kernel can complete it before the cancel lands, and dropping that
+                // connection would reset a client that was in our queue (during a hot upgrade
+                // the queue is shared with the next generation, and must lose nothing).
+                let _ = canceller.cancel();
+                if let Ok((stream, peer)) = accept.await {
+                    admit(stream, peer);
+                }
+                break;
+            }
+        };
+        match accepted {
+            Ok((stream, peer)) => admit(stream, peer),
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(shard = ctx.shard, service = opts.name, error = %e, "accept failed");
+                monoio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
     }
 }
 

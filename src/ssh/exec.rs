@@ -8,6 +8,8 @@
 //! - git's exit code → `exit-status`, then EOF and close.
 //! - The client closing the channel (or the connection dying, signalled by the supervisor)
 //!   before git ends drops the [`TokioGit`], which kills git's process group and reaps it.
+//! - A channel that moves no byte either way for `ssh.channel_idle_secs` ([`super::idle`]) is
+//!   closed the same way, even while the connection itself stays alive.
 
 use std::io;
 use std::net::SocketAddr;
@@ -21,8 +23,9 @@ use tokio::net::UnixStream;
 use tokio::sync::watch;
 
 use super::handler::Phase;
+use super::idle::{Activity, ChannelStalled};
 use super::SshShared;
-use crate::git::limiter::PackPermit;
+use crate::git::limiter::{PackPermit, Requester};
 use crate::git::process::{GitCommand, Mode, Service};
 use crate::git::repo_name::RepoName;
 use crate::git::tokio_child::{ChildError, TokioGit};
@@ -44,6 +47,10 @@ enum ExecError {
     /// The client closed the channel, or the connection is gone: nothing to tell anyone.
     #[error("client went away")]
     ClientGone,
+    /// The client moved no byte for the channel idle time: the channel is closed, and nothing
+    /// is written first (its window may be shut).
+    #[error(transparent)]
+    Stalled(#[from] ChannelStalled),
 }
 
 /// Everything an exec needs, detached from the handler.
@@ -94,6 +101,12 @@ pub(super) async fn run(ctx: ExecContext, guard: ExecGuard, channel: Channel<Msg
             drop(guard);
             return;
         }
+        Err(e @ ExecError::Stalled(_)) => {
+            tracing::info!(peer = %ctx.peer, repo = %ctx.repo, service = ctx.service.wire_name(), error = %e, "SSH channel cut; git killed");
+            let _ = write.close().await;
+            drop(guard);
+            return;
+        }
         Err(e) => {
             tracing::warn!(peer = %ctx.peer, repo = %ctx.repo, service = ctx.service.wire_name(), error = %e, "SSH git session failed");
             let msg = match e {
@@ -140,17 +153,19 @@ async fn serve(
         return Err(ExecError::GitIo(io::ErrorKind::BrokenPipe.into()));
     };
     let stdin = git.stdin.take();
+    let activity = Activity::new(ctx.shared.config.ssh.channel_idle);
     let outputs = async {
         let (out, err) = tokio::join!(
-            copy_out(stdout, write.make_writer()),
-            copy_out(stderr, write.make_writer_ext(Some(1)))
+            copy_out(stdout, write.make_writer(), &activity),
+            copy_out(stderr, write.make_writer_ext(Some(1)), &activity)
         );
         out.and(err)
     };
     tokio::select! {
         r = outputs => r?,
         // The channel closed before git finished: the client is gone.
-        _ = pump_stdin(read, stdin) => return Err(ExecError::ClientGone),
+        _ = pump_stdin(read, stdin, &activity) => return Err(ExecError::ClientGone),
+        stalled = activity.stalled() => return Err(stalled.into()),
     }
     // Both pipes reached EOF: git and its children have exited or are about to.
     Ok(git.wait().await)
@@ -160,6 +175,7 @@ async fn serve(
 async fn copy_out(
     mut from: impl AsyncRead + Unpin,
     mut to: impl AsyncWrite + Unpin,
+    activity: &Activity,
 ) -> Result<(), ExecError> {
     let mut buf = vec![0u8; COPY_BUF];
     loop {
@@ -171,15 +187,21 @@ async fn copy_out(
         to.write_all(chunk)
             .await
             .map_err(|_| ExecError::ClientGone)?;
+        activity.moved();
     }
 }
 
 /// Feeds channel data to git's stdin until the channel closes. Returns only then: EOF from
 /// the client closes stdin but keeps watching, so the caller learns of an early close.
-async fn pump_stdin(read: &mut ChannelReadHalf, mut stdin: Option<UnixStream>) {
+async fn pump_stdin(
+    read: &mut ChannelReadHalf,
+    mut stdin: Option<UnixStream>,
+    activity: &Activity,
+) {
     while let Some(msg) = read.wait().await {
         match msg {
             ChannelMsg::Data { data } => {
+                activity.moved();
                 if let Some(s) = stdin.as_mut() {
                     // git stopped reading (it exited or failed): drop the rest; its exit
                     // status and stderr tell the client why.
@@ -199,7 +221,7 @@ async fn pump_stdin(read: &mut ChannelReadHalf, mut stdin: Option<UnixStream>) {
 async fn pack_slot(ctx: &ExecContext) -> Option<PackPermit> {
     let limiter = &ctx.shared.packs;
     let key = ctx.repo.to_string();
-    if let Some(p) = limiter.try_acquire(&key) {
+    if let Some(p) = limiter.try_acquire(&key, Requester::Authenticated) {
         return Some(p);
     }
     let Some(_ticket) = limiter.enqueue() else {
@@ -211,7 +233,7 @@ async fn pack_slot(ctx: &ExecContext) -> Option<PackPermit> {
     let mut delay = Duration::from_millis(1);
     loop {
         tokio::time::sleep(delay).await;
-        if let Some(p) = limiter.try_acquire(&key) {
+        if let Some(p) = limiter.try_acquire(&key, Requester::Authenticated) {
             return Some(p);
         }
         if Instant::now() >= deadline {

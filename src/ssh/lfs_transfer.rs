@@ -16,6 +16,9 @@
 //! - With S3 storage the upload is staged and verified the same way, then handed to the
 //!   [`S3Bridge`] (a multipart upload from the staging file, which is removed afterwards), and a
 //!   download comes from the bridge in bounded chunks.
+//! - Every wait for the client (its next message, or a write its window must admit) is bounded
+//!   by `ssh.channel_idle_secs` ([`super::idle`]): a client that stalls is cut, its staging file
+//!   removed. The server's own work (fsync, an S3 upload) is not the client's wait.
 //! - Authorisation happened before the session started (read for `download`, write for
 //!   `upload`); what needs write (`put-object`, `verify-object`, `lock`, `unlock`) is refused in a
 //!   `download` session, which git-lfs only uses for `batch`, `get-object` and `list-lock`.
@@ -31,6 +34,7 @@ use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use russh::server::Msg;
 use russh::{Channel, ChannelMsg, ChannelReadHalf};
@@ -39,6 +43,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
 use super::exec::ExecGuard;
+use super::idle::{client_wait, ChannelStalled};
 use super::lfs_transfer_proto::{
     data_header, encode_capabilities, encode_error, encode_object_head, encode_status, Decoder,
     Event, FramingError, ObjectSpec, Request, Step,
@@ -66,6 +71,10 @@ enum TransferError {
     /// The channel closed or the connection died: nobody to tell.
     #[error("client went away")]
     ClientGone,
+    /// The client moved no byte within the channel idle time: closed without a word (its
+    /// window may be shut).
+    #[error(transparent)]
+    Stalled(#[from] ChannelStalled),
     /// The pkt-line stream is broken; nothing after it can be trusted (client error).
     #[error("broken pkt-line framing from the client: {0}")]
     Framing(#[from] FramingError),
@@ -138,6 +147,12 @@ pub(super) async fn run(ctx: TransferContext, guard: ExecGuard, channel: Channel
         }
         Err(TransferError::ClientGone) => {
             tracing::info!(peer = %ctx.peer, repo = %ctx.repo, "git-lfs-transfer client went away");
+            drop(guard);
+            return;
+        }
+        Err(e @ TransferError::Stalled(_)) => {
+            tracing::info!(peer = %ctx.peer, repo = %ctx.repo, error = %e, "git-lfs-transfer session cut");
+            let _ = write.close().await;
             drop(guard);
             return;
         }
@@ -246,6 +261,11 @@ impl<'a> Session<'a> {
         self.ctx.repo.to_string()
     }
 
+    /// How long one wait for the client may last.
+    fn idle(&self) -> Duration {
+        self.ctx.shared.config.ssh.channel_idle
+    }
+
     async fn store<R: Send + 'static>(
         &self,
         f: impl FnOnce(&crate::store::Store) -> Result<R, StoreError> + Send + 'static,
@@ -266,7 +286,7 @@ impl<'a> Session<'a> {
     ) -> Result<End, TransferError> {
         let mut resp = Vec::new();
         encode_capabilities(&mut resp);
-        send(out, &resp).await?;
+        send(out, &resp, self.idle()).await?;
         let mut decoder = Decoder::new(self.ctx.shared.config.lfs.max_batch_objects);
         // Holds at most one partial packet plus one SSH message: the decoder is asked for the
         // next packet before anything more is read.
@@ -278,7 +298,7 @@ impl<'a> Session<'a> {
                 Err(e) => {
                     let mut resp = Vec::new();
                     encode_error(&mut resp, 400, &[], &format!("protocol error: {e}"));
-                    send(out, &resp).await?;
+                    send(out, &resp, self.idle()).await?;
                     return Err(e.into());
                 }
             };
@@ -286,7 +306,7 @@ impl<'a> Session<'a> {
                 Step::Incomplete { .. } => {
                     input.drain(..start);
                     start = 0;
-                    match read.wait().await {
+                    match client_wait(self.idle(), read.wait()).await? {
                         Some(ChannelMsg::Data { data }) => input.extend_from_slice(&data),
                         Some(ChannelMsg::Eof | ChannelMsg::Close) | None => return Ok(End::Eof),
                         Some(_) => {}
@@ -316,7 +336,7 @@ impl<'a> Session<'a> {
         let result = match event {
             Event::Request(Request::Quit) => {
                 encode_status(&mut resp, 200, &[], None);
-                send(out, &resp).await?;
+                send(out, &resp, self.idle()).await?;
                 return Ok(true);
             }
             Event::Request(r) => self.on_request(r, out, &mut resp).await,
@@ -344,7 +364,7 @@ impl<'a> Session<'a> {
             }
             Err(Fault::Fatal(e)) => return Err(e),
         }
-        send(out, &resp).await?;
+        send(out, &resp, self.idle()).await?;
         Ok(false)
     }
 
@@ -612,7 +632,7 @@ impl<'a> Session<'a> {
             _ => return Err(refuse(404, "object not found")),
         };
         if let Some(s3) = &self.ctx.shared.lfs_s3 {
-            return send_from_s3(s3, oid, size, out, resp).await;
+            return send_from_s3(s3, oid, size, out, resp, self.idle()).await;
         }
         let path = self.disk.object_path(&oid);
         let p = path.clone();
@@ -624,7 +644,7 @@ impl<'a> Session<'a> {
             }
         };
         encode_object_head(resp, size);
-        send(out, resp).await?;
+        send(out, resp, self.idle()).await?;
         resp.clear();
         let _active = Active::start();
         let mut buf: Vec<u8> = Vec::with_capacity(4 + MAX_PAYLOAD_LEN);
@@ -660,7 +680,7 @@ impl<'a> Session<'a> {
             if let Some(h) = buf.get_mut(..4) {
                 h.copy_from_slice(&header);
             }
-            send(out, buf.get(..4 + n).unwrap_or_default()).await?;
+            send(out, buf.get(..4 + n).unwrap_or_default(), self.idle()).await?;
             METRICS.lfs.bytes_out.add(n as u64);
             offset += n as u64;
         }
@@ -789,6 +809,7 @@ async fn send_from_s3<W: AsyncWrite + Unpin>(
     size: u64,
     out: &mut W,
     resp: &mut Vec<u8>,
+    idle: Duration,
 ) -> Result<(), Fault> {
     let mut chunks = s3.download(oid.clone(), size, MAX_PAYLOAD_LEN);
     let mut chunk = if size > 0 {
@@ -800,7 +821,7 @@ async fn send_from_s3<W: AsyncWrite + Unpin>(
         Vec::new()
     };
     encode_object_head(resp, size);
-    send(out, resp).await?;
+    send(out, resp, idle).await?;
     resp.clear();
     let _active = Active::start();
     let mut packet: Vec<u8> = Vec::with_capacity(4 + MAX_PAYLOAD_LEN);
@@ -813,7 +834,7 @@ async fn send_from_s3<W: AsyncWrite + Unpin>(
             packet.clear();
             packet.extend_from_slice(&data_header(piece.len()).map_err(TransferError::Framing)?);
             packet.extend_from_slice(piece);
-            send(out, &packet).await?;
+            send(out, &packet, idle).await?;
         }
         METRICS.lfs.bytes_out.add(chunk.len() as u64);
         sent += chunk.len() as u64;
@@ -839,9 +860,13 @@ async fn next_chunk(
     }
 }
 
-/// Sends bytes; the writer waits for the client's SSH window.
-async fn send<W: AsyncWrite + Unpin>(out: &mut W, bytes: &[u8]) -> Result<(), TransferError> {
-    out.write_all(bytes)
-        .await
+/// Sends bytes; the writer waits for the client's SSH window, at most `idle`.
+async fn send<W: AsyncWrite + Unpin>(
+    out: &mut W,
+    bytes: &[u8],
+    idle: Duration,
+) -> Result<(), TransferError> {
+    client_wait(idle, out.write_all(bytes))
+        .await?
         .map_err(|_| TransferError::ClientGone)
 }

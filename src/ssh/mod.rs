@@ -2,7 +2,7 @@
 //! handshakes.
 //!
 //! Data flow: each sidecar core accepts on its own SO_REUSEPORT listener ([`SshService`]); a
-//! connection is admitted against the pre-auth caps ([`limits`]) and supervised by [`conn`],
+//! connection is admitted against the pre-auth caps ([`crate::admission`]) and supervised by [`conn`],
 //! which enforces one deadline over the whole handshake (TCP accept to successful public-key
 //! auth) and cuts the socket when it passes. The russh [`handler`] authenticates keys against
 //! the store ([`keys`]), accepts only session channels and only `exec` of the commands in
@@ -19,10 +19,10 @@ mod conn;
 mod exec;
 mod handler;
 pub mod hostkey;
+mod idle;
 pub mod keys;
 pub mod lfs;
 mod lfs_transfer;
-pub mod limits;
 
 pub use gitplane_wire::ssh::{command, lfs_transfer as lfs_transfer_proto};
 
@@ -38,6 +38,7 @@ use std::time::{Duration, Instant};
 use russh::keys::{Algorithm, HashAlg};
 use russh::{cipher, kex, MethodKind, MethodSet, Preferred, SshId};
 
+use crate::admission::AddressLimiter as PreAuthLimiter;
 use crate::config::{ServeConfig, SshLimits};
 use crate::git::limiter::PackLimiter;
 use crate::git::repo::RepoRoot;
@@ -46,7 +47,6 @@ use crate::server::shard::ListenerSet;
 use crate::server::sidecar::{stopped, SidecarService, StopSignal};
 use crate::store::{Store, StoreError};
 use crate::token::TokenSecret;
-use limits::PreAuthLimiter;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SshError {

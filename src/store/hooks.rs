@@ -20,6 +20,46 @@ pub struct OutboxRow {
     pub payload: String,
 }
 
+/// A ref transaction recorded in its `prepared` state and not yet part of an outbox event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingRow {
+    pub id: i64,
+    /// The process changing the refs, `PID:STARTTIME` (receive-pack, or the server for gRPC).
+    pub owner: String,
+    /// `OWNER/NAME`.
+    pub repo: String,
+    /// The transaction's ref updates, as JSON.
+    pub refs: String,
+    pub pusher: String,
+    pub remote_addr: String,
+    pub via: String,
+    pub state: PendingState,
+    /// Seconds since the epoch.
+    pub created_at: i64,
+}
+
+/// Where a pending transaction stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PendingState {
+    /// Refs locked, not known to be committed.
+    Prepared,
+    /// git reported the refs committed.
+    Committed,
+    /// Reconciled into an outbox event after its process died; kept so that a post-receive
+    /// still running for it adds no second event.
+    Published,
+}
+
+impl PendingState {
+    fn parse(s: &str) -> Self {
+        match s {
+            "committed" => Self::Committed,
+            "published" => Self::Published,
+            _ => Self::Prepared,
+        }
+    }
+}
+
 /// How a job ended for one event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobRecord {
@@ -70,6 +110,18 @@ CREATE TABLE IF NOT EXISTS hook_outbox (
     payload TEXT NOT NULL,
     created_at INTEGER NOT NULL DEFAULT (unixepoch())
 );
+CREATE TABLE IF NOT EXISTS hook_pending (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    owner TEXT NOT NULL,
+    repo TEXT NOT NULL,
+    refs TEXT NOT NULL,
+    pusher TEXT NOT NULL,
+    remote_addr TEXT NOT NULL,
+    via TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'prepared',
+    created_at INTEGER NOT NULL DEFAULT (unixepoch())
+);
+CREATE INDEX IF NOT EXISTS hook_pending_by_owner ON hook_pending (owner);
 CREATE TABLE IF NOT EXISTS hook_jobs (
     event_id TEXT NOT NULL,
     job TEXT NOT NULL,
@@ -159,6 +211,142 @@ impl Store {
             let _ = self.conn.execute_batch("ROLLBACK");
             self.db(e)
         })
+    }
+
+    /// Runs `f` in a transaction that holds the write lock from its start (`BEGIN IMMEDIATE`), so
+    /// a read-then-write cannot fail half-way against another process's writer.
+    pub fn write_transaction<R>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        self.begin_batch()?;
+        match f(self) {
+            Ok(r) => {
+                self.commit_batch()?;
+                Ok(r)
+            }
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                Err(e)
+            }
+        }
+    }
+
+    /// Records a prepared ref transaction; durable when this returns. `row.id`, `row.state` and
+    /// `row.created_at` are set by the store.
+    pub fn pending_insert(&self, row: &PendingRow) -> Result<i64, StoreError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO hook_pending (owner, repo, refs, pusher, remote_addr, via)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    row.owner,
+                    row.repo,
+                    row.refs,
+                    row.pusher,
+                    row.remote_addr,
+                    row.via
+                ])
+            })
+            .map_err(|e| self.db(e))?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    /// Marks `owner`'s prepared transaction with exactly `refs` committed.
+    pub fn pending_committed(&self, owner: &str, refs: &str) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached(
+                "UPDATE hook_pending SET state = 'committed'
+                 WHERE owner = ?1 AND refs = ?2 AND state = 'prepared'",
+            )
+            .and_then(|mut s| s.execute(params![owner, refs]))
+            .map(drop)
+            .map_err(|e| self.db(e))
+    }
+
+    /// Forgets `owner`'s prepared transaction with exactly `refs` (git aborted it).
+    pub fn pending_aborted(&self, owner: &str, refs: &str) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached(
+                "DELETE FROM hook_pending WHERE owner = ?1 AND refs = ?2 AND state = 'prepared'",
+            )
+            .and_then(|mut s| s.execute(params![owner, refs]))
+            .map(drop)
+            .map_err(|e| self.db(e))
+    }
+
+    /// Every pending row of `owner`, oldest first.
+    pub fn pending_of(&self, owner: &str) -> Result<Vec<PendingRow>, StoreError> {
+        self.pending_query("WHERE owner = ?1 ORDER BY id", owner)
+    }
+
+    /// The owners with rows not yet published.
+    pub fn pending_owners(&self) -> Result<Vec<String>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT DISTINCT owner FROM hook_pending WHERE state != 'published'")
+            .map_err(|e| self.db(e))?;
+        let owners = stmt
+            .query_map([], |r| r.get(0))
+            .and_then(|rows| rows.collect::<Result<Vec<String>, _>>())
+            .map_err(|e| self.db(e))?;
+        Ok(owners)
+    }
+
+    /// Deletes every row of `owner`.
+    pub fn pending_forget(&self, owner: &str) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached("DELETE FROM hook_pending WHERE owner = ?1")
+            .and_then(|mut s| s.execute([owner]))
+            .map(drop)
+            .map_err(|e| self.db(e))
+    }
+
+    /// Marks every row of `owner` published (its event is in the outbox).
+    pub fn pending_published(&self, owner: &str) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached("UPDATE hook_pending SET state = 'published' WHERE owner = ?1")
+            .and_then(|mut s| s.execute([owner]))
+            .map(drop)
+            .map_err(|e| self.db(e))
+    }
+
+    /// Deletes published rows older than `before` (seconds since the epoch).
+    pub fn pending_purge(&self, before: i64) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached(
+                "DELETE FROM hook_pending WHERE state = 'published' AND created_at < ?1",
+            )
+            .and_then(|mut s| s.execute([before]))
+            .map(drop)
+            .map_err(|e| self.db(e))
+    }
+
+    fn pending_query(&self, clause: &str, arg: &str) -> Result<Vec<PendingRow>, StoreError> {
+        let sql = format!(
+            "SELECT id, owner, repo, refs, pusher, remote_addr, via, state, created_at
+             FROM hook_pending {clause}"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql).map_err(|e| self.db(e))?;
+        let rows = stmt
+            .query_map([arg], |r| {
+                Ok(PendingRow {
+                    id: r.get(0)?,
+                    owner: r.get(1)?,
+                    repo: r.get(2)?,
+                    refs: r.get(3)?,
+                    pusher: r.get(4)?,
+                    remote_addr: r.get(5)?,
+                    via: r.get(6)?,
+                    state: PendingState::parse(&r.get::<_, String>(7)?),
+                    created_at: r.get(8)?,
+                })
+            })
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| self.db(e))?;
+        Ok(rows)
     }
 
     /// Appends a push event to the outbox; returns its row id. Durable when this returns.
@@ -549,6 +737,47 @@ mod tests {
         store.set_repo_size("o/r", 12).unwrap();
         assert_eq!(store.repo_size("o/r").unwrap(), Some(12));
         assert_eq!(store.repo_size("o/x").unwrap(), None);
+    }
+
+    #[test]
+    fn pending_rows_follow_their_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let row = |refs: &str| PendingRow {
+            id: 0,
+            owner: "10:99".into(),
+            repo: "o/r".into(),
+            refs: refs.into(),
+            pusher: "alice".into(),
+            remote_addr: String::new(),
+            via: String::new(),
+            state: PendingState::Prepared,
+            created_at: 0,
+        };
+        store.pending_insert(&row("[1]")).unwrap();
+        store.pending_insert(&row("[2]")).unwrap();
+        store.pending_insert(&row("[3]")).unwrap();
+        store.pending_committed("10:99", "[1]").unwrap();
+        store.pending_aborted("10:99", "[2]").unwrap();
+        // A committed row is not aborted by a stray `aborted` with the same refs.
+        store.pending_aborted("10:99", "[1]").unwrap();
+        let rows = store.pending_of("10:99").unwrap();
+        assert_eq!(
+            rows.iter()
+                .map(|r| (r.refs.as_str(), r.state))
+                .collect::<Vec<_>>(),
+            [
+                ("[1]", PendingState::Committed),
+                ("[3]", PendingState::Prepared)
+            ]
+        );
+        assert_eq!(store.pending_owners().unwrap(), ["10:99"]);
+        store.pending_published("10:99").unwrap();
+        assert!(store.pending_owners().unwrap().is_empty());
+        store.pending_purge(0).unwrap();
+        assert_eq!(store.pending_of("10:99").unwrap().len(), 2);
+        store.pending_purge(i64::MAX).unwrap();
+        assert!(store.pending_of("10:99").unwrap().is_empty());
     }
 
     #[test]

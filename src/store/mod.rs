@@ -13,7 +13,9 @@ use crate::git::repo_name::RepoName;
 
 mod hooks;
 mod lfs;
-pub use hooks::{CommitRecord, DeliveryRecord, JobRecord, OutboxRow, Webhook};
+pub use hooks::{
+    CommitRecord, DeliveryRecord, JobRecord, OutboxRow, PendingRow, PendingState, Webhook,
+};
 pub use lfs::{LockQuery, LockRecord, ObjectState};
 
 pub const DB_FILE: &str = "gitplane.db";

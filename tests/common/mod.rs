@@ -445,6 +445,15 @@ pub fn raw_request(addr: SocketAddr, request: &[u8], limit: Duration) -> Vec<u8>
     out
 }
 
+/// An HTTP `Authorization` value for Basic credentials.
+pub fn basic_auth(user: &str, password: &str) -> String {
+    use base64::Engine;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    )
+}
+
 /// The status code of the first response in `raw`.
 pub fn status_of(raw: &[u8]) -> u16 {
     let text = String::from_utf8_lossy(raw);

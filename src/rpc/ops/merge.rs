@@ -9,7 +9,8 @@
 use git2::{Oid, Repository, Signature, Time};
 
 use super::refs::{branch_ref, ref_target};
-use super::{git, parse_oid, resolve_commit, OpError, OpResult};
+use super::{git, parse_oid, resolve_commit, BeforeRefWrite, OpError, OpResult};
+use crate::hooks::event::RefUpdate;
 use crate::rpc::pb::v1 as pb;
 
 /// Most conflicting paths reported (a pull request UI shows a list, not thousands).
@@ -101,7 +102,11 @@ fn signature_from(field: &str, s: Option<&pb::Signature>) -> OpResult<Option<Sig
         .map_err(|e| OpError::InvalidArgument(format!("{field}: {}", e.message())))
 }
 
-pub fn merge(repo: &Repository, req: &pb::MergeRequest) -> OpResult<pb::MergeResponse> {
+pub fn merge(
+    repo: &Repository,
+    req: &pb::MergeRequest,
+    before_write: BeforeRefWrite<'_>,
+) -> OpResult<pb::MergeResponse> {
     let full = branch_ref(&req.target)?;
     if req.expected_target_id.is_empty() {
         return Err(OpError::InvalidArgument(
@@ -187,6 +192,12 @@ pub fn merge(repo: &Repository, req: &pb::MergeRequest) -> OpResult<pb::MergeRes
             "Merge made by gitplane"
         }
     );
+    // The update is a compare-and-swap from `expected`: that is the event's before.
+    before_write(&RefUpdate {
+        refname: full.clone(),
+        before: expected.to_string(),
+        after: new_id.to_string(),
+    })?;
     repo.reference_matching(&full, new_id, true, expected, &log)
         .map_err(|e| match e.code() {
             git2::ErrorCode::Modified | git2::ErrorCode::Locked | git2::ErrorCode::NotFound => {

@@ -109,6 +109,10 @@ pub fn git(doing: &'static str) -> impl FnOnce(git2::Error) -> OpError {
 
 pub type OpResult<T> = Result<T, OpError>;
 
+/// Called by an op right before it writes a ref, with the exact change: the ref's event is
+/// recorded as pending there. An error stops the op before the write.
+pub type BeforeRefWrite<'a> = &'a dyn Fn(&crate::hooks::event::RefUpdate) -> OpResult<()>;
+
 /// Sends a streaming call's messages to the shard writing them out. Bounded: when the client
 /// reads slowly, `send` blocks this worker (not the shard) until there is room.
 pub struct Emitter {

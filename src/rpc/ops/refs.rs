@@ -4,7 +4,8 @@
 use git2::{ObjectType, Oid, Repository};
 
 use super::{commit_pb, decode_token, encode_token, git, page_limit, parse_oid, resolve_commit};
-use super::{signature, OpError, OpResult};
+use super::{signature, BeforeRefWrite, OpError, OpResult};
+use crate::hooks::event::{RefUpdate, ZERO_OID};
 use crate::rpc::pb::v1 as pb;
 
 const DEFAULT_PAGE: usize = 100;
@@ -163,10 +164,16 @@ pub fn branch_ref(name: &str) -> OpResult<String> {
 pub fn create_branch(
     repo: &Repository,
     req: &pb::CreateBranchRequest,
+    before_write: BeforeRefWrite<'_>,
 ) -> OpResult<pb::CreateBranchResponse> {
     let full = branch_ref(&req.name)?;
     let commit = resolve_commit(repo, &req.start_point)?;
     let log = format!("branch: Created from {}", req.start_point);
+    before_write(&RefUpdate {
+        refname: full.clone(),
+        before: ZERO_OID.into(),
+        after: commit.id().to_string(),
+    })?;
     // force = false: libgit2 refuses (EEXISTS) under the ref lock if it exists, so two
     // concurrent creates cannot both succeed.
     repo.reference(&full, commit.id(), false, &log)
@@ -189,6 +196,7 @@ pub fn create_branch(
 pub fn delete_branch(
     repo: &Repository,
     req: &pb::DeleteBranchRequest,
+    before_write: BeforeRefWrite<'_>,
 ) -> OpResult<pb::DeleteBranchResponse> {
     let full = branch_ref(&req.name)?;
     if head_branch(repo).as_deref() == Some(req.name.as_str()) {
@@ -222,6 +230,11 @@ pub fn delete_branch(
     }
     // libgit2 deletes with the value it read as the expected old value (under the ref lock), so
     // a concurrent update between the check above and here fails as MODIFIED -> ABORTED.
+    before_write(&RefUpdate {
+        refname: full.clone(),
+        before: old.to_string(),
+        after: ZERO_OID.into(),
+    })?;
     reference.delete().map_err(git("deleting the branch"))?;
     Ok(pb::DeleteBranchResponse {
         old_id: old.to_string(),

@@ -1,10 +1,10 @@
-//! Admission of connections that have not authenticated yet: a node-wide cap and a cap per
-//! source address (IPv4 address, or IPv6 /64, since one host usually owns a whole /64). Like
-//! OpenSSH's MaxStartups, but per source too, so one address cannot take every slot.
+//! Admission by client address: a node-wide cap and a cap per source address (IPv4 address, or
+//! IPv6 /64, since one host usually owns a whole /64), so one address cannot take every slot.
+//! Used for SSH connections that have not authenticated yet (like OpenSSH's MaxStartups, but per
+//! source too) and for anonymous clients' share of pack slots.
 //!
-//! A [`PreAuthSlot`] is held from accept until authentication succeeds or the connection ends;
-//! dropping it frees the slot. Shared by all sidecars; the state sits behind one mutex, held for
-//! a hash-map update per connection.
+//! An [`AddressSlot`] is held while the thing it admits runs; dropping it frees the slot. Shared
+//! by all threads; the state sits behind one mutex, held for a hash-map update per admission.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -12,14 +12,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
-    #[error("too many unauthenticated connections on the server ({0})")]
+    #[error("too many at once on the server ({0})")]
     Global(usize),
-    #[error("too many unauthenticated connections from this address ({0})")]
+    #[error("too many at once from this address ({0})")]
     PerSource(usize),
 }
 
 #[derive(Debug)]
-pub struct PreAuthLimiter {
+pub struct AddressLimiter {
     max_total: usize,
     max_per_source: usize,
     state: Mutex<State>,
@@ -31,10 +31,10 @@ struct State {
     per_source: HashMap<IpAddr, usize>,
 }
 
-/// One admitted unauthenticated connection.
+/// One admitted connection or operation.
 #[derive(Debug)]
-pub struct PreAuthSlot {
-    limiter: Arc<PreAuthLimiter>,
+pub struct AddressSlot {
+    limiter: Arc<AddressLimiter>,
     source: IpAddr,
 }
 
@@ -52,7 +52,7 @@ fn source_key(ip: IpAddr) -> IpAddr {
     }
 }
 
-impl PreAuthLimiter {
+impl AddressLimiter {
     pub fn new(max_total: usize, max_per_source: usize) -> Arc<Self> {
         Arc::new(Self {
             max_total,
@@ -66,7 +66,7 @@ impl PreAuthLimiter {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn try_admit(self: &Arc<Self>, ip: IpAddr) -> Result<PreAuthSlot, Refusal> {
+    pub fn try_admit(self: &Arc<Self>, ip: IpAddr) -> Result<AddressSlot, Refusal> {
         let source = source_key(ip);
         let mut s = self.lock();
         if s.total >= self.max_total {
@@ -78,7 +78,7 @@ impl PreAuthLimiter {
         }
         *n += 1;
         s.total += 1;
-        Ok(PreAuthSlot {
+        Ok(AddressSlot {
             limiter: Arc::clone(self),
             source,
         })
@@ -94,7 +94,7 @@ impl PreAuthLimiter {
     }
 }
 
-impl Drop for PreAuthSlot {
+impl Drop for AddressSlot {
     fn drop(&mut self) {
         let mut s = self.limiter.lock();
         s.total = s.total.saturating_sub(1);
@@ -117,7 +117,7 @@ mod tests {
 
     #[test]
     fn per_source_and_global_caps() {
-        let l = PreAuthLimiter::new(3, 2);
+        let l = AddressLimiter::new(3, 2);
         let a1 = l.try_admit(ip("10.0.0.1")).unwrap();
         let _a2 = l.try_admit(ip("10.0.0.1")).unwrap();
         assert_eq!(
@@ -133,7 +133,7 @@ mod tests {
 
     #[test]
     fn ipv6_counts_by_slash_64_and_mapped_v4_as_v4() {
-        let l = PreAuthLimiter::new(10, 1);
+        let l = AddressLimiter::new(10, 1);
         let _a = l.try_admit(ip("2001:db8:1:2::1")).unwrap();
         assert!(l.try_admit(ip("2001:db8:1:2::ffff")).is_err());
         let _b = l.try_admit(ip("2001:db8:1:3::1")).unwrap();
@@ -143,7 +143,7 @@ mod tests {
 
     #[test]
     fn slots_free_on_drop() {
-        let l = PreAuthLimiter::new(1, 1);
+        let l = AddressLimiter::new(1, 1);
         for _ in 0..100 {
             let s = l.try_admit(ip("10.0.0.1")).unwrap();
             drop(s);
