@@ -376,7 +376,7 @@ gitplane_fixture() {
     fi
     [[ -d $repo/objects ]] || { NOTE[gitplane]="repo create did not make $repo"; return 1; }
     if [[ ${GITPLANE_IMPORT:-copy} == push ]]; then
-        gitplane_import_by_push "$repo" "$src"
+        gitplane_import_by_push "$bin" "$repo" "$src"
         return
     fi
     rm -rf "$repo/objects" "$repo/refs" "$repo/packed-refs"
@@ -384,9 +384,13 @@ gitplane_fixture() {
     copy_objects "$src/objects" "$repo/objects"
 }
 
-# gitplane_import_by_push REPO SRC: see gitplane_fixture.
+# gitplane_import_by_push BIN REPO SRC: see gitplane_fixture.
 gitplane_import_by_push() {
-    local repo=$1 src=$2 pw t0 t1 i metrics
+    local bin=$1 repo=$2 src=$3 pw t0 t1 i metrics
+    "$bin" --data-dir "$GITPLANE_DATA" repo grant bench/fixture admin write >/dev/null || {
+        NOTE[gitplane]="repo grant bench/fixture admin write failed"
+        return 1
+    }
     pw=$(cat "$GITPLANE_DATA/initial-admin-password")
     t0=$(date +%s.%N)
     GIT_CONFIG_NOSYSTEM=1 GIT_CONFIG_GLOBAL=/dev/null timeout 600 git --git-dir="$src" push -q --mirror \
