@@ -164,6 +164,40 @@ fn a_mirror_push_gets_a_bitmap_and_a_commit_graph_without_waiting() {
 }
 
 #[test]
+fn housekeeping_runs_as_a_rabbitmq_job_too() {
+    let broker = "127.0.0.1:5672";
+    assert!(
+        std::net::TcpStream::connect_timeout(&broker.parse().unwrap(), Duration::from_secs(3))
+            .is_ok(),
+        "RabbitMQ is not reachable on {broker}: run scripts/test.sh, which starts it"
+    );
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let server = server(&format!(
+        "[hooks]\namqp_url = \"amqp://guest:guest@{broker}/%2f\"\namqp_prefix = \"gptest-hk-{}-{nanos}\"\nqueue_expires_secs = 60\n",
+        std::process::id()
+    ));
+    server.create_repo("admin/amqp", false);
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    generated_history(&src, 500);
+    git(
+        &src,
+        &["push", "-q", "--mirror", &server.admin_url("admin/amqp")],
+    );
+    let repo = server.repo_path("admin/amqp");
+    assert!(
+        wait_for(Duration::from_secs(60), || has_bitmap(&repo)
+            && has_commit_graph(&repo)),
+        "no bitmap and commit-graph 60 s after the push (RabbitMQ mode):\n{}",
+        server.log()
+    );
+    fsck(&repo);
+}
+
+#[test]
 fn three_hundred_small_pushes_stay_bounded() {
     let (loose_limit, max_packs) = (60, 4);
     let server = server(&format!(
