@@ -154,6 +154,16 @@ fn launch(mut cmd: Command, log: &Path) -> Child {
     child
 }
 
+/// The warnings and errors in a server log, for failure messages.
+fn log_problems(log: &Path) -> String {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// Clients that clone and push in a loop until told to stop; every failure is kept.
 struct Load {
     stop: Arc<AtomicBool>,
@@ -279,8 +289,9 @@ fn five_hups_under_server_starter_refuse_and_fail_nothing() {
     let (done, failures) = load.finish();
     assert!(
         failures.is_empty(),
-        "{} failures: {failures:#?}",
-        failures.len()
+        "{} failures: {failures:#?}\nserver log:\n{}",
+        failures.len(),
+        log_problems(&log)
     );
     assert!(done >= 16, "only {done} clone+push rounds completed");
     pids.dedup();
@@ -352,8 +363,9 @@ fn five_usr2_upgrades_refuse_and_fail_nothing_and_a_broken_binary_changes_nothin
     let (done, failures) = load.finish();
     assert!(
         failures.is_empty(),
-        "{} failures: {failures:#?}",
-        failures.len()
+        "{} failures: {failures:#?}\nserver log:\n{}",
+        failures.len(),
+        log_problems(&log)
     );
     assert!(done >= 16, "only {done} clone+push rounds completed");
 
