@@ -324,3 +324,48 @@ impl SidecarService for HousekeepingService {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::HousekeepingSection;
+
+    #[test]
+    fn a_request_while_a_pass_runs_is_folded_into_it() {
+        let data = tempfile::tempdir().unwrap();
+        let dir = data.path().join("repos/o/r.git");
+        let git = PathBuf::from("git");
+        let out = crate::git::process::git_command(&git, data.path())
+            .args(["init", "--bare", "-q"])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "git init: {out:?}");
+        let config = HousekeepingConfig::build(HousekeepingSection::default(), 2).unwrap();
+        let hk = Arc::new(Housekeeper::new(config, git, data.path().join("repos")));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let first = {
+                let (hk, dir) = (Arc::clone(&hk), dir.clone());
+                tokio::spawn(async move { hk.request(dir, false).await })
+            };
+            // Let the first request register itself and start its pass.
+            while !hk.inflight.lock().unwrap().contains_key(&dir) {
+                tokio::task::yield_now().await;
+            }
+            let second = hk.request(dir.clone(), true).await.unwrap();
+            assert!(matches!(second, Requested::Folded), "{second:?}");
+            // The first ran once more, with the folded request's --full.
+            match first.await.unwrap().unwrap() {
+                Requested::Ran(report) => {
+                    assert_eq!(report.plan.repack, Some(plan::Repack::Full))
+                }
+                other => panic!("{other:?}"),
+            }
+            assert!(hk.inflight.lock().unwrap().is_empty());
+        });
+    }
+}
