@@ -245,6 +245,31 @@ impl Load {
     }
 }
 
+/// 16 clients clone and push while `upgrade` runs five times, `pause` apart, each time waiting
+/// for the next generation to serve. Returns the pids that served, in order, and the load,
+/// still running.
+fn five_upgrades_under_load(
+    site: &Site,
+    pause: Duration,
+    mut upgrade: impl FnMut(),
+) -> (Vec<u32>, Load) {
+    let load = Load::start(site, 16);
+    let mut pids = vec![site.serving_pid().expect("pid file")];
+    for round in 0..5 {
+        std::thread::sleep(pause);
+        let before = *pids.last().unwrap();
+        upgrade();
+        assert!(
+            wait_for(Duration::from_secs(60), || site
+                .serving_pid()
+                .is_some_and(|p| p != before && alive(p))),
+            "round {round}: no new generation"
+        );
+        pids.push(site.serving_pid().unwrap());
+    }
+    (pids, load)
+}
+
 fn seed_repo(site: &Site) {
     site.admin(&["repo", "create", "admin/proj"]);
     let src = site.dir.path().join("src");
@@ -271,20 +296,10 @@ fn five_hups_under_server_starter_refuse_and_fail_nothing() {
     let mut starter = launch(cmd, &log);
     seed_repo(&site);
 
-    let load = Load::start(&site, 16);
-    let mut pids = vec![site.serving_pid().expect("pid file")];
-    for round in 0..5 {
-        std::thread::sleep(Duration::from_secs(3));
-        let before = *pids.last().unwrap();
-        signal(starter.id(), libc::SIGHUP);
-        assert!(
-            wait_for(Duration::from_secs(60), || site
-                .serving_pid()
-                .is_some_and(|p| p != before && alive(p))),
-            "round {round}: no new generation"
-        );
-        pids.push(site.serving_pid().unwrap());
-    }
+    let starter_pid = starter.id();
+    let (mut pids, load) = five_upgrades_under_load(&site, Duration::from_secs(3), || {
+        signal(starter_pid, libc::SIGHUP)
+    });
     std::thread::sleep(Duration::from_secs(2));
     let (done, failures) = load.finish();
     assert!(
@@ -328,21 +343,14 @@ fn five_usr2_upgrades_refuse_and_fail_nothing_and_a_broken_binary_changes_nothin
     let mut first = launch(cmd, &log);
     seed_repo(&site);
 
-    let load = Load::start(&site, 16);
-    let mut pids = vec![site.serving_pid().expect("pid file")];
-    for round in 0..5 {
-        std::thread::sleep(Duration::from_secs(2));
-        let before = *pids.last().unwrap();
+    let (pids, load) = five_upgrades_under_load(&site, Duration::from_secs(2), || {
         let out = Command::new(BIN)
             .args(["upgrade", "--pid-file"])
             .arg(site.pid_file())
             .output()
             .expect("gitplane upgrade");
-        assert!(out.status.success(), "round {round}: {out:?}");
-        let now = site.serving_pid().unwrap();
-        assert_ne!(now, before);
-        pids.push(now);
-    }
+        assert!(out.status.success(), "{out:?}");
+    });
 
     // A new binary that cannot start: the serving generation keeps serving and says why.
     std::fs::rename(&exe, site.dir.path().join("gitplane.good")).expect("move binary");
