@@ -66,7 +66,10 @@ pub struct HooksService {
 impl HooksService {
     /// Writes the git hooks, points receive-pack at them, opens the store, and reconciles the
     /// pending ref changes of processes that died (then keeps doing so in the background).
-    pub fn new(config: &ServeConfig) -> Result<Self, HookError> {
+    pub fn new(
+        config: &ServeConfig,
+        housekeeper: Arc<crate::housekeeping::Housekeeper>,
+    ) -> Result<Self, HookError> {
         let exe = crate::lifecycle::running_exe().map_err(HookError::Exe)?;
         let hooks_dir = capture::install_hooks(&config.data_dir, &exe)?;
         lease::init(config.data_dir.join("hooks").join("dispatch.lock"));
@@ -78,6 +81,7 @@ impl HooksService {
             repos: RepoRoot::new(&config.data_dir),
             git: config.git.binary.clone(),
             webhook_timeout: config.hooks.webhook_timeout,
+            housekeeper,
         };
         let enabled: Vec<_> = jobs::JobKind::enabled(&config.hooks.concurrency)
             .iter()

@@ -161,8 +161,20 @@ fn build_frontends(
         config,
     )?));
     // Hook workers (issue #6): consumers/relay, or the embedded outbox queue, on every sidecar.
+    // Housekeeping (issue #12): a job of the hook workers, plus the periodic sweep.
+    let housekeeper = Arc::new(crate::housekeeping::Housekeeper::new(
+        config.housekeeping.clone(),
+        config.git.binary.clone(),
+        config.data_dir.join("repos"),
+    ));
+    f.sidecar.push(Arc::new(crate::hooks::HooksService::new(
+        config,
+        Arc::clone(&housekeeper),
+    )?));
     f.sidecar
-        .push(Arc::new(crate::hooks::HooksService::new(config)?));
+        .push(Arc::new(crate::housekeeping::HousekeepingService {
+            housekeeper,
+        }));
     Ok(f)
 }
 
