@@ -57,6 +57,7 @@ pub struct FileConfig {
     pub rpc: RpcSection,
     pub ssh: SshSection,
     pub lfs: LfsSection,
+    pub housekeeping: HousekeepingSection,
 }
 
 #[derive(Debug, Deserialize)]
@@ -424,6 +425,9 @@ pub struct HookConcurrencySection {
     pub indexing: usize,
     /// A job that only records its completion, for benchmarking the pipeline. Default 0 (off).
     pub noop: usize,
+    /// Housekeeping after pushes (the node-wide `[housekeeping] max_concurrent` limits the
+    /// repacks themselves). Default 1.
+    pub housekeeping: usize,
 }
 
 impl Default for HookConcurrencySection {
@@ -433,8 +437,175 @@ impl Default for HookConcurrencySection {
             webhooks: 8,
             indexing: 2,
             noop: 0,
+            housekeeping: 1,
         }
     }
+}
+
+/// `[housekeeping]`: repository maintenance (issue #12), run by the hook workers after pushes and
+/// by a periodic sweep. docs/HOUSEKEEPING.md explains each threshold and why it is set where it is.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HousekeepingSection {
+    /// Maintenance runs at once on the node (all cores together); 0 = one per two cores.
+    /// Default 0.
+    pub max_concurrent: usize,
+    /// `nice` value of maintenance git processes (0..=19): serving comes first. Default 10.
+    pub nice: i32,
+    /// Run maintenance in the idle I/O class (`ioprio_set`), so clones' reads come first.
+    /// Default true.
+    pub ioprio_idle: bool,
+    /// Loose objects (estimated from `objects/17`, as `git gc --auto` does) that trigger a
+    /// geometric repack. Default 1024.
+    pub loose_objects_limit: u64,
+    /// Objects brought in by packs since the last run that trigger a repack at once (a mirror
+    /// push or an import). Default 10000.
+    pub big_push_objects: u64,
+    /// Geometric factor of `git repack --geometric`. Default 2.
+    pub geometric_factor: u32,
+    /// Packs (cruft packs aside) above which the geometric sequence counts as degraded and a full
+    /// repack runs. Default 16.
+    pub max_packs: usize,
+    /// Pushes after which a full repack runs even if the packs look fine. Default 1000.
+    pub full_repack_pushes: u64,
+    /// Shortest time between two full repacks not asked for by an admin, in seconds.
+    /// Default 86400.
+    pub full_repack_cooldown_secs: u64,
+    /// Unreachable objects stay in a cruft pack at least this long, in seconds (never less than
+    /// one hour: a push in flight must never lose its objects). Default 1209600 (2 weeks).
+    pub cruft_expiration_secs: u64,
+    /// Pushes after which the commit-graph is rewritten (a repack always rewrites it).
+    /// Default 16.
+    pub commit_graph_pushes: u64,
+    /// Loose refs that trigger `git pack-refs`. Default 256.
+    pub loose_refs_limit: u64,
+    /// Git temporary object files (`tmp_*`, `.tmp-*`) older than this are removed, in seconds.
+    /// Default 86400.
+    pub stale_tmp_secs: u64,
+    /// Lock files (`*.lock`) older than this are removed, in seconds. Default 3600.
+    pub stale_lock_secs: u64,
+    /// Seconds between sweeps over every repository for overdue maintenance; 0 = no sweep.
+    /// Default 3600.
+    pub sweep_interval_secs: u64,
+    /// A repository with pushes since its last run is overdue after this many seconds.
+    /// Default 86400.
+    pub overdue_secs: u64,
+}
+
+impl Default for HousekeepingSection {
+    fn default() -> Self {
+        Self {
+            max_concurrent: 0,
+            nice: 10,
+            ioprio_idle: true,
+            loose_objects_limit: 1024,
+            big_push_objects: 10_000,
+            geometric_factor: 2,
+            max_packs: 16,
+            full_repack_pushes: 1000,
+            full_repack_cooldown_secs: 86_400,
+            cruft_expiration_secs: 14 * 86_400,
+            commit_graph_pushes: 16,
+            loose_refs_limit: 256,
+            stale_tmp_secs: 86_400,
+            stale_lock_secs: 3600,
+            sweep_interval_secs: 3600,
+            overdue_secs: 86_400,
+        }
+    }
+}
+
+/// Validated `[housekeeping]`.
+#[derive(Debug, Clone)]
+pub struct HousekeepingConfig {
+    pub max_concurrent: usize,
+    pub nice: i32,
+    pub ioprio_idle: bool,
+    pub loose_objects_limit: u64,
+    pub big_push_objects: u64,
+    pub geometric_factor: u32,
+    pub max_packs: usize,
+    pub full_repack_pushes: u64,
+    pub full_repack_cooldown: Duration,
+    pub cruft_expiration: Duration,
+    pub commit_graph_pushes: u64,
+    pub loose_refs_limit: u64,
+    pub stale_tmp: Duration,
+    pub stale_lock: Duration,
+    /// None: no periodic sweep.
+    pub sweep_interval: Option<Duration>,
+    pub overdue: Duration,
+}
+
+impl HousekeepingConfig {
+    /// Validates `h`; `cores` sizes the default semaphore.
+    pub fn build(h: HousekeepingSection, cores: usize) -> Result<Self, ConfigError> {
+        if !(0..=19).contains(&h.nice) {
+            return Err(invalid("housekeeping.nice", "must be between 0 and 19"));
+        }
+        if h.geometric_factor < 2 {
+            return Err(invalid(
+                "housekeeping.geometric_factor",
+                "must be at least 2",
+            ));
+        }
+        if h.cruft_expiration_secs < 3600 {
+            return Err(invalid(
+                "housekeeping.cruft_expiration_secs",
+                "must be at least 3600: a push in flight must never lose its objects",
+            ));
+        }
+        if h.stale_tmp_secs < 3600 || h.stale_lock_secs < 600 {
+            return Err(invalid(
+                "housekeeping.stale_tmp_secs",
+                "stale_tmp_secs must be at least 3600 and stale_lock_secs at least 600 (a running git holds them)",
+            ));
+        }
+        Ok(Self {
+            max_concurrent: match h.max_concurrent {
+                0 => (cores / 2).max(1),
+                n => n,
+            },
+            nice: h.nice,
+            ioprio_idle: h.ioprio_idle,
+            loose_objects_limit: at_least_one_u64(
+                "housekeeping.loose_objects_limit",
+                h.loose_objects_limit,
+            )?,
+            big_push_objects: at_least_one_u64(
+                "housekeeping.big_push_objects",
+                h.big_push_objects,
+            )?,
+            geometric_factor: h.geometric_factor,
+            max_packs: at_least_one("housekeeping.max_packs", h.max_packs)?,
+            full_repack_pushes: at_least_one_u64(
+                "housekeeping.full_repack_pushes",
+                h.full_repack_pushes,
+            )?,
+            full_repack_cooldown: Duration::from_secs(h.full_repack_cooldown_secs),
+            cruft_expiration: Duration::from_secs(h.cruft_expiration_secs),
+            commit_graph_pushes: at_least_one_u64(
+                "housekeeping.commit_graph_pushes",
+                h.commit_graph_pushes,
+            )?,
+            loose_refs_limit: at_least_one_u64(
+                "housekeeping.loose_refs_limit",
+                h.loose_refs_limit,
+            )?,
+            stale_tmp: Duration::from_secs(h.stale_tmp_secs),
+            stale_lock: Duration::from_secs(h.stale_lock_secs),
+            sweep_interval: (h.sweep_interval_secs > 0)
+                .then(|| Duration::from_secs(h.sweep_interval_secs)),
+            overdue: positive_secs("housekeeping.overdue_secs", h.overdue_secs)?,
+        })
+    }
+}
+
+fn at_least_one_u64(field: &'static str, n: u64) -> Result<u64, ConfigError> {
+    if n == 0 {
+        return Err(invalid(field, "must be at least 1"));
+    }
+    Ok(n)
 }
 
 /// `[rpc]`: the gRPC repository API (issue #5).
@@ -604,6 +775,7 @@ pub struct ServeConfig {
     pub ssh_listen: SocketAddr,
     pub ssh: SshLimits,
     pub lfs: LfsLimits,
+    pub housekeeping: HousekeepingConfig,
 }
 
 /// Validated `[ssh]` (the listen address is [`ServeConfig::ssh_listen`]).
@@ -777,6 +949,7 @@ pub struct JobConcurrency {
     pub webhooks: usize,
     pub indexing: usize,
     pub noop: usize,
+    pub housekeeping: usize,
 }
 
 impl HookConfig {
@@ -815,7 +988,7 @@ impl HookConfig {
             ));
         }
         let c = h.concurrency;
-        if [c.disk_usage, c.webhooks, c.indexing, c.noop]
+        if [c.disk_usage, c.webhooks, c.indexing, c.noop, c.housekeeping]
             .iter()
             .any(|n| *n > 10_000)
         {
@@ -830,6 +1003,7 @@ impl HookConfig {
                 webhooks: c.webhooks,
                 indexing: c.indexing,
                 noop: c.noop,
+                housekeeping: c.housekeeping,
             },
             max_attempts: h.max_attempts,
             backoff_initial: Duration::from_millis(h.backoff_initial_ms),
@@ -1006,6 +1180,7 @@ impl ServeConfig {
         };
         let rpc = RpcLimits::build(file.rpc, &data_dir, shards)?;
         let lfs = LfsLimits::build(file.lfs)?;
+        let housekeeping = HousekeepingConfig::build(file.housekeeping, shards.get())?;
         Ok(Self {
             data_dir,
             http_listen,
@@ -1027,6 +1202,7 @@ impl ServeConfig {
             ssh_listen,
             ssh,
             lfs,
+            housekeeping,
         })
     }
 }

@@ -15,6 +15,7 @@ pub mod coarse_timer;
 pub mod config;
 pub mod git;
 pub mod hooks;
+pub mod housekeeping;
 pub mod http;
 pub mod lfs;
 pub mod lifecycle;

@@ -91,8 +91,10 @@ impl Drop for Triggered<'_> {
 /// The binary this process runs, for the hook commands git children run (pack-objects cache,
 /// push hooks): `/proc/PID/exe`, which keeps naming this generation's binary after a package
 /// upgrade replaced the file on disk, so in-flight work never runs a different (or broken) build.
-/// It is valid while this process lives, which outlasts every git child it starts. Falls back to
-/// the path on disk where /proc is missing.
+/// It is valid while this process lives. Git children normally end first (with their request, or
+/// at shutdown); one that outlives a `kill -9` cannot start its hooks, so its
+/// `reference-transaction` refuses the update and nothing moves (see docs/HOOKS.md). Falls back
+/// to the path on disk where /proc is missing.
 pub fn running_exe() -> std::io::Result<PathBuf> {
     let proc_exe = PathBuf::from(format!("/proc/{}/exe", std::process::id()));
     if proc_exe.exists() {

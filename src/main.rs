@@ -162,6 +162,16 @@ enum RepoCommand {
         #[arg(long)]
         public: bool,
     },
+    /// Maintain OWNER/NAME now (repack, commit-graph, pack-refs, stale files) and print what ran.
+    Maintain {
+        name: String,
+        /// Repack everything into one pack (unreachable objects into a cruft pack).
+        #[arg(long)]
+        full: bool,
+        /// TOML configuration file for the `[housekeeping]` thresholds (default: built-in).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Give USER read, write or admin access to OWNER/NAME.
     Grant {
         repo: String,
@@ -218,6 +228,24 @@ fn main() -> anyhow::Result<()> {
             let path = admin::repo_create(&data_dir(), Path::new("git"), &name, public)
                 .with_context(|| format!("creating repository {name}"))?;
             println!("repository {name} created at {}", path.display());
+            Ok(())
+        }
+        Command::Repo(RepoCommand::Maintain { name, full, config }) => {
+            let file = match &config {
+                Some(path) => FileConfig::load(path)?,
+                None => FileConfig::default(),
+            };
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let hk = gitplane::config::HousekeepingConfig::build(file.housekeeping, cores)?;
+            let report = gitplane::housekeeping::maintain_now(
+                &data_dir(),
+                Path::new("git"),
+                &hk,
+                &name,
+                full,
+            )
+            .with_context(|| format!("maintaining {name}"))?;
+            print!("{report}");
             Ok(())
         }
         Command::PackObjectsHook(args) => {

@@ -390,6 +390,7 @@ impl Metrics {
         self.ssh.render(&mut out);
         self.lfs.render(&mut out);
         render_pack_cache(&mut out);
+        crate::housekeeping::metrics::HOUSEKEEPING.render(&mut out);
         out
     }
 }
@@ -538,7 +539,7 @@ impl RpcMetrics {
 }
 
 /// Hook job types, in the index order of [`HookMetrics::jobs`].
-pub const HOOK_JOBS: [&str; 4] = ["disk_usage", "webhooks", "indexing", "noop"];
+pub const HOOK_JOBS: [&str; 5] = ["disk_usage", "webhooks", "indexing", "noop", "housekeeping"];
 /// Most repositories whose size is exported (the rest are still stored, just not exported).
 const MAX_SIZE_SERIES: usize = 10_000;
 
@@ -599,7 +600,7 @@ pub struct HookMetrics {
     /// Pending ref changes of dead processes reconciled into an event / dropped as not landed.
     pub pending_published: Counter,
     pub pending_dropped: Counter,
-    pub jobs: [HookJobMetrics; 4],
+    pub jobs: [HookJobMetrics; 5],
     repo_sizes: Mutex<BTreeMap<String, u64>>,
 }
 
@@ -613,7 +614,7 @@ impl HookMetrics {
             amqp_connects: Counter::new(),
             pending_published: Counter::new(),
             pending_dropped: Counter::new(),
-            jobs: [const { HookJobMetrics::new() }; 4],
+            jobs: [const { HookJobMetrics::new() }; 5],
             repo_sizes: Mutex::new(BTreeMap::new()),
         }
     }

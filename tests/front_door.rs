@@ -7,7 +7,6 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
@@ -61,50 +60,6 @@ fn balancer(server: SocketAddr, header: Vec<u8>) -> SocketAddr {
         }
     });
     addr
-}
-
-/// Answers every webhook POST with 200 and keeps the bodies.
-fn webhook_receiver() -> (String, Arc<Mutex<Vec<serde_json::Value>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/hook", listener.local_addr().unwrap());
-    let got = Arc::new(Mutex::new(Vec::new()));
-    let keep = Arc::clone(&got);
-    std::thread::spawn(move || {
-        for conn in listener.incoming().take(100) {
-            let Ok(mut conn) = conn else { break };
-            conn.set_read_timeout(Some(Duration::from_secs(10)))
-                .unwrap();
-            let mut buf = Vec::new();
-            let mut chunk = [0u8; 4096];
-            let body = loop {
-                let Ok(n) = conn.read(&mut chunk) else {
-                    break None;
-                };
-                if n == 0 {
-                    break None;
-                }
-                buf.extend_from_slice(&chunk[..n]);
-                let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                    continue;
-                };
-                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .and_then(|v| v.trim().parse().ok())
-                    .unwrap_or(0);
-                if buf.len() >= end + 4 + len {
-                    break Some(buf[end + 4..end + 4 + len].to_vec());
-                }
-            };
-            let _ = conn
-                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-            if let Some(body) = body.and_then(|b| serde_json::from_slice(&b).ok()) {
-                keep.lock().unwrap().push(body);
-            }
-        }
-    });
-    (url, got)
 }
 
 #[test]

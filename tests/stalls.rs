@@ -77,6 +77,29 @@ fn slow_body(addr: SocketAddr, head: &str, first: &[u8], trickle: bool, start: &
     read_until_closed(s, last)
 }
 
+/// A server with [`CONFIG`], the private `admin/private` and the given public repositories, each
+/// holding the same 3 commits; returns it, the work dir and the head commit.
+fn server_with(public: &[String]) -> (Server, tempfile::TempDir, String) {
+    let server = Server::start_with(ServerOptions {
+        config: Some(CONFIG.into()),
+        ..ServerOptions::default()
+    });
+    let work = tempfile::tempdir().expect("tempdir");
+    let src = work.path().join("src");
+    make_worktree(&src, 3);
+    server.create_repo("admin/private", false);
+    git(
+        &src,
+        &["push", "-q", &server.admin_url("admin/private"), "main"],
+    );
+    for r in public {
+        server.create_repo(r, true);
+        git(&src, &["push", "-q", &server.admin_url(r), "main"]);
+    }
+    let oid = git(&src, &["rev-parse", "HEAD"]).trim().to_owned();
+    (server, work, oid)
+}
+
 fn git_children(server: &Server) -> Vec<(u32, String)> {
     server
         .descendants()
@@ -111,24 +134,8 @@ fn rand_suffix() -> u128 {
 
 #[test]
 fn eighty_slow_anonymous_bodies_hold_no_pack_slot_and_are_cut_at_the_body_deadline() {
-    let server = Server::start_with(ServerOptions {
-        config: Some(CONFIG.into()),
-        ..ServerOptions::default()
-    });
-    let work = tempfile::tempdir().expect("tempdir");
-    let src = work.path().join("src");
-    make_worktree(&src, 3);
     let repos: Vec<String> = (0..5).map(|i| format!("admin/public{i}")).collect();
-    for r in &repos {
-        server.create_repo(r, true);
-        git(&src, &["push", "-q", &server.admin_url(r), "main"]);
-    }
-    server.create_repo("admin/private", false);
-    git(
-        &src,
-        &["push", "-q", &server.admin_url("admin/private"), "main"],
-    );
-    let oid = git(&src, &["rev-parse", "HEAD"]).trim().to_owned();
+    let (server, work, oid) = server_with(&repos);
 
     // 80 anonymous fetch negotiations: a few valid bytes of a 4 KiB body, then half go silent
     // and half trickle.
@@ -183,24 +190,7 @@ fn eighty_slow_anonymous_bodies_hold_no_pack_slot_and_are_cut_at_the_body_deadli
 #[test]
 fn a_large_body_that_stalls_after_git_started_is_cut_and_its_git_killed_and_anonymous_share_holds()
 {
-    let server = Server::start_with(ServerOptions {
-        config: Some(CONFIG.into()),
-        ..ServerOptions::default()
-    });
-    let work = tempfile::tempdir().expect("tempdir");
-    let src = work.path().join("src");
-    make_worktree(&src, 3);
-    server.create_repo("admin/private", false);
-    git(
-        &src,
-        &["push", "-q", &server.admin_url("admin/private"), "main"],
-    );
-    server.create_repo("admin/public", true);
-    git(
-        &src,
-        &["push", "-q", &server.admin_url("admin/public"), "main"],
-    );
-    let oid = git(&src, &["rev-parse", "HEAD"]).trim().to_owned();
+    let (server, work, oid) = server_with(&["admin/public".to_owned()]);
 
     // Bodies larger than the read-ahead (1 MiB): after 1.2 MiB of valid wants, git is running
     // and waiting for more; then the client goes silent. Three fill this address's anonymous

@@ -154,6 +154,16 @@ fn launch(mut cmd: Command, log: &Path) -> Child {
     child
 }
 
+/// The warnings and errors in a server log, for failure messages.
+fn log_problems(log: &Path) -> String {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// Clients that clone and push in a loop until told to stop; every failure is kept.
 struct Load {
     stop: Arc<AtomicBool>,
@@ -235,6 +245,44 @@ impl Load {
     }
 }
 
+/// 16 clients clone and push while `upgrade` runs five times, `pause` apart, each time waiting
+/// for the next generation to serve. Returns the pids that served, in order, and the load,
+/// still running.
+fn five_upgrades_under_load(
+    site: &Site,
+    pause: Duration,
+    mut upgrade: impl FnMut(),
+) -> (Vec<u32>, Load) {
+    let load = Load::start(site, 16);
+    let mut pids = vec![site.serving_pid().expect("pid file")];
+    for round in 0..5 {
+        std::thread::sleep(pause);
+        let before = *pids.last().unwrap();
+        upgrade();
+        assert!(
+            wait_for(Duration::from_secs(60), || site
+                .serving_pid()
+                .is_some_and(|p| p != before && alive(p))),
+            "round {round}: no new generation"
+        );
+        pids.push(site.serving_pid().unwrap());
+    }
+    (pids, load)
+}
+
+/// Branches the load clients pushed (each push creates one).
+fn pushed_branches(site: &Site) -> usize {
+    let out = Command::new("git")
+        .args(["for-each-ref", "--format=%(refname)", "refs/heads/"])
+        .current_dir(site.data().join("repos/admin/proj.git"))
+        .output()
+        .expect("for-each-ref");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|r| *r != "refs/heads/main")
+        .count()
+}
+
 fn seed_repo(site: &Site) {
     site.admin(&["repo", "create", "admin/proj"]);
     let src = site.dir.path().join("src");
@@ -261,26 +309,17 @@ fn five_hups_under_server_starter_refuse_and_fail_nothing() {
     let mut starter = launch(cmd, &log);
     seed_repo(&site);
 
-    let load = Load::start(&site, 16);
-    let mut pids = vec![site.serving_pid().expect("pid file")];
-    for round in 0..5 {
-        std::thread::sleep(Duration::from_secs(3));
-        let before = *pids.last().unwrap();
-        signal(starter.id(), libc::SIGHUP);
-        assert!(
-            wait_for(Duration::from_secs(60), || site
-                .serving_pid()
-                .is_some_and(|p| p != before && alive(p))),
-            "round {round}: no new generation"
-        );
-        pids.push(site.serving_pid().unwrap());
-    }
+    let starter_pid = starter.id();
+    let (mut pids, load) = five_upgrades_under_load(&site, Duration::from_secs(3), || {
+        signal(starter_pid, libc::SIGHUP)
+    });
     std::thread::sleep(Duration::from_secs(2));
     let (done, failures) = load.finish();
     assert!(
         failures.is_empty(),
-        "{} failures: {failures:#?}",
-        failures.len()
+        "{} failures: {failures:#?}\nserver log:\n{}",
+        failures.len(),
+        log_problems(&log)
     );
     assert!(done >= 16, "only {done} clone+push rounds completed");
     pids.dedup();
@@ -315,23 +354,32 @@ fn five_usr2_upgrades_refuse_and_fail_nothing_and_a_broken_binary_changes_nothin
     cmd.args(&args[1..]);
     let log = site.dir.path().join("server.log");
     let mut first = launch(cmd, &log);
-    seed_repo(&site);
+    let (hook_url, deliveries) = webhook_receiver();
+    site.admin(&["repo", "create", "admin/proj"]);
+    let out = Command::new(BIN)
+        .arg("--data-dir")
+        .arg(site.data())
+        .args(["webhook", "add", "admin/proj", &hook_url, "--secret-stdin"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            c.stdin.take().unwrap().write_all(b"s3cret\n")?;
+            c.wait_with_output()
+        })
+        .expect("webhook add");
+    assert!(out.status.success(), "{out:?}");
+    let src = site.dir.path().join("src");
+    make_worktree(&src, 3);
+    git(&src, &["push", "-q", &site.url("admin/proj"), "main"]);
 
-    let load = Load::start(&site, 16);
-    let mut pids = vec![site.serving_pid().expect("pid file")];
-    for round in 0..5 {
-        std::thread::sleep(Duration::from_secs(2));
-        let before = *pids.last().unwrap();
+    let (pids, load) = five_upgrades_under_load(&site, Duration::from_secs(2), || {
         let out = Command::new(BIN)
             .args(["upgrade", "--pid-file"])
             .arg(site.pid_file())
             .output()
             .expect("gitplane upgrade");
-        assert!(out.status.success(), "round {round}: {out:?}");
-        let now = site.serving_pid().unwrap();
-        assert_ne!(now, before);
-        pids.push(now);
-    }
+        assert!(out.status.success(), "{out:?}");
+    });
 
     // A new binary that cannot start: the serving generation keeps serving and says why.
     std::fs::rename(&exe, site.dir.path().join("gitplane.good")).expect("move binary");
@@ -352,10 +400,31 @@ fn five_usr2_upgrades_refuse_and_fail_nothing_and_a_broken_binary_changes_nothin
     let (done, failures) = load.finish();
     assert!(
         failures.is_empty(),
-        "{} failures: {failures:#?}",
-        failures.len()
+        "{} failures: {failures:#?}\nserver log:\n{}",
+        failures.len(),
+        log_problems(&log)
     );
     assert!(done >= 16, "only {done} clone+push rounds completed");
+
+    // Every push's event was delivered exactly once, though two generations shared the outbox
+    // during each upgrade (one dispatcher per data directory, see hooks::lease).
+    let branches = pushed_branches(&site);
+    assert!(
+        wait_for(Duration::from_secs(60), || deliveries.lock().unwrap().len()
+            > branches),
+        "{} deliveries for {} pushes",
+        deliveries.lock().unwrap().len(),
+        branches + 1
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let got = deliveries.lock().unwrap().clone();
+    let ids: std::collections::HashSet<_> = got.iter().map(|d| d["id"].to_string()).collect();
+    assert_eq!(ids.len(), got.len(), "an event was delivered twice");
+    assert_eq!(
+        got.len(),
+        branches + 1,
+        "pushes without exactly one delivery"
+    );
 
     // Old generations exited 0: the first is our child, the others were adopted by this process.
     assert_eq!(first.wait().expect("first generation").code(), Some(0));

@@ -364,7 +364,10 @@ start_gitplane() {
 gitplane_log() { cat "$GITPLANE_DATA.log"; }
 
 # gitplane_fixture BIN: the public repository bench/fixture with the served fixture's exact
-# objects (hard links: same pack, bitmap) and refs.
+# objects (hard links: same pack, bitmap) and refs.  With GITPLANE_IMPORT=push it gets them the
+# way an operator's import does instead: `git push --mirror` over HTTP, then the server's own
+# housekeeping (waited for: a bitmap, a commit-graph, no pass running); the push's wall time and
+# the housekeeping pass's duration go to the log and to HOUSEKEEPING_INFO.
 gitplane_fixture() {
     local bin=$1 repo="$GITPLANE_DATA/repos/$REPO_PATH" src="$TMP/root/$REPO_PATH"
     if ! timeout 60 "$bin" --data-dir "$GITPLANE_DATA" repo create bench/fixture --public >"$TMP/gitplane-create.log" 2>&1; then
@@ -372,9 +375,40 @@ gitplane_fixture() {
         return 1
     fi
     [[ -d $repo/objects ]] || { NOTE[gitplane]="repo create did not make $repo"; return 1; }
+    if [[ ${GITPLANE_IMPORT:-copy} == push ]]; then
+        gitplane_import_by_push "$bin" "$repo" "$src"
+        return
+    fi
     rm -rf "$repo/objects" "$repo/refs" "$repo/packed-refs"
     cp -a "$src/refs" "$src/packed-refs" "$src/HEAD" "$repo/"
     copy_objects "$src/objects" "$repo/objects"
+}
+
+# gitplane_import_by_push BIN REPO SRC: see gitplane_fixture.
+gitplane_import_by_push() {
+    local bin=$1 repo=$2 src=$3 pw t0 t1 i metrics
+    "$bin" --data-dir "$GITPLANE_DATA" repo grant bench/fixture admin write >/dev/null || {
+        NOTE[gitplane]="repo grant bench/fixture admin write failed"
+        return 1
+    }
+    pw=$(cat "$GITPLANE_DATA/initial-admin-password")
+    t0=$(date +%s.%N)
+    GIT_CONFIG_NOSYSTEM=1 GIT_CONFIG_GLOBAL=/dev/null timeout 600 git --git-dir="$src" push -q --mirror \
+        "http://admin:$pw@$GITPLANE_HTTP/bench/fixture.git" 2>"$TMP/import.err" || {
+        NOTE[gitplane]="push --mirror failed: $(tail -2 "$TMP/import.err" | tr '\n' ' ')"
+        return 1
+    }
+    t1=$(date +%s.%N)
+    for ((i = 0; i < 6000; i++)); do
+        metrics=$(curl -s "http://$GITPLANE_HTTP/metrics")
+        if ls "$repo"/objects/pack/*.bitmap >/dev/null 2>&1 && [[ -e $repo/objects/info/commit-graphs/commit-graph-chain ]] &&
+            grep -qx 'gitplane_housekeeping_running 0' <<<"$metrics"; then
+            break
+        fi
+        sleep 0.1
+    done
+    HOUSEKEEPING_INFO="push --mirror $(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.2f", b-a}') s; housekeeping: $(grep -E '^gitplane_housekeeping_duration_seconds_sum' <<<"$metrics" | grep -v ' 0$' | sed 's/gitplane_housekeeping_duration_seconds_sum//' | paste -sd' ' -) s; packs: $(ls "$repo"/objects/pack/ | tr '\n' ' ')"
+    log "gitplane import by push: $HOUSEKEEPING_INFO"
 }
 
 # gitplane_add_key BIN USER KEY.pub KNOWN_HOSTS: registers the client key and appends the

@@ -32,8 +32,12 @@ pub enum Mode {
 /// Server-wide settings every git child runs with. They make hosting behave as users expect:
 /// partial clone and lazy fetches work, push options are accepted, pushed objects are checked,
 /// and refs and objects are fsynced before receive-pack reports success (nothing acknowledged is
-/// lost on power failure).
+/// lost on power failure). No git ever runs `gc --auto` on its own (issue #12): a push would wait
+/// for an unbounded, unscheduled repack; the housekeeping jobs maintain repositories instead.
 const GIT_SETTINGS: &[(&str, &str)] = &[
+    ("receive.autogc", "false"),
+    ("gc.auto", "0"),
+    ("maintenance.auto", "false"),
     ("uploadpack.allowFilter", "true"),
     ("uploadpack.allowAnySHA1InWant", "true"),
     ("receive.advertisePushOptions", "true"),
@@ -71,6 +75,27 @@ pub fn sanitize_git_protocol(value: &str) -> Option<&str> {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'=' | b':' | b'.' | b'-' | b'_'));
     ok.then_some(value)
+}
+
+/// A `git` command with a clean environment: no inherited variables or secrets, no user or
+/// system config, `HOME` at `home`, and [`GIT_SETTINGS`] through `GIT_CONFIG_COUNT` (protected
+/// config, which a repository's own config cannot override). Every git gitplane runs starts here.
+pub fn git_command(git: &Path, home: &Path) -> Command {
+    let mut cmd = Command::new(git);
+    cmd.env_clear()
+        .env(
+            "PATH",
+            std::env::var_os("PATH").unwrap_or_else(|| OsString::from("/usr/bin:/bin")),
+        )
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("HOME", home)
+        .env("GIT_CONFIG_COUNT", GIT_SETTINGS.len().to_string());
+    for (i, (k, v)) in GIT_SETTINGS.iter().enumerate() {
+        cmd.env(format!("GIT_CONFIG_KEY_{i}"), k)
+            .env(format!("GIT_CONFIG_VALUE_{i}"), v);
+    }
+    cmd
 }
 
 /// A request to run one git service.
@@ -177,19 +202,7 @@ impl GitCommand<'_> {
             }
         };
 
-        let mut cmd = Command::new(self.git);
-        cmd.env_clear()
-            .env(
-                "PATH",
-                std::env::var_os("PATH").unwrap_or_else(|| OsString::from("/usr/bin:/bin")),
-            )
-            .env("GIT_CONFIG_NOSYSTEM", "1")
-            .env("GIT_CONFIG_GLOBAL", "/dev/null")
-            .env("HOME", self.repo_dir);
-        for (i, (k, v)) in GIT_SETTINGS.iter().enumerate() {
-            cmd.env(format!("GIT_CONFIG_KEY_{i}"), k)
-                .env(format!("GIT_CONFIG_VALUE_{i}"), v);
-        }
+        let mut cmd = git_command(self.git, self.repo_dir);
         let per_service = match self.service {
             Service::ReceivePack => hooks_path().map(|p| ("core.hooksPath", p.into_os_string())),
             Service::UploadPack => {
@@ -310,6 +323,26 @@ mod tests {
         assert_eq!(sanitize_git_protocol("version=2\nX=1"), None);
         assert_eq!(sanitize_git_protocol("a b"), None);
         assert_eq!(sanitize_git_protocol(""), None);
+    }
+
+    #[test]
+    fn no_git_runs_gc_on_its_own() {
+        let cmd = git_command(Path::new("git"), Path::new("/tmp"));
+        let env: Vec<(String, String)> = cmd
+            .get_envs()
+            .filter_map(|(k, v)| Some((k.to_str()?.to_owned(), v?.to_str()?.to_owned())))
+            .collect();
+        let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        let count: usize = get("GIT_CONFIG_COUNT").unwrap().parse().unwrap();
+        let settings: Vec<(String, String)> = (0..count)
+            .map(|i| {
+                let key = get(&format!("GIT_CONFIG_KEY_{i}")).unwrap();
+                (key, get(&format!("GIT_CONFIG_VALUE_{i}")).unwrap())
+            })
+            .collect();
+        for (k, v) in [("receive.autogc", "false"), ("gc.auto", "0")] {
+            assert!(settings.contains(&(k.to_owned(), v.to_owned())), "{k}");
+        }
     }
 
     #[test]

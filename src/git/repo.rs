@@ -2,7 +2,6 @@
 //! [`RepoName`], so a request cannot name anything outside `DATA/repos`.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use super::repo_name::RepoName;
 
@@ -47,11 +46,9 @@ impl RepoRoot {
             path: parent.to_owned(),
             source,
         })?;
-        let out = Command::new(git)
+        let out = super::process::git_command(git, parent)
             .args(["init", "--bare", "--quiet", "--initial-branch=main"])
             .arg(&path)
-            .env("GIT_CONFIG_NOSYSTEM", "1")
-            .env("GIT_CONFIG_GLOBAL", "/dev/null")
             .output()
             .map_err(|source| RepoError::Create {
                 path: path.clone(),

@@ -335,6 +335,9 @@ type Window = VecDeque<(i64, String, PublisherConfirm)>;
 /// and rows are deleted as a confirmed prefix; at the first failure the relay stops and the
 /// session reconnects, and everything still in the outbox is published again, in order.
 async fn relay(worker: Rc<Worker>, ch: Channel, mut stop: StopSignal) -> Result<(), AmqpError> {
+    if !super::lease::acquire(&mut stop).await {
+        return Ok(());
+    }
     let cfg = &worker.shared.config;
     let db = worker.db().clone();
     let exchange = Topology::new(&cfg.prefix).exchange();

@@ -206,7 +206,12 @@ pub fn install_hooks(data_dir: &Path, exe: &Path) -> Result<PathBuf, CaptureErro
         source,
     };
     let data_dir = data_dir.canonicalize().map_err(|e| install(data_dir, e))?;
-    let dir = data_dir.join("hooks");
+    // One directory per server process: during a hot upgrade two generations serve at once,
+    // and each one's git children must run that generation's hooks (its `exe`), not whatever
+    // the other one wrote last, which may be a generation that failed to start and is gone.
+    let root = data_dir.join("hooks");
+    remove_stale_generations(&root);
+    let dir = root.join(format!("gen-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| install(&dir, e))?;
     for (name, args) in HOOKS {
         let script = format!(
@@ -228,9 +233,39 @@ pub fn install_hooks(data_dir: &Path, exe: &Path) -> Result<PathBuf, CaptureErro
     Ok(dir)
 }
 
+/// Removes the hook directories of server processes that no longer run.
+fn remove_stale_generations(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("gen-"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_generation_has_its_own_hooks_and_dead_ones_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let gone = dir.path().join("hooks/gen-4000000000");
+        std::fs::create_dir_all(&gone).unwrap();
+        let hooks = install_hooks(dir.path(), Path::new("/usr/bin/gitplane")).unwrap();
+        assert!(hooks.ends_with(format!("hooks/gen-{}", std::process::id())));
+        assert!(!gone.exists(), "a dead generation's hooks are removed");
+    }
 
     #[test]
     fn records_an_event_and_installs_the_script() {

@@ -115,6 +115,9 @@ pub async fn run_core(worker: Rc<Worker>, queues: Arc<Queues>, stop: StopSignal,
 
 /// Core 0: outbox rows -> (event, job) tasks; finished events -> rows deleted.
 async fn dispatch(worker: Rc<Worker>, cores: Vec<mpsc::Sender<Task>>, mut stop: StopSignal) {
+    if !super::lease::acquire(&mut stop).await {
+        return;
+    }
     let cfg = &worker.shared.config;
     let db = worker.db().clone();
     let jobs = JobKind::enabled(&cfg.concurrency);

@@ -1,6 +1,7 @@
 //! The jobs run for every push event: disk usage (size of the repository on disk), webhooks
 //! (a signed JSON POST to each of the repository's webhooks, logged per attempt) and commit
-//! indexing (sha, author, time, subject of the pushed commits), plus `noop` for benchmarks.
+//! indexing (sha, author, time, subject of the pushed commits), housekeeping (counts the push and
+//! maintains the repository when [`crate::housekeeping`] says so), plus `noop` for benchmarks.
 //!
 //! Every job is idempotent by event id, so a redelivered message is harmless: sizes are
 //! recomputed, commits are inserted-or-ignored, and a webhook already delivered for the event is
@@ -34,14 +35,16 @@ pub enum JobKind {
     Webhooks,
     Indexing,
     Noop,
+    Housekeeping,
 }
 
 impl JobKind {
-    pub const ALL: [JobKind; 4] = [
+    pub const ALL: [JobKind; 5] = [
         JobKind::DiskUsage,
         JobKind::Webhooks,
         JobKind::Indexing,
         JobKind::Noop,
+        JobKind::Housekeeping,
     ];
 
     /// Stable name: queue suffix, completion record key, metrics label.
@@ -51,6 +54,7 @@ impl JobKind {
             JobKind::Webhooks => "webhooks",
             JobKind::Indexing => "indexing",
             JobKind::Noop => "noop",
+            JobKind::Housekeeping => "housekeeping",
         }
     }
 
@@ -66,6 +70,7 @@ impl JobKind {
             JobKind::Webhooks => c.webhooks,
             JobKind::Indexing => c.indexing,
             JobKind::Noop => c.noop,
+            JobKind::Housekeeping => c.housekeeping,
         }
     }
 
@@ -97,6 +102,8 @@ pub enum JobError {
     Io { path: PathBuf, source: io::Error },
     #[error("blocking task failed: {0}")]
     Join(String),
+    #[error(transparent)]
+    Housekeeping(#[from] crate::housekeeping::HousekeepingError),
 }
 
 impl JobError {
@@ -112,6 +119,7 @@ pub struct JobContext {
     pub repos: RepoRoot,
     pub git: PathBuf,
     pub webhook_timeout: Duration,
+    pub housekeeper: std::sync::Arc<crate::housekeeping::Housekeeper>,
 }
 
 /// Runs one attempt (1-based) of `job` for `event`.
@@ -126,6 +134,10 @@ pub async fn run(
         JobKind::Webhooks => webhooks(ctx, event, attempt).await,
         JobKind::Indexing => index_commits(ctx, event).await,
         JobKind::Noop => Ok(()),
+        JobKind::Housekeeping => {
+            let dir = repo_dir(ctx, event)?;
+            Ok(ctx.housekeeper.after_push(dir).await?)
+        }
     }
 }
 
@@ -260,18 +272,8 @@ async fn webhooks(ctx: &JobContext, event: &PushEvent, attempt: u32) -> Result<(
 /// inherited fd above stderr closed at exec (sockets and pipes of other connections must never
 /// leak into a child).
 pub(super) fn git_command(git: &Path, repo: &Path) -> Command {
-    let mut cmd = Command::new(git);
-    cmd.env_clear()
-        .env(
-            "PATH",
-            std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
-        )
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .env("HOME", repo)
-        .arg("-c")
-        .arg("safe.directory=*")
-        .arg("--git-dir")
+    let mut cmd = crate::git::process::git_command(git, repo);
+    cmd.arg("--git-dir")
         .arg(repo)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -25,6 +25,7 @@ pub mod embedded;
 pub mod event;
 pub mod http_client;
 pub mod jobs;
+mod lease;
 pub mod pending;
 pub mod worker;
 
@@ -65,9 +66,13 @@ pub struct HooksService {
 impl HooksService {
     /// Writes the git hooks, points receive-pack at them, opens the store, and reconciles the
     /// pending ref changes of processes that died (then keeps doing so in the background).
-    pub fn new(config: &ServeConfig) -> Result<Self, HookError> {
+    pub fn new(
+        config: &ServeConfig,
+        housekeeper: Arc<crate::housekeeping::Housekeeper>,
+    ) -> Result<Self, HookError> {
         let exe = crate::lifecycle::running_exe().map_err(HookError::Exe)?;
         let hooks_dir = capture::install_hooks(&config.data_dir, &exe)?;
+        lease::init(config.data_dir.join("hooks").join("dispatch.lock"));
         crate::git::process::set_hooks_path(&hooks_dir);
         let db = db::HookDb::start(&config.data_dir)?;
         let reconciled = pending::Reconciler::new(&config.data_dir, &config.git.binary).start()?;
@@ -76,6 +81,7 @@ impl HooksService {
             repos: RepoRoot::new(&config.data_dir),
             git: config.git.binary.clone(),
             webhook_timeout: config.hooks.webhook_timeout,
+            housekeeper,
         };
         let enabled: Vec<_> = jobs::JobKind::enabled(&config.hooks.concurrency)
             .iter()

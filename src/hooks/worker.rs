@@ -95,8 +95,8 @@ pub fn backoff(initial: Duration, max: Duration, retry: u32) -> Duration {
 pub struct Worker {
     pub core: usize,
     pub shared: Arc<Shared>,
-    semaphores: [Semaphore; 4],
-    running: [Cell<i64>; 4],
+    semaphores: [Semaphore; 5],
+    running: [Cell<i64>; 5],
     stop: StopSignal,
 }
 
@@ -111,6 +111,7 @@ impl Worker {
                 sem(JobKind::Webhooks),
                 sem(JobKind::Indexing),
                 sem(JobKind::Noop),
+                sem(JobKind::Housekeeping),
             ],
             running: Default::default(),
             shared,

@@ -79,6 +79,7 @@ impl RpcService {
                 repos: RepoRoot::new(&config.data_dir),
                 git_binary: config.git.binary.clone(),
                 data_dir: config.data_dir.clone(),
+                housekeeping: Arc::new(config.housekeeping.clone()),
             }),
         })
     }

@@ -21,7 +21,7 @@ use super::ops::{self, with_repo, Emitter, OpResult};
 use super::pb::{health, v1 as pb};
 use super::pool::{CallCtx, GitPool};
 use super::status::{Code, Status};
-use crate::config::RpcLimits;
+use crate::config::{HousekeepingConfig, RpcLimits};
 use crate::git::repo::RepoRoot;
 use crate::git::repo_name::RepoName;
 use crate::hooks::event::RefUpdate;
@@ -67,6 +67,7 @@ methods! {
     CheckMergeability => "gitplane.v1.RepositoryService/CheckMergeability",
     Merge => "gitplane.v1.RepositoryService/Merge",
     RepositoryInfo => "gitplane.v1.RepositoryService/RepositoryInfo",
+    OptimizeRepository => "gitplane.v1.RepositoryService/OptimizeRepository",
     HealthCheck => "grpc.health.v1.Health/Check",
     HealthWatch => "grpc.health.v1.Health/Watch",
 }
@@ -113,7 +114,8 @@ repo_requests!(
     pb::DeleteBranchRequest,
     pb::CheckMergeabilityRequest,
     pb::MergeRequest,
-    pb::RepositoryInfoRequest
+    pb::RepositoryInfoRequest,
+    pb::OptimizeRepositoryRequest
 );
 
 /// State shared by every shard's RPC front end.
@@ -127,6 +129,7 @@ pub struct RpcState {
     pub git_binary: PathBuf,
     /// Where the hook outbox lives, for the events of calls that change refs.
     pub data_dir: PathBuf,
+    pub housekeeping: Arc<HousekeepingConfig>,
 }
 
 /// What a call runs with on the worker.
@@ -136,6 +139,7 @@ pub struct CallEnv {
     pub name: String,
     pub git_binary: PathBuf,
     pub data_dir: PathBuf,
+    pub housekeeping: Arc<HousekeepingConfig>,
 }
 
 impl CallEnv {
@@ -201,6 +205,7 @@ impl RpcState {
             name,
             git_binary: self.git_binary.clone(),
             data_dir: self.data_dir.clone(),
+            housekeeping: Arc::clone(&self.housekeeping),
         }
     }
 
@@ -264,7 +269,7 @@ impl RpcState {
         ctx: &CallCtx,
         shutdown: &Rc<ShutdownSignal>,
     ) -> Result<Reply, Status> {
-        use ops::{commits, diff, info, merge, refs, tree};
+        use ops::{commits, diff, info, merge, optimize, refs, tree};
         match method {
             Method::ListBranches => {
                 self.unary(body, ctx, |r, q, _| refs::list_branches(r, q))
@@ -324,6 +329,9 @@ impl RpcState {
                     info::repository_info(r, &e.name, &e.ctx)
                 })
                 .await
+            }
+            Method::OptimizeRepository => {
+                self.unary(body, ctx, optimize::optimize_repository).await
             }
             Method::HealthCheck => health_check(body, shutdown),
             Method::HealthWatch => health_watch(body, shutdown),

@@ -161,8 +161,20 @@ fn build_frontends(
         config,
     )?));
     // Hook workers (issue #6): consumers/relay, or the embedded outbox queue, on every sidecar.
+    // Housekeeping (issue #12): a job of the hook workers, plus the periodic sweep.
+    let housekeeper = Arc::new(crate::housekeeping::Housekeeper::new(
+        config.housekeeping.clone(),
+        config.git.binary.clone(),
+        config.data_dir.join("repos"),
+    ));
+    f.sidecar.push(Arc::new(crate::hooks::HooksService::new(
+        config,
+        Arc::clone(&housekeeper),
+    )?));
     f.sidecar
-        .push(Arc::new(crate::hooks::HooksService::new(config)?));
+        .push(Arc::new(crate::housekeeping::HousekeepingService {
+            housekeeper,
+        }));
     Ok(f)
 }
 
@@ -296,13 +308,18 @@ pub fn run(
     );
     stop.store(true, Ordering::SeqCst);
     let _ = stop_tx.send(true);
-    // A second signal during the drain means "now".
-    std::thread::spawn(move || {
-        while wait_signal(&signals) == libc::SIGUSR2 {
-            tracing::warn!("upgrade requested while draining: ignored");
+    // During the drain, SIGINT (a second Ctrl-C) means "now". Another SIGTERM does not:
+    // server_starter sends TERM to every old generation on each HUP, so a generation still
+    // draining from the previous upgrade gets it again, and must not cut its transfers; the
+    // grace period bounds the drain either way.
+    std::thread::spawn(move || loop {
+        match wait_signal(&signals) {
+            libc::SIGINT => {
+                tracing::warn!("SIGINT while draining: exiting without waiting");
+                std::process::exit(1);
+            }
+            sig => tracing::info!(signal = sig, "already draining: signal ignored"),
         }
-        tracing::warn!("second signal: exiting without waiting");
-        std::process::exit(1);
     });
     for t in threads {
         let _ = t.join();

@@ -833,6 +833,29 @@ class RepositoryApi(unittest.TestCase):
         self.assertGreater(r.size_bytes, du - 1024 * 1024)
         self.assertGreater(r.size_bytes, BIG_MB * MiB)
 
+    # ----------------------------------------------------------------------------------------
+    # OptimizeRepository (named to run last: it repacks the shared fixture)
+
+    def test_zz_optimize_repository(self):
+        heads = git("for-each-ref", "--format=%(refname) %(objectname)")
+        r = self.call("OptimizeRepository", pb.OptimizeRepositoryRequest(repository=REPO, full=True))
+        self.assertIn("repack_full", r.tasks)
+        self.assertIn("commit_graph", r.tasks)
+        self.assertIn("full repack requested", r.reasons)
+        packs = os.listdir(os.path.join(BARE, "objects", "pack"))
+        self.assertTrue(any(f.endswith(".bitmap") for f in packs), packs)
+        git("fsck", "--full", "--no-progress")
+        self.assertEqual(git("for-each-ref", "--format=%(refname) %(objectname)"), heads)
+        # A second pass finds nothing left to do but what the thresholds ask for.
+        r = self.call("OptimizeRepository", pb.OptimizeRepositoryRequest(repository=REPO))
+        self.assertNotIn("repack_full", r.tasks)
+        self.assertCode(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            self.call,
+            "OptimizeRepository",
+            pb.OptimizeRepositoryRequest(repository="../etc"),
+        )
+
 
 if __name__ == "__main__":
     unittest.main(verbosity=2)

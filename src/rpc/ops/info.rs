@@ -48,8 +48,9 @@ fn dir_size(dir: &Path, depth: usize, ctx: &CallCtx) -> OpResult<u64> {
     Ok(total)
 }
 
-/// Objects in a pack index: the last fan-out entry (v1 and v2 formats).
-fn idx_object_count(path: &Path) -> std::io::Result<u64> {
+/// Objects in a pack index: the last fan-out entry (v1 and v2 formats). Housekeeping reads pack
+/// sizes with it too.
+pub fn idx_object_count(path: &Path) -> std::io::Result<u64> {
     let mut f = std::fs::File::open(path)?;
     let mut head = [0u8; 8 + 256 * 4];
     f.read_exact(&mut head)?;

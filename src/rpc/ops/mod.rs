@@ -7,7 +7,8 @@
 //! - [`diff`] runs CommitDiff, CompareRefs;
 //! - [`tree`] runs GetTree, GetBlob;
 //! - [`merge`] runs CheckMergeability, Merge;
-//! - [`info`] runs RepositoryInfo.
+//! - [`info`] runs RepositoryInfo;
+//! - [`optimize`] runs OptimizeRepository.
 //!
 //! Errors are [`OpError`]; the edge turns them into gRPC statuses.
 
@@ -15,6 +16,7 @@ pub mod commits;
 pub mod diff;
 pub mod info;
 pub mod merge;
+pub mod optimize;
 pub mod refs;
 pub mod tree;
 

@@ -13,7 +13,7 @@
 use std::io::{BufReader, Read};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 
 use bytes::Bytes;
 use git2::{ObjectType, Oid, Repository, TreeWalkMode, TreeWalkResult};
@@ -364,16 +364,8 @@ fn stream_cat_file(
     id: Oid,
     sink: &mut ChunkSink<'_>,
 ) -> OpResult<()> {
-    let mut cmd = Command::new(git_binary);
-    cmd.env_clear()
-        .env(
-            "PATH",
-            std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
-        )
-        .env("GIT_DIR", git_dir)
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .env("HOME", git_dir)
+    let mut cmd = crate::git::process::git_command(git_binary, git_dir);
+    cmd.env("GIT_DIR", git_dir)
         .args(["cat-file", "blob"])
         .arg(id.to_string())
         .stdin(Stdio::null())
