@@ -36,7 +36,7 @@ use crate::auth::{decide, Decision};
 use crate::git::process::sanitize_git_protocol;
 use crate::git::repo_name::RepoName;
 use crate::metrics::METRICS;
-use crate::server::sidecar::StopSignal;
+use crate::runtime::sidecar::StopSignal;
 use crate::store::Access;
 use crate::token::{self, Operation};
 

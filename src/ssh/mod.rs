@@ -43,8 +43,8 @@ use crate::config::{ServeConfig, SshLimits};
 use crate::git::limiter::PackLimiter;
 use crate::git::repo::RepoRoot;
 use crate::lfs::s3_bridge::S3Bridge;
-use crate::server::shard::ListenerSet;
-use crate::server::sidecar::{stopped, SidecarService, StopSignal};
+use crate::runtime::shard::ListenerSet;
+use crate::runtime::sidecar::{stopped, SidecarService, StopSignal};
 use crate::store::{Store, StoreError};
 use crate::token::TokenSecret;
 
