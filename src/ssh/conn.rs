@@ -25,7 +25,8 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::handler::{ConnHandler, Phase, PreAuthGuard};
+use super::handler::{ConnHandler, PreAuthGuard};
+use super::phase::Phase;
 use super::SshShared;
 use crate::metrics::METRICS;
 use crate::runtime::shard::tune_socket;

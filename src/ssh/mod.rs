@@ -23,6 +23,7 @@ mod idle;
 pub mod keys;
 pub mod lfs;
 mod lfs_transfer;
+mod phase;
 
 pub use gitplane_wire::ssh::{command, lfs_transfer as lfs_transfer_proto};
 
