@@ -1,7 +1,9 @@
 //! gitplane: a Git hosting data plane, thread-per-core on io_uring.
 //!
 //! Layers, top to bottom (a module only uses the ones below it):
-//! - [`server`]: start-up, the shard threads, signals and graceful shutdown;
+//! - [`server`]: the composition root: start-up, signals, hot upgrades, graceful shutdown;
+//! - the services: [`smart_http`], [`lfs`], [`ssh`], [`rpc`], [`hooks`], [`housekeeping`];
+//! - [`runtime`]: the per-core shards and sidecars the services run on;
 //! - [`smart_http`]: Git smart HTTP routes on top of [`http`];
 //! - [`http`]: the HTTP/1.1 codecs (sans-I/O) and the connection loop;
 //! - [`auth`], [`git`], [`store`], [`metrics`]: shared by every front end.
@@ -22,6 +24,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod progress;
 pub mod rpc;
+pub mod runtime;
 pub mod server;
 pub mod smart_http;
 pub mod ssh;

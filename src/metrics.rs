@@ -936,7 +936,7 @@ mod tests {
         assert!(!text.contains("shard=\"2\""));
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (_, v) = line.rsplit_once(' ').unwrap();
-            v.parse::<i64>().unwrap();
+            v.parse::<f64>().unwrap_or_else(|e| panic!("{line}: {e}"));
         }
     }
 

@@ -11,3 +11,17 @@ pub mod stream;
 pub mod tokio_child;
 
 pub use gitplane_wire::git::{pktline, repo_name};
+
+/// Quotes `s` as one word for `/bin/sh` (git runs hook settings and our hook scripts through it).
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn quotes_for_the_shell() {
+        assert_eq!(super::shell_quote("/a b/c"), "'/a b/c'");
+        assert_eq!(super::shell_quote("it's"), r"'it'\''s'");
+    }
+}

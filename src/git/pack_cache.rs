@@ -80,8 +80,8 @@ pub fn enable(exe: &Path, settings: &PackCacheSettings) -> Result<(), PackCacheE
     // git runs the hook through the shell, with `git pack-objects ARGS` appended.
     let command = format!(
         "{} pack-objects-hook --dir {} --max-age-secs {} --max-bytes {}",
-        super::process::shell_quote(&exe.to_string_lossy()),
-        super::process::shell_quote(&dir.to_string_lossy()),
+        super::shell_quote(&exe.to_string_lossy()),
+        super::shell_quote(&dir.to_string_lossy()),
         settings.max_age.as_secs(),
         settings.max_bytes,
     );

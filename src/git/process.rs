@@ -61,11 +61,6 @@ fn hooks_path() -> Option<PathBuf> {
     HOOKS_PATH.read().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
-/// Quotes `s` as one word for `/bin/sh` (git runs hook settings and our hook scripts through it).
-pub fn shell_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
-}
-
 /// Accepts `GIT_PROTOCOL` values like `version=2` or `version=2:object-format=sha1`; anything
 /// else is dropped rather than passed to git.
 pub fn sanitize_git_protocol(value: &str) -> Option<&str> {
@@ -343,12 +338,6 @@ mod tests {
         for (k, v) in [("receive.autogc", "false"), ("gc.auto", "0")] {
             assert!(settings.contains(&(k.to_owned(), v.to_owned())), "{k}");
         }
-    }
-
-    #[test]
-    fn quotes_for_the_shell() {
-        assert_eq!(shell_quote("/a b/c"), "'/a b/c'");
-        assert_eq!(shell_quote("it's"), r"'it'\''s'");
     }
 
     #[test]

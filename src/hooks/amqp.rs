@@ -46,7 +46,7 @@ use super::jobs::JobKind;
 use super::worker::{Outcome, Worker};
 use crate::config::HookConfig;
 use crate::metrics::METRICS;
-use crate::server::sidecar::{stopped, StopSignal};
+use crate::runtime::sidecar::{stopped, StopSignal};
 
 /// Idle wait between outbox polls of the relay.
 const POLL: Duration = Duration::from_millis(10);

@@ -18,8 +18,8 @@ use super::event::{
     new_event_id, parse_ref_updates, parse_transaction, push_options, EventError, PushEvent,
 };
 use super::pending;
-use crate::git::process::shell_quote;
 use crate::git::repo_name::RepoName;
+use crate::git::shell_quote;
 use crate::store::{PendingRow, PendingState, Store, StoreError};
 
 /// Largest hook input accepted (a mirror push of very many refs still fits).

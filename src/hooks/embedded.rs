@@ -20,7 +20,7 @@ use super::event::PushEvent;
 use super::jobs::JobKind;
 use super::worker::{Outcome, Worker};
 use crate::metrics::METRICS;
-use crate::server::sidecar::{stopped, StopSignal};
+use crate::runtime::sidecar::{stopped, StopSignal};
 
 /// Idle wait between outbox polls.
 const POLL: Duration = Duration::from_millis(10);

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use crate::server::sidecar::{stopped, StopSignal};
+use crate::runtime::sidecar::{stopped, StopSignal};
 
 /// Where the lock lives, set once at start-up.
 static PATH: OnceLock<PathBuf> = OnceLock::new();

@@ -39,7 +39,7 @@ use std::time::Duration;
 use crate::config::ServeConfig;
 use crate::git::repo::RepoRoot;
 use crate::git::repo_name::{RepoName, RepoNameError};
-use crate::server::sidecar::{SidecarService, StopSignal};
+use crate::runtime::sidecar::{SidecarService, StopSignal};
 use crate::store::{Store, StoreError};
 use worker::{Shared, Worker};
 

@@ -19,7 +19,7 @@ use super::event::PushEvent;
 use super::jobs::{self, JobContext, JobKind};
 use crate::config::HookConfig;
 use crate::metrics::METRICS;
-use crate::server::sidecar::{stopped, StopSignal};
+use crate::runtime::sidecar::{stopped, StopSignal};
 
 /// How a job ended for one delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -34,7 +34,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::Semaphore;
 
 use crate::config::HousekeepingConfig;
-use crate::server::sidecar::{stopped, SidecarService, StopSignal};
+use crate::runtime::sidecar::{stopped, SidecarService, StopSignal};
 use metrics::HOUSEKEEPING;
 pub use run::Report;
 

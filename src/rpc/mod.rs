@@ -31,7 +31,7 @@ use std::sync::Arc;
 use crate::config::ServeConfig;
 use crate::git::repo::RepoRoot;
 use crate::metrics::METRICS;
-use crate::server::shard::{accept_loop, AcceptOptions, ListenerSet, ShardContext, ShardService};
+use crate::runtime::shard::{accept_loop, AcceptOptions, ListenerSet, ShardContext, ShardService};
 use auth::{Token, TokenError};
 use conns::{AddressCaps, ShardShare};
 use pool::{GitPool, PoolError};

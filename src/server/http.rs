@@ -7,7 +7,6 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use super::shard::{accept_loop, AcceptOptions, ListenerSet, ShardContext, ShardService};
 use crate::access::HttpAuth;
 use crate::admission::AddressLimiter;
 use crate::git::process::Service;
@@ -17,6 +16,7 @@ use crate::http::server::{serve_connection, Handler, Reuse};
 use crate::lfs::http::{anonymous_share, LfsHttp};
 use crate::lifecycle::ShutdownSignal;
 use crate::metrics::{Route, METRICS};
+use crate::runtime::shard::{accept_loop, AcceptOptions, ListenerSet, ShardContext, ShardService};
 use crate::smart_http::{AppState, SmartHttp};
 use crate::token::TokenSecret;
 

@@ -1,7 +1,8 @@
 //! `gitplane serve`: start-up, the per-core threads, signals and graceful shutdown.
 //!
-//! Per core there is a monoio shard ([`shard`]) serving the io_uring front ends (HTTP, gRPC) and
-//! a tokio sidecar ([`sidecar`]) for the tokio-bound ones (SSH, AMQP). Each front end owns one
+//! The composition root: it builds every service and runs them on the per-core runtime
+//! ([`crate::runtime`]): a monoio shard per core serving the io_uring front ends (HTTP, gRPC) and
+//! a tokio sidecar per core for the tokio-bound ones (SSH, AMQP). Nothing below imports it. Each front end owns one
 //! SO_REUSEPORT listener per core, so the kernel spreads connections and no accept lock is
 //! shared. The main thread only waits for signals: on SIGTERM/SIGINT every front end stops
 //! accepting, lets in-flight work finish up to the grace period, cuts the rest, and the process
@@ -11,8 +12,6 @@
 
 mod http;
 pub mod inherit;
-pub mod shard;
-pub mod sidecar;
 pub mod upgrade;
 
 use std::io;
@@ -25,9 +24,9 @@ use monoio::blocking::DefaultThreadPool;
 
 use crate::config::ServeConfig;
 use crate::metrics::METRICS;
+use crate::runtime::shard::{self, bind_listeners, ListenerSet, ShardService};
+use crate::runtime::sidecar::{self, SidecarService};
 use crate::smart_http::AppState;
-use shard::{bind_listeners, ListenerSet, ShardService};
-use sidecar::SidecarService;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {

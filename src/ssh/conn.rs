@@ -25,11 +25,12 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::handler::{ConnHandler, Phase, PreAuthGuard};
+use super::handler::{ConnHandler, PreAuthGuard};
+use super::phase::Phase;
 use super::SshShared;
 use crate::metrics::METRICS;
-use crate::server::shard::tune_socket;
-use crate::server::sidecar::{stopped, StopSignal};
+use crate::runtime::shard::tune_socket;
+use crate::runtime::sidecar::{stopped, StopSignal};
 
 /// How often a connection with running git checks that its peer is still there.
 const LIVENESS_INTERVAL: Duration = Duration::from_secs(2);

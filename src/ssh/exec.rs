@@ -22,8 +22,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::watch;
 
-use super::handler::Phase;
 use super::idle::{Activity, ChannelStalled};
+use super::phase::ExecGuard;
 use super::SshShared;
 use crate::git::limiter::{PackPermit, Requester};
 use crate::git::process::{GitCommand, Mode, Service};
@@ -63,23 +63,6 @@ pub(super) struct ExecContext {
     pub peer: SocketAddr,
     /// Flips when the supervisor finds the connection dead.
     pub dead: watch::Receiver<bool>,
-}
-
-/// Counts a running exec in the connection's phase (the supervisor watches it for liveness
-/// checks and for shutdown).
-pub(super) struct ExecGuard(Arc<watch::Sender<Phase>>);
-
-impl ExecGuard {
-    pub fn new(phase: Arc<watch::Sender<Phase>>) -> Self {
-        phase.send_modify(|p| p.execs += 1);
-        Self(phase)
-    }
-}
-
-impl Drop for ExecGuard {
-    fn drop(&mut self) {
-        self.0.send_modify(|p| p.execs = p.execs.saturating_sub(1));
-    }
 }
 
 /// Runs the exec to the end; always closes the channel.

@@ -26,17 +26,18 @@ use russh::{Channel, ChannelId, ChannelOpenFailure};
 use tokio::sync::watch;
 
 use super::command::{parse_exec, ExecRequest};
-use super::exec::{self, ExecContext, ExecGuard};
+use super::exec::{self, ExecContext};
 use super::keys::{fingerprint, signature_algorithm_allowed};
 use super::lfs::{authenticate_response, lfs_href};
 use super::lfs_transfer;
+use super::phase::{ExecGuard, Phase};
 use super::{with_store, SshError, SshShared};
 use crate::admission::AddressSlot as PreAuthSlot;
 use crate::auth::{decide, Decision};
 use crate::git::process::sanitize_git_protocol;
 use crate::git::repo_name::RepoName;
 use crate::metrics::METRICS;
-use crate::server::sidecar::StopSignal;
+use crate::runtime::sidecar::StopSignal;
 use crate::store::Access;
 use crate::token::{self, Operation};
 
@@ -44,14 +45,6 @@ use crate::token::{self, Operation};
 pub const SSH_USER: &str = "git";
 /// Requests a channel may make before `exec` (OpenSSH sends a handful of env and pty requests).
 const MAX_REQUESTS_BEFORE_EXEC: usize = 32;
-
-/// What the supervisor ([`super::conn`]) needs to know about a connection.
-#[derive(Debug, Clone, Copy, Default)]
-pub(super) struct Phase {
-    pub authenticated: bool,
-    /// git processes running for this connection.
-    pub execs: usize,
-}
 
 /// Holds a pre-auth slot and the gauge of unauthenticated connections until auth succeeds or
 /// the connection ends.

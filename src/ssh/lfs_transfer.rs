@@ -42,12 +42,12 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
-use super::exec::ExecGuard;
 use super::idle::{client_wait, ChannelStalled};
 use super::lfs_transfer_proto::{
     data_header, encode_capabilities, encode_error, encode_object_head, encode_status, Decoder,
     Event, FramingError, ObjectSpec, Request, Step,
 };
+use super::phase::ExecGuard;
 use super::{with_store, SshShared};
 use crate::auth::{decide, Decision};
 use crate::git::pktline::{FLUSH, MAX_PAYLOAD_LEN};

@@ -23,6 +23,7 @@ mod idle;
 pub mod keys;
 pub mod lfs;
 mod lfs_transfer;
+mod phase;
 
 pub use gitplane_wire::ssh::{command, lfs_transfer as lfs_transfer_proto};
 
@@ -43,8 +44,8 @@ use crate::config::{ServeConfig, SshLimits};
 use crate::git::limiter::PackLimiter;
 use crate::git::repo::RepoRoot;
 use crate::lfs::s3_bridge::S3Bridge;
-use crate::server::shard::ListenerSet;
-use crate::server::sidecar::{stopped, SidecarService, StopSignal};
+use crate::runtime::shard::ListenerSet;
+use crate::runtime::sidecar::{stopped, SidecarService, StopSignal};
 use crate::store::{Store, StoreError};
 use crate::token::TokenSecret;
 

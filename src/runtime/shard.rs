@@ -180,7 +180,7 @@ pub async fn accept_loop<S, F, R, G>(
 }
 
 /// Runs one shard thread to completion.
-pub(super) fn run_shard(
+pub(crate) fn run_shard(
     shard: usize,
     services: Arc<Vec<Arc<dyn ShardService>>>,
     stop: Arc<AtomicBool>,

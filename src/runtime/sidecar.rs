@@ -35,7 +35,7 @@ pub trait SidecarService: Send + Sync {
 }
 
 /// Runs one sidecar thread to completion.
-pub(super) fn run_sidecar(
+pub(crate) fn run_sidecar(
     core: usize,
     services: Arc<Vec<Arc<dyn SidecarService>>>,
     stop: StopSignal,
