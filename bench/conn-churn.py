@@ -12,21 +12,13 @@ import argparse
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release", "gitplane")
-
-
-def rss_kb(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
+sys.path.insert(0, os.path.join(ROOT, "bench", "lib"))
+from probe import require_binary, rss_kb, start_server  # noqa: E402
 
 
 def churn(addr, n):
@@ -42,21 +34,10 @@ def main():
     ap.add_argument("--connections", type=int, default=20000)
     ap.add_argument("--shards", type=int, default=2)
     a = ap.parse_args()
-    if not os.path.exists(BIN):
-        sys.exit("build first: cargo build --release")
+    require_binary()
     data = tempfile.mkdtemp(prefix="gitplane-churn-")
-    proc = subprocess.Popen(
-        [BIN, "--data-dir", os.path.join(data, "d"), "serve", "--http-listen", "127.0.0.1:0",
-         "--ssh-listen", "127.0.0.1:0", "--rpc-listen", "127.0.0.1:0", "--shards", str(a.shards)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, "RUST_LOG": "warn"})
-    addr = None
-    for line in proc.stdout:
-        line = line.strip()
-        if line.startswith("gitplane: http listening on "):
-            host, port = line.rsplit(" ", 1)[1].rsplit(":", 1)
-            addr = (host, int(port))
-        if line == "gitplane: ready":
-            break
+    proc, addrs = start_server(os.path.join(data, "d"), a.shards)
+    addr = addrs["http"]
     try:
         churn(addr, 2000)  # warm every code path and the allocator's arenas
         time.sleep(0.5)

@@ -21,35 +21,8 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release", "gitplane")
-
-
-def rss_kb(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
-
-
-def start_server(data, shards):
-    proc = subprocess.Popen(
-        [BIN, "--data-dir", data, "serve", "--http-listen", "127.0.0.1:0", "--shards", str(shards)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        env={**os.environ, "RUST_LOG": "warn"},
-    )
-    addr = None
-    for line in proc.stdout:
-        line = line.strip()
-        if line.startswith("gitplane: http listening on "):
-            host, port = line.rsplit(" ", 1)[1].rsplit(":", 1)
-            addr = (host, int(port))
-        if line == "gitplane: ready":
-            break
-    if addr is None:
-        proc.kill()
-        sys.exit("server did not start")
-    return proc, addr
+sys.path.insert(0, os.path.join(ROOT, "bench", "lib"))
+from probe import BIN, rss_kb, start_server  # noqa: E402
 
 
 REQUEST = b"GET /healthz HTTP/1.1\r\nHost: bench\r\n\r\n"
@@ -98,7 +71,8 @@ def main():
     if not os.path.exists(BIN):
         subprocess.run(["cargo", "build", "--release", "--bin", "gitplane"], cwd=ROOT, check=True)
     data = tempfile.mkdtemp(prefix="gitplane-idle-")
-    proc, addr = start_server(os.path.join(data, "d"), args.shards)
+    proc, addrs = start_server(os.path.join(data, "d"), args.shards)
+    addr = addrs["http"]
     try:
         warm = open_idle(addr, 200, time.monotonic() + 30)  # touch every code path once
         for s in warm:

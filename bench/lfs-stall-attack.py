@@ -20,21 +20,17 @@ killed at the end.
 """
 import argparse
 import base64
-import importlib.util
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-_spec = importlib.util.spec_from_file_location("stall_attack", os.path.join(HERE, "stall-attack.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
-run, metric, metrics, rss_mb, pct = common.run, common.metric, common.metrics, common.rss_mb, common.pct
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench", "lib"))
+from probe import admin, metric, metrics, pct, require_binary, rss_mb, run, start_server  # noqa: E402
 
 
 def stalled_peer(addr, source, path, auth, hold, stop, counts):
@@ -84,17 +80,17 @@ def main():
                     help="stalled peers send credentials, from 127.0.0.1 (no anonymous share)")
     ap.add_argument("--config", help="a gitplane TOML file (default: built-in defaults)")
     a = ap.parse_args()
-    if not os.path.exists(common.BIN):
-        sys.exit("build first: cargo build --release")
+    require_binary()
     if shutil.which("git-lfs") is None:
         sys.exit("git-lfs is missing (apt-get install git-lfs)")
     tmp = tempfile.mkdtemp(prefix="lfs-stall-attack-")
     data = os.path.join(tmp, "data")
-    proc, addr = common.start_server(data, a.shards, a.config)
+    proc, addrs = start_server(data, a.shards, a.config)
+    addr = addrs["http"]
     try:
         password = open(os.path.join(data, "initial-admin-password")).read().strip()
         url = f"http://admin:{password}@{addr[0]}:{addr[1]}/admin/pub.git"
-        common.admin(data, "repo", "create", "admin/pub", "--public")
+        admin(data, "repo", "create", "admin/pub", "--public")
         src = os.path.join(tmp, "src")
         os.makedirs(src)
         for args in (["init", "-q", "-b", "main"], ["lfs", "install", "--local"],

@@ -34,31 +34,11 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench", "lib"))
-from probe import metrics, rss_mb  # noqa: E402
+from probe import BIN, metrics, rss_mb, start_server  # noqa: E402
 
-BIN = os.path.join(ROOT, "target", "release", "gitplane")
 LOAD = os.path.join(ROOT, "target", "release", "gitplane-load")
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\0\0\0\x04\0\0\0\0\0"
 REASONS = ["rpc_no_request", "rpc_idle", "rpc_per_address", "rpc_keepalive"]
-
-
-def start_server(data, shards, config):
-    args = [BIN, "--data-dir", data, "serve", "--http-listen", "127.0.0.1:0", "--ssh-listen",
-            "127.0.0.1:0", "--rpc-listen", "127.0.0.1:0", "--shards", str(shards), "--config", config]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "RUST_LOG": "warn"})
-    addrs = {}
-    for line in proc.stdout:
-        line = line.strip()
-        m = re.match(r"gitplane: (\w+) listening on (.+):(\d+)$", line)
-        if m:
-            addrs[m.group(1)] = (m.group(2), int(m.group(3)))
-        if line == "gitplane: ready":
-            break
-    if "http" not in addrs or "rpc" not in addrs:
-        proc.kill()
-        sys.exit("server did not start")
-    return proc, addrs["http"], addrs["rpc"]
 
 
 def cuts(addr):
@@ -179,7 +159,8 @@ def main():
             with open(config, "w") as f:
                 f.write("[rpc]\nmax_connections_per_shard = 64\n")
         data = os.path.join(tmp, "data")
-        server, http, rpc = start_server(data, args.shards, config)
+        server, addrs = start_server(data, args.shards, config)
+        http, rpc = addrs["http"], addrs["rpc"]
         try:
             subprocess.run([BIN, "--data-dir", data, "repo", "create", "admin/fixture"], check=True,
                            capture_output=True)

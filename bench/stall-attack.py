@@ -17,11 +17,8 @@ killed at the end.
 """
 import argparse
 import os
-import re
 import shutil
 import socket
-import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -29,54 +26,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench", "lib"))
-from probe import metrics, rss_mb  # noqa: E402
-
-BIN = os.path.join(ROOT, "target", "release", "gitplane")
-
-
-def run(args, cwd=None, stdin=None):
-    return subprocess.run(args, cwd=cwd, input=stdin, check=True, capture_output=True, text=True).stdout
-
-
-def start_server(data, shards, config):
-    args = [BIN, "--data-dir", data, "serve", "--http-listen", "127.0.0.1:0", "--ssh-listen",
-            "127.0.0.1:0", "--rpc-listen", "127.0.0.1:0", "--shards", str(shards)]
-    if config:
-        args += ["--config", config]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "RUST_LOG": "warn"})
-    addr = None
-    for line in proc.stdout:
-        line = line.strip()
-        if line.startswith("gitplane: http listening on "):
-            host, port = line.rsplit(" ", 1)[1].rsplit(":", 1)
-            addr = (host, int(port))
-        if line == "gitplane: ready":
-            break
-    if addr is None:
-        proc.kill()
-        sys.exit("server did not start")
-    return proc, addr
-
-
-def admin(data, *args, stdin=None):
-    return run([BIN, "--data-dir", data, *args], stdin=stdin)
-
-
-def metric(text, series):
-    m = re.search("^" + re.escape(series) + r" (\d+)$", text, re.M)
-    return int(m.group(1)) if m else 0
-
-
-def make_history(path, commits):
-    os.makedirs(path)
-    run(["git", "init", "-q", "-b", "main"], cwd=path)
-    for i in range(commits):
-        with open(os.path.join(path, f"f{i % 50}.txt"), "a") as f:
-            f.write(f"line {i}\n" * 200)
-        run(["git", "add", "."], cwd=path)
-        run(["git", "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-q", "-m", f"c{i}"], cwd=path)
-    return run(["git", "rev-parse", "HEAD"], cwd=path).strip()
+from probe import admin, make_history, metric, metrics, pct, require_binary, rss_mb, run, start_server  # noqa: E402
 
 
 def attacker(addr, repo, oid, trickle, stop, counts):
@@ -116,11 +66,6 @@ def clone_times(url, work, n, seconds=0):
     return times
 
 
-def pct(xs, p):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--clones", type=int, default=20)
@@ -131,11 +76,11 @@ def main():
                     help="the attack phase lasts at least this long (past the 30 s body deadline, so cuts and reconnects happen)")
     ap.add_argument("--config", help="a gitplane TOML file (default: built-in defaults)")
     a = ap.parse_args()
-    if not os.path.exists(BIN):
-        sys.exit("build first: cargo build --release")
+    require_binary()
     tmp = tempfile.mkdtemp(prefix="stall-attack-")
     data = os.path.join(tmp, "data")
-    proc, addr = start_server(data, a.shards, a.config)
+    proc, addrs = start_server(data, a.shards, a.config)
+    addr = addrs["http"]
     try:
         password = open(os.path.join(data, "initial-admin-password")).read().strip()
         base = f"http://admin:{password}@{addr[0]}:{addr[1]}"

@@ -24,16 +24,8 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release", "gitplane")
-
-
-def run(args, cwd=None):
-    return subprocess.run(args, cwd=cwd, check=True, capture_output=True, text=True).stdout
-
-
-def pct(xs, p):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else float("nan")
+sys.path.insert(0, os.path.join(ROOT, "bench", "lib"))
+from probe import BIN, admin, make_history, pct, require_binary, run, start_server  # noqa: E402
 
 
 class Phase:
@@ -91,35 +83,16 @@ def main():
     ap.add_argument("--commits", type=int, default=300)
     ap.add_argument("--shards", type=int, default=2)
     a = ap.parse_args()
-    if not os.path.exists(BIN):
-        sys.exit("build first: cargo build --release")
+    require_binary()
     tmp = tempfile.mkdtemp(prefix="upgrade-load-")
     data, pid_file = os.path.join(tmp, "data"), os.path.join(tmp, "gitplane.pid")
-    proc = subprocess.Popen(
-        [BIN, "--data-dir", data, "serve", "--http-listen", "127.0.0.1:0", "--ssh-listen",
-         "127.0.0.1:0", "--rpc-listen", "127.0.0.1:0", "--shards", str(a.shards), "--pid-file", pid_file],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, "RUST_LOG": "warn"})
-    addr = None
-    for line in proc.stdout:
-        line = line.strip()
-        if line.startswith("gitplane: http listening on "):
-            host, port = line.rsplit(" ", 1)[1].rsplit(":", 1)
-            addr = (host, int(port))
-        if line == "gitplane: ready":
-            break
-    # Later generations print to the same pipe: keep it drained.
-    threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+    proc, addrs = start_server(data, a.shards, extra=("--pid-file", pid_file))
+    addr = addrs["http"]
     try:
         password = open(os.path.join(data, "initial-admin-password")).read().strip()
         src = os.path.join(tmp, "src")
-        os.makedirs(src)
-        run(["git", "init", "-q", "-b", "main"], cwd=src)
-        for i in range(a.commits):
-            with open(os.path.join(src, f"f{i % 50}.txt"), "a") as f:
-                f.write(f"line {i}\n" * 200)
-            run(["git", "add", "."], cwd=src)
-            run(["git", "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-q", "-m", f"c{i}"], cwd=src)
-        run([BIN, "--data-dir", data, "repo", "create", "admin/proj"])
+        make_history(src, a.commits)
+        admin(data, "repo", "create", "admin/proj")
         url = f"http://admin:{password}@{addr[0]}:{addr[1]}/admin/proj.git"
         run(["git", "push", "-q", "--mirror", url], cwd=src)
 

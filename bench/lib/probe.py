@@ -1,7 +1,68 @@
-"""Reading a running gitplane from a bench script: its /metrics text and its RSS.
+"""What the Python benches share: starting target/release/gitplane on loopback, running its
+admin commands, a generated history to push, reading /metrics and RSS, percentiles.
 
-Shared by bench/stall-attack.py and bench/rpc-idle-attack.py."""
+Used by bench/stall-attack.py, lfs-stall-attack.py, rpc-idle-attack.py, upgrade-load.py,
+conn-churn.py and idle-conns.py (each does `sys.path.insert(0, "bench/lib")`)."""
+import os
+import re
 import socket
+import subprocess
+import sys
+import threading
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BIN = os.path.join(ROOT, "target", "release", "gitplane")
+
+
+def run(args, cwd=None, stdin=None):
+    """Runs a command, failing on a non-zero exit; its stdout."""
+    return subprocess.run(args, cwd=cwd, input=stdin, check=True, capture_output=True, text=True).stdout
+
+
+def require_binary():
+    if not os.path.exists(BIN):
+        sys.exit("build first: cargo build --release")
+
+
+def start_server(data, shards=2, config=None, extra=()):
+    """`gitplane serve` on free loopback ports with data dir `data`. Returns the process and
+    {service: (host, port)} once it is ready; its stdout is drained from then on (upgraded
+    generations print to the same pipe)."""
+    args = [BIN, "--data-dir", data, "serve", "--http-listen", "127.0.0.1:0", "--ssh-listen",
+            "127.0.0.1:0", "--rpc-listen", "127.0.0.1:0", "--shards", str(shards), *extra]
+    if config:
+        args += ["--config", config]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "RUST_LOG": "warn"})
+    addrs = {}
+    for line in proc.stdout:
+        line = line.strip()
+        m = re.match(r"gitplane: (\w+) listening on (.+):(\d+)$", line)
+        if m:
+            addrs[m.group(1)] = (m.group(2), int(m.group(3)))
+        if line == "gitplane: ready":
+            break
+    if "http" not in addrs:
+        proc.kill()
+        sys.exit("server did not start")
+    threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+    return proc, addrs
+
+
+def admin(data, *args, stdin=None):
+    return run([BIN, "--data-dir", data, *args], stdin=stdin)
+
+
+def make_history(path, commits):
+    """A repository at `path` with `commits` commits touching 50 files; its head commit."""
+    os.makedirs(path)
+    run(["git", "init", "-q", "-b", "main"], cwd=path)
+    for i in range(commits):
+        with open(os.path.join(path, f"f{i % 50}.txt"), "a") as f:
+            f.write(f"line {i}\n" * 200)
+        run(["git", "add", "."], cwd=path)
+        run(["git", "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-q", "-m", f"c{i}"], cwd=path)
+    return run(["git", "rev-parse", "HEAD"], cwd=path).strip()
 
 
 def metrics(addr):
@@ -17,13 +78,29 @@ def metrics(addr):
     return out.decode(errors="replace")
 
 
-def rss_mb(pid):
-    """VmRSS of one process, in MB (0 once it is gone)."""
+def metric(text, series):
+    """One integer series of a /metrics text (0 when absent)."""
+    m = re.search("^" + re.escape(series) + r" (\d+)$", text, re.M)
+    return int(m.group(1)) if m else 0
+
+
+def rss_kb(pid):
+    """VmRSS of one process, in kB (0 once it is gone)."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
                 if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
+                    return int(line.split()[1])
     except FileNotFoundError:
         pass
-    return 0.0
+    return 0
+
+
+def rss_mb(pid):
+    return rss_kb(pid) / 1024
+
+
+def pct(xs, p):
+    """The p-th percentile of xs (nearest rank); NaN for no samples."""
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else float("nan")
