@@ -686,6 +686,11 @@ pub struct SshSection {
     pub max_unauthenticated: usize,
     /// Connections not yet authenticated from one source address (one IPv6 /64). Default 32.
     pub max_unauthenticated_per_ip: usize,
+    /// Connections from one source address that wait for a handshake slot when that address
+    /// already has `max_unauthenticated_per_ip` in the handshake; their handshake has not
+    /// started (each costs its socket's kernel buffers and a small task) and they are cut at the
+    /// same deadline. Beyond this they are closed at once. 0 = no queue. Default 512.
+    pub max_queued_per_ip: usize,
     /// Authentication attempts per connection. Default 6.
     pub max_auth_attempts: usize,
     /// Seconds of client silence before the server sends an SSH keepalive. Default 30.
@@ -716,6 +721,7 @@ impl Default for SshSection {
             handshake_timeout_secs: 20,
             max_unauthenticated: 1024,
             max_unauthenticated_per_ip: 32,
+            max_queued_per_ip: 512,
             max_auth_attempts: 6,
             keepalive_interval_secs: 30,
             keepalive_max: 3,
@@ -784,6 +790,7 @@ pub struct SshLimits {
     pub handshake_timeout: Duration,
     pub max_unauthenticated: usize,
     pub max_unauthenticated_per_ip: usize,
+    pub max_queued_per_ip: usize,
     pub max_auth_attempts: usize,
     pub keepalive_interval: Duration,
     pub keepalive_max: usize,
@@ -812,6 +819,7 @@ impl SshLimits {
                 "ssh.max_unauthenticated_per_ip",
                 s.max_unauthenticated_per_ip,
             )?,
+            max_queued_per_ip: s.max_queued_per_ip,
             max_auth_attempts: s.max_auth_attempts,
             keepalive_interval: positive_secs(
                 "ssh.keepalive_interval_secs",

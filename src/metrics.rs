@@ -751,6 +751,9 @@ pub struct SshMetrics {
     /// Connections closed at accept: too many unauthenticated connections (globally or from
     /// one source).
     pub handshakes_refused: Counter,
+    /// Connections that waited for a handshake slot (their address had its share in the
+    /// handshake) before starting.
+    pub handshakes_queued: Counter,
     /// Handshakes that ended early for another reason (protocol error, client gave up, auth
     /// attempts exhausted).
     pub handshakes_failed: Counter,
@@ -771,6 +774,7 @@ impl SshMetrics {
             handshakes_completed: Counter::new(),
             handshakes_timed_out: Counter::new(),
             handshakes_refused: Counter::new(),
+            handshakes_queued: Counter::new(),
             handshakes_failed: Counter::new(),
             auth_rejected: Counter::new(),
             connections: Gauge::new(),
@@ -790,6 +794,7 @@ impl SshMetrics {
             ("completed", &self.handshakes_completed),
             ("timed_out", &self.handshakes_timed_out),
             ("refused", &self.handshakes_refused),
+            ("queued", &self.handshakes_queued),
             ("failed", &self.handshakes_failed),
         ] {
             let _ = writeln!(

@@ -599,10 +599,72 @@ fn stalled_handshakes_are_cut_at_the_deadline_while_clones_work() {
     );
 }
 
+/// A CI farm behind one NAT address: 128 clones at once from 127.0.0.1 with the default config
+/// (32 handshakes per address). The rest wait their turn instead of being refused.
+#[test]
+fn a_burst_of_128_clones_from_one_address_all_succeed_with_the_defaults() {
+    let s = Ssh::start();
+    s.server.create_repo("admin/proj", false);
+    let src = s.work.path().join("src");
+    make_worktree(&src, 2);
+    git(
+        &src,
+        &["push", "-q", &s.server.admin_url("admin/proj"), "main"],
+    );
+    let url = s.url("admin/proj");
+    let cmd = s.ssh_base(&s.admin_key);
+    let work = s.work.path().to_owned();
+    let start = std::sync::Arc::new(std::sync::Barrier::new(128));
+    let handles: Vec<_> = (0..128)
+        .map(|i| {
+            let (url, cmd, work, start) = (url.clone(), cmd.clone(), work.clone(), start.clone());
+            std::thread::spawn(move || {
+                let dest = work.join(format!("burst{i}"));
+                start.wait();
+                let out = git_raw(
+                    &work,
+                    &["clone", "-q", &url, dest.to_str().unwrap()],
+                    &[("GIT_SSH_COMMAND", &cmd)],
+                );
+                (out.status.success(), stderr(&out))
+            })
+        })
+        .collect();
+    let failed: Vec<String> = handles
+        .into_iter()
+        .map(|h| h.join().expect("clone thread"))
+        .filter(|(ok, _)| !ok)
+        .map(|(_, err)| err)
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of 128 clones failed: {:?}",
+        failed.len(),
+        failed.first()
+    );
+    assert!(
+        metric(
+            &s.server,
+            "gitplane_ssh_handshakes_total{outcome=\"queued\"}"
+        ) > 0,
+        "the burst never exceeded the per-address share: the test proves nothing"
+    );
+    assert_eq!(
+        metric(
+            &s.server,
+            "gitplane_ssh_handshakes_total{outcome=\"refused\"}"
+        ),
+        0
+    );
+}
+
 #[test]
 fn unauthenticated_connections_are_capped_per_source_and_globally() {
     let s = Ssh::start_with(ServerOptions {
-        config: Some("[ssh]\nmax_unauthenticated = 6\nmax_unauthenticated_per_ip = 4\n".into()),
+        config: Some(
+            "[ssh]\nmax_unauthenticated = 6\nmax_unauthenticated_per_ip = 4\nmax_queued_per_ip = 1\n"
+                .into(),
+        ),
         ..ServerOptions::default()
     });
     let connect_from = |ip: &str| -> TcpStream {
@@ -625,11 +687,38 @@ fn unauthenticated_connections_are_capped_per_source_and_globally() {
         assert!(admitted(&mut c));
         held.push(c);
     }
+    // A fifth from the same address waits its turn, its handshake not started ...
     let mut fifth = connect_from("127.0.0.1");
+    fifth
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut probe = [0u8; 1];
+    let waiting = matches!(fifth.read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut);
     assert!(
-        !admitted(&mut fifth),
-        "a fifth connection from one address was admitted"
+        waiting,
+        "a fifth connection from one address was not held back"
     );
+    assert_eq!(
+        metric(
+            &s.server,
+            "gitplane_ssh_handshakes_total{outcome=\"queued\"}"
+        ),
+        1
+    );
+    // ... a sixth finds the address's queue (1) full and is closed at once ...
+    let mut sixth = connect_from("127.0.0.1");
+    sixth
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let closed = match sixth.read(&mut probe) {
+        Ok(n) => n == 0,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    };
+    assert!(closed, "a connection past the queue was not closed at once");
+    // ... and the fifth starts as soon as one of its address's slots frees.
+    drop(held.remove(0));
+    assert!(admitted(&mut fifth), "the queued connection did not start");
+    held.push(fifth);
     // Another address still gets in, up to the global cap of 6.
     for _ in 0..2 {
         let mut c = connect_from("127.0.0.2");

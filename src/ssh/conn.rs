@@ -140,6 +140,46 @@ async fn proxied_client(
     }
 }
 
+/// A pre-auth slot for `peer`. When its address already has its share in the handshake, the
+/// connection waits its turn in a bounded per-address queue (its handshake not started) until a
+/// slot frees, the handshake deadline passes, or the server stops: a legitimate burst from one
+/// address (a CI farm behind one NAT) is served late instead of refused, while a stalling
+/// attacker still holds at most the per-address share in the handshake.
+async fn admit(
+    shared: &SshShared,
+    peer: SocketAddr,
+    deadline: Instant,
+    stop: &mut StopSignal,
+) -> Result<crate::admission::AddressSlot, String> {
+    use crate::admission::Refusal;
+    match shared.preauth.try_admit(peer.ip()) {
+        Ok(slot) => return Ok(slot),
+        Err(Refusal::PerSource(_)) => {}
+        Err(global) => return Err(global.to_string()),
+    }
+    let _place = shared
+        .preauth_queue
+        .try_admit(peer.ip())
+        .map_err(|e| format!("handshake queue full: {e}"))?;
+    METRICS.ssh.handshakes_queued.inc();
+    let mut delay = Duration::from_millis(2);
+    loop {
+        let wait = delay.min(deadline.saturating_duration_since(Instant::now()));
+        if wait.is_zero() {
+            return Err("no handshake slot before the deadline".into());
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stopped(stop) => return Err("server stopping".into()),
+        }
+        match shared.preauth.try_admit(peer.ip()) {
+            Ok(slot) => return Ok(slot),
+            Err(Refusal::PerSource(_)) => delay = (delay * 2).min(Duration::from_millis(50)),
+            Err(global) => return Err(global.to_string()),
+        }
+    }
+}
+
 /// Serves one accepted connection to the end.
 pub(super) async fn serve(
     shared: Arc<SshShared>,
@@ -170,11 +210,11 @@ pub(super) async fn serve(
     } else {
         peer
     };
-    let slot = match shared.preauth.try_admit(peer.ip()) {
+    let slot = match admit(&shared, peer, deadline, &mut stop).await {
         Ok(s) => s,
-        Err(refusal) => {
+        Err(reason) => {
             METRICS.ssh.handshakes_refused.inc();
-            tracing::info!(%peer, reason = %refusal, "SSH connection refused");
+            tracing::info!(%peer, %reason, "SSH connection refused");
             if let Ok(c) = Cutter::new(fd) {
                 c.cut();
             }

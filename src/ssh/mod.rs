@@ -93,6 +93,8 @@ pub struct SshShared {
     repos: RepoRoot,
     packs: Arc<PackLimiter>,
     preauth: Arc<PreAuthLimiter>,
+    /// Connections waiting for a pre-auth slot (see [`conn`]).
+    preauth_queue: Arc<PreAuthLimiter>,
     tokens: TokenSecret,
     /// Where the HTTP listener really listens (for LFS hrefs).
     http_addr: SocketAddr,
@@ -155,6 +157,14 @@ impl SshService {
             limits.max_unauthenticated,
             limits.max_unauthenticated_per_ip,
         );
+        // Waiting connections are bounded per address; node-wide by the same factor.
+        let preauth_queue = PreAuthLimiter::new(
+            limits
+                .max_queued_per_ip
+                .saturating_mul(limits.max_unauthenticated / limits.max_unauthenticated_per_ip)
+                .max(limits.max_queued_per_ip),
+            limits.max_queued_per_ip.max(1),
+        );
         let lfs_s3 = config
             .lfs
             .s3
@@ -172,6 +182,7 @@ impl SshService {
                 russh: Arc::new(russh),
                 packs,
                 preauth,
+                preauth_queue,
                 tokens,
                 http_addr,
             }),
