@@ -107,8 +107,9 @@ async fn tick() {
     }
 }
 
-/// Deadlines waiting on this thread (for tests).
-pub fn waiting() -> usize {
+/// Deadlines waiting on this thread.
+#[cfg(test)]
+fn waiting() -> usize {
     TABLE.with(|t| t.borrow().waiting.len())
 }
 

@@ -41,8 +41,9 @@ impl ShutdownSignal {
         }
     }
 
-    /// Futures waiting now (for tests).
-    pub fn waiting(&self) -> usize {
+    /// Futures waiting now.
+    #[cfg(test)]
+    fn waiting(&self) -> usize {
         self.waiters.borrow().len()
     }
 }
