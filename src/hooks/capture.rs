@@ -233,10 +233,24 @@ pub fn install_hooks(data_dir: &Path, exe: &Path) -> Result<PathBuf, CaptureErro
     Ok(dir)
 }
 
-/// Removes the hook directories of server processes that no longer run.
+/// A dead generation's hooks are kept this long: a receive-pack it started may outlive it (after
+/// a `kill -9`), and git runs *without* hooks when their directory is gone, so removing it at
+/// once would let such a push move a ref with no pending row and no event. With the directory
+/// kept, the hook execs the dead process's `/proc/PID/exe`, fails, and git aborts the update.
+const KEEP_DEAD_GENERATION: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// Removes the hook directories of server processes that stopped running a day ago or more.
 fn remove_stale_generations(root: &Path) {
     let Ok(entries) = std::fs::read_dir(root) else {
         return;
+    };
+    let old_enough = |entry: &std::fs::DirEntry| {
+        entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age >= KEEP_DEAD_GENERATION)
     };
     for entry in entries.flatten() {
         let name = entry.file_name();
@@ -247,7 +261,7 @@ fn remove_stale_generations(root: &Path) {
         else {
             continue;
         };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
+        if !Path::new(&format!("/proc/{pid}")).exists() && old_enough(&entry) {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
@@ -258,13 +272,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn each_generation_has_its_own_hooks_and_dead_ones_are_removed() {
+    fn each_generation_has_its_own_hooks_and_long_dead_ones_are_removed() {
         let dir = tempfile::tempdir().unwrap();
-        let gone = dir.path().join("hooks/gen-4000000000");
-        std::fs::create_dir_all(&gone).unwrap();
+        let long_gone = dir.path().join("hooks/gen-4000000000");
+        let just_gone = dir.path().join("hooks/gen-4000000001");
+        std::fs::create_dir_all(&long_gone).unwrap();
+        std::fs::create_dir_all(&just_gone).unwrap();
+        let two_days_ago = std::time::SystemTime::now() - 2 * KEEP_DEAD_GENERATION;
+        std::fs::File::open(&long_gone)
+            .unwrap()
+            .set_modified(two_days_ago)
+            .unwrap();
         let hooks = install_hooks(dir.path(), Path::new("/usr/bin/gitplane")).unwrap();
         assert!(hooks.ends_with(format!("hooks/gen-{}", std::process::id())));
-        assert!(!gone.exists(), "a dead generation's hooks are removed");
+        assert!(
+            !long_gone.exists(),
+            "a long dead generation's hooks are removed"
+        );
+        // A receive-pack of a just killed server may still run them: git would run without hooks.
+        assert!(
+            just_gone.exists(),
+            "a just dead generation's hooks are kept"
+        );
     }
 
     #[test]
