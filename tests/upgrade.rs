@@ -234,6 +234,21 @@ impl Load {
         }
     }
 
+    /// Lets the clients run 2 s more, stops them, and checks that none of their operations
+    /// failed (with the server's warnings from `log` if some did); the operations done.
+    fn finish_without_failures(self, log: &Path) -> usize {
+        std::thread::sleep(Duration::from_secs(2));
+        let (done, failures) = self.finish();
+        assert!(
+            failures.is_empty(),
+            "{} failures: {failures:#?}\nserver log:\n{}",
+            failures.len(),
+            log_problems(log)
+        );
+        assert!(done >= 16, "only {done} clone+push rounds completed");
+        done
+    }
+
     /// Stops the clients; (operations done, failures).
     fn finish(self) -> (usize, Vec<String>) {
         self.stop.store(true, Ordering::SeqCst);
@@ -313,15 +328,7 @@ fn five_hups_under_server_starter_refuse_and_fail_nothing() {
     let (mut pids, load) = five_upgrades_under_load(&site, Duration::from_secs(3), || {
         signal(starter_pid, libc::SIGHUP)
     });
-    std::thread::sleep(Duration::from_secs(2));
-    let (done, failures) = load.finish();
-    assert!(
-        failures.is_empty(),
-        "{} failures: {failures:#?}\nserver log:\n{}",
-        failures.len(),
-        log_problems(&log)
-    );
-    assert!(done >= 16, "only {done} clone+push rounds completed");
+    let done = load.finish_without_failures(&log);
     pids.dedup();
     assert_eq!(pids.len(), 6, "generations that served: {pids:?}");
 
@@ -396,15 +403,7 @@ fn five_usr2_upgrades_refuse_and_fail_nothing_and_a_broken_binary_changes_nothin
     );
     assert!(alive(serving));
     assert_eq!(site.serving_pid(), Some(serving));
-    std::thread::sleep(Duration::from_secs(2));
-    let (done, failures) = load.finish();
-    assert!(
-        failures.is_empty(),
-        "{} failures: {failures:#?}\nserver log:\n{}",
-        failures.len(),
-        log_problems(&log)
-    );
-    assert!(done >= 16, "only {done} clone+push rounds completed");
+    let done = load.finish_without_failures(&log);
 
     // Every push's event was delivered exactly once, though two generations shared the outbox
     // during each upgrade (one dispatcher per data directory, see hooks::lease).
