@@ -30,7 +30,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench", "lib"))
-from probe import admin, metric, metrics, pct, require_binary, rss_mb, run, start_server  # noqa: E402
+from probe import admin, metric, metrics, pct, require_binary, rss_mb, run, start_server, timed_runs  # noqa: E402
 
 
 def stalled_peer(addr, source, path, auth, hold, stop, counts):
@@ -56,15 +56,12 @@ def stalled_peer(addr, source, path, auth, hold, stop, counts):
 
 def fetch_times(work, n, seconds=0):
     """At least n fetches, and fetches until `seconds` have passed."""
-    times = []
-    started = time.monotonic()
     objects = os.path.join(work, ".git", "lfs", "objects")
-    while len(times) < n or time.monotonic() - started < seconds:
+
+    def fetch():
         shutil.rmtree(objects, ignore_errors=True)
-        t = time.monotonic()
         run(["git", "lfs", "fetch", "origin", "main"], cwd=work)
-        times.append(time.monotonic() - t)
-    return times
+    return timed_runs(fetch, n, seconds)
 
 
 def main():

@@ -26,7 +26,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench", "lib"))
-from probe import admin, make_history, metric, metrics, pct, require_binary, rss_mb, run, start_server  # noqa: E402
+from probe import admin, make_history, metric, metrics, pct, require_binary, rss_mb, run, start_server, timed_runs  # noqa: E402
 
 
 def attacker(addr, repo, oid, trickle, stop, counts):
@@ -55,15 +55,11 @@ def attacker(addr, repo, oid, trickle, stop, counts):
 
 def clone_times(url, work, n, seconds=0):
     """At least n clones, and clones until `seconds` have passed."""
-    times = []
-    started = time.monotonic()
-    while len(times) < n or time.monotonic() - started < seconds:
+    def clone():
         dest = os.path.join(work, f"clone-{time.monotonic_ns()}")
-        t = time.monotonic()
         run(["git", "clone", "-q", url, dest])
-        times.append(time.monotonic() - t)
         shutil.rmtree(dest)
-    return times
+    return timed_runs(clone, n, seconds)
 
 
 def main():

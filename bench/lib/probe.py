@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.join(ROOT, "target", "release", "gitplane")
@@ -104,3 +105,14 @@ def pct(xs, p):
     """The p-th percentile of xs (nearest rank); NaN for no samples."""
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else float("nan")
+
+
+def timed_runs(op, n, seconds=0):
+    """Runs `op()` at least n times, and until `seconds` have passed; each run's wall time."""
+    times = []
+    started = time.monotonic()
+    while len(times) < n or time.monotonic() - started < seconds:
+        t = time.monotonic()
+        op()
+        times.append(time.monotonic() - t)
+    return times
