@@ -68,6 +68,48 @@ if ! broker_up; then
     fi
 fi
 
+# The shared-store tests (#13) use PostgreSQL on 127.0.0.1:5432 as user postgres without a
+# password, creating a scratch database per test server and dropping it afterwards. When nothing
+# listens there, Debian's server is installed if missing and a cluster of the test suite's own is
+# made (trust auth, loopback only) under /var/tmp/gitplane-test-pg and started; a running server
+# is used as it is.
+pg_up() { (exec 3<>/dev/tcp/127.0.0.1/5432) >/dev/null 2>&1; }
+if ! pg_up; then
+    if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+    if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then
+        echo "test.sh: installing postgresql"
+        $SUDO apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends postgresql
+    fi
+    # The package may have started its own cluster (where services start on install).
+    for _ in $(seq 1 5); do pg_up && break; sleep 1; done
+fi
+if ! pg_up; then
+    pg_bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+    pg_dir=/var/tmp/gitplane-test-pg
+    as_pg() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+    if [ ! -f "$pg_dir/PG_VERSION" ]; then
+        echo "test.sh: creating a PostgreSQL cluster for the tests in $pg_dir"
+        mkdir -p "$pg_dir"
+        [ "$(id -u)" -eq 0 ] && chown postgres:postgres "$pg_dir"
+        as_pg "$pg_bin/initdb" -q -A trust -U postgres -D "$pg_dir"
+    fi
+    echo "test.sh: starting PostgreSQL on 127.0.0.1:5432"
+    as_pg "$pg_bin/pg_ctl" -w -t 60 -D "$pg_dir" -l "$pg_dir/log" \
+        -o "-p 5432 -c listen_addresses=127.0.0.1 -k /tmp" start
+    if ! pg_up; then
+        echo "test.sh: PostgreSQL did not listen on 127.0.0.1:5432; see $pg_dir/log" >&2
+        exit 1
+    fi
+fi
+# The tests' private servers (tests/fleet.rs stops and starts one) need the server binaries.
+if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then
+    echo "test.sh: installing postgresql (server binaries for tests/fleet.rs)"
+    if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends postgresql
+fi
+
 # --- lints: the habits the project holds itself to ---------------------------------------------
 echo "test.sh: cargo fmt --check"
 cargo fmt --all -- --check
@@ -77,6 +119,10 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 # --- tests ---------------------------------------------------------------------------------------
 echo "test.sh: cargo test"
 cargo test --workspace
+# The suites that touch the store, again against PostgreSQL: each test server gets a scratch
+# database (dropped with it). The unit tests of the store already ran on both backends.
+echo "test.sh: store suites against PostgreSQL"
+GITPLANE_TEST_STORE=postgres cargo test --test smart_http --test ssh --test lfs --test hooks --test rpc
 # Instruction counts of the wire-codec hot paths against bench/icount.baseline (callgrind), and
 # proof that the gate trips on a 10% rise; on another machine it checks repeatability only.
 echo "test.sh: instruction counts"

@@ -6,12 +6,11 @@
 //! the per-shard cache of verified passwords.
 
 use std::cell::RefCell;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::auth::{decide, parse_basic, BasicCredentials, CredentialCache, Decision, PasswordGate};
 use crate::git::repo_name::RepoName;
-use crate::store::{Access, RepoAccess, Store, StoreError};
+use crate::store::{revocation, Access, Location, RepoAccess, Store, StoreError};
 use crate::token::{self, TokenSecret};
 
 /// How long a verified password is trusted without re-hashing it.
@@ -25,10 +24,10 @@ static PASSWORD_GATE: std::sync::LazyLock<PasswordGate> =
 
 /// Runs a store call on the blocking pool, with one database connection per pool thread.
 pub async fn with_store<R: Send + 'static>(
-    data_dir: PathBuf,
+    store: Location,
     f: impl FnOnce(&Store) -> Result<R, StoreError> + Send + 'static,
 ) -> Result<R, StoreError> {
-    monoio::spawn_blocking(move || crate::store::with_thread_store(&data_dir, f))
+    monoio::spawn_blocking(move || crate::store::with_thread_store(&store, f))
         .await
         .unwrap_or_else(|_| Err(StoreError::Internal("blocking pool task panicked".into())))
 }
@@ -49,6 +48,8 @@ pub enum Refusal {
     Forbidden(String),
     /// 404.
     NotFound(String),
+    /// 503 with Retry-After: the store cannot be reached now.
+    Unavailable(String),
     /// 500: the store failed.
     Internal(String),
 }
@@ -59,13 +60,18 @@ impl Refusal {
             Self::Unauthorized(_) => 401,
             Self::Forbidden(_) => 403,
             Self::NotFound(_) => 404,
+            Self::Unavailable(_) => 503,
             Self::Internal(_) => 500,
         }
     }
 
     pub fn message(&self) -> &str {
         match self {
-            Self::Unauthorized(m) | Self::Forbidden(m) | Self::NotFound(m) | Self::Internal(m) => m,
+            Self::Unauthorized(m)
+            | Self::Forbidden(m)
+            | Self::NotFound(m)
+            | Self::Unavailable(m)
+            | Self::Internal(m) => m,
         }
     }
 }
@@ -78,15 +84,15 @@ enum Presented {
 
 /// One shard's authoriser.
 pub struct HttpAuth {
-    data_dir: PathBuf,
+    store: Location,
     secret: TokenSecret,
     credentials: RefCell<CredentialCache>,
 }
 
 impl HttpAuth {
-    pub fn new(data_dir: PathBuf, secret: TokenSecret) -> Self {
+    pub fn new(store: Location, secret: TokenSecret) -> Self {
         Self {
-            data_dir,
+            store,
             secret,
             credentials: RefCell::new(CredentialCache::new(CREDENTIAL_CACHE_ENTRIES)),
         }
@@ -114,7 +120,10 @@ impl HttpAuth {
         let (user, verified_here) = match &presented {
             Presented::Anonymous => (None, false),
             Presented::Basic(c) => {
-                let cached = self.credentials.borrow().is_verified(c, Instant::now());
+                let cached =
+                    self.credentials
+                        .borrow()
+                        .is_verified(c, Instant::now(), revocation::epoch());
                 (Some(c.user.clone()), !cached)
             }
             Presented::Token(t) => {
@@ -136,10 +145,14 @@ impl HttpAuth {
         let lookup_repo = repo.clone();
         let lookup_user = user.clone();
         // None: the password was wrong. Otherwise until when a password checked here is trusted.
-        let result = with_store(self.data_dir.clone(), move |store| {
+        // The epoch before the check: a revocation that lands during it makes the answer stale.
+        let epoch = revocation::epoch();
+        let result = with_store(self.store.clone(), move |store| {
             let trusted_until = match &to_verify {
                 Some(c) => {
-                    match PASSWORD_GATE.verify(c, || store.verify_password(&c.user, &c.password))? {
+                    match PASSWORD_GATE
+                        .verify(c, epoch, || store.verify_password(&c.user, &c.password))?
+                    {
                         Some(until) => Some(until),
                         None => return Ok(None),
                     }
@@ -154,6 +167,12 @@ impl HttpAuth {
         let (trusted_until, access) = match result {
             Ok(Some(r)) => r,
             Ok(None) => return Err(Refusal::Unauthorized("invalid credentials".into())),
+            Err(e) if e.is_unavailable() => {
+                tracing::warn!(error = %e, "store unavailable");
+                return Err(Refusal::Unavailable(
+                    "the user database is unavailable; try again shortly".into(),
+                ));
+            }
             Err(e) => {
                 tracing::error!(error = %e, "store lookup failed");
                 return Err(Refusal::Internal("internal error".into()));
@@ -162,7 +181,11 @@ impl HttpAuth {
         if let (Presented::Basic(c), Some(until)) = (&presented, trusted_until) {
             self.credentials
                 .borrow_mut()
-                .remember(c, Instant::now(), until);
+                .remember(c, Instant::now(), until, epoch);
+        }
+        if let Some(node) = access.as_ref().and_then(|a| a.elsewhere.as_deref()) {
+            tracing::info!(repo = %repo, node, "repository lives on another node");
+            return Err(Refusal::NotFound(format!("repository {repo} not found")));
         }
         match decide(access, user.is_some(), need) {
             Decision::Allow => Ok(Principal { user }),

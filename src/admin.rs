@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use crate::git::repo::{RepoError, RepoRoot};
 use crate::git::repo_name::{RepoName, RepoNameError};
-use crate::store::{Access, Store, StoreError};
+use crate::store::{Access, Location, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
@@ -41,22 +41,34 @@ pub fn read_password(input: impl Read) -> Result<String, AdminError> {
     Ok(password)
 }
 
-pub fn user_add(data_dir: &Path, name: &str, password: &str) -> Result<(), AdminError> {
-    Store::open(data_dir)?.add_user(name, password)?;
+pub fn user_add(store: &Location, name: &str, password: &str) -> Result<(), AdminError> {
+    Store::open(store)?.add_user(name, password)?;
+    Ok(())
+}
+
+/// `gitplane user passwd NAME --password-stdin`: the old password stops working on every node.
+pub fn user_passwd(store: &Location, name: &str, password: &str) -> Result<(), AdminError> {
+    Store::open(store)?.set_password(name, password)?;
+    Ok(())
+}
+
+/// `gitplane user remove NAME`: with their keys and grants, on every node.
+pub fn user_remove(store: &Location, name: &str) -> Result<(), AdminError> {
+    Store::open(store)?.remove_user(name)?;
     Ok(())
 }
 
 /// Records the repository and creates it on disk; undoes the record if git fails.
 pub fn repo_create(
-    data_dir: &Path,
+    location: &Location,
     git: &Path,
     name: &str,
     public: bool,
 ) -> Result<PathBuf, AdminError> {
     let repo = RepoName::parse(name)?;
-    let store = Store::open(data_dir)?;
+    let store = Store::open(location)?;
     store.create_repo(&repo, public)?;
-    match RepoRoot::new(data_dir).init_bare(git, &repo) {
+    match RepoRoot::new(location.data_dir()).init_bare(git, &repo) {
         Ok(path) => Ok(path),
         Err(e) => {
             let _ = store.delete_repo_record(&repo);
@@ -66,24 +78,32 @@ pub fn repo_create(
 }
 
 pub fn repo_grant(
-    data_dir: &Path,
+    store: &Location,
     repo: &str,
     user: &str,
     access: Access,
 ) -> Result<(), AdminError> {
     let repo = RepoName::parse(repo)?;
-    Store::open(data_dir)?.grant(&repo, user, access)?;
+    Store::open(store)?.grant(&repo, user, access)?;
+    Ok(())
+}
+
+/// `gitplane repo revoke OWNER/NAME USER`.
+pub fn repo_revoke(store: &Location, repo: &str, user: &str) -> Result<(), AdminError> {
+    let repo = RepoName::parse(repo)?;
+    Store::open(store)?.revoke(&repo, user)?;
     Ok(())
 }
 
 /// On first start with no users: creates `admin` with a random password, written to
 /// `DATA/initial-admin-password` (mode 0600). Returns that file's path when it did.
-pub fn ensure_initial_admin(data_dir: &Path) -> Result<Option<PathBuf>, AdminError> {
+pub fn ensure_initial_admin(location: &Location) -> Result<Option<PathBuf>, AdminError> {
+    let data_dir = location.data_dir();
     use rand::distributions::{Alphanumeric, DistString};
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
 
-    let store = Store::open(data_dir)?;
+    let store = Store::open(location)?;
     if store.user_count()? > 0 {
         return Ok(None);
     }
@@ -103,8 +123,15 @@ pub fn ensure_initial_admin(data_dir: &Path) -> Result<Option<PathBuf>, AdminErr
     file.write_all(format!("{password}\n").as_bytes())
         .and_then(|_| file.sync_all())
         .map_err(write_err)?;
-    store.add_user("admin", &password)?;
-    Ok(Some(path))
+    match store.add_user("admin", &password) {
+        Ok(()) => Ok(Some(path)),
+        // Another node of a shared store started at the same moment and made it.
+        Err(StoreError::UserExists(_)) => {
+            let _ = std::fs::remove_file(&path);
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 #[cfg(test)]
@@ -124,7 +151,8 @@ mod tests {
     #[test]
     fn initial_admin_once() {
         let dir = tempfile::tempdir().unwrap();
-        let path = ensure_initial_admin(dir.path()).unwrap().unwrap();
+        let store = Location::sqlite(dir.path());
+        let path = ensure_initial_admin(&store).unwrap().unwrap();
         let pw = std::fs::read_to_string(&path).unwrap();
         assert_eq!(pw.trim().len(), 24);
         use std::os::unix::fs::PermissionsExt;
@@ -132,10 +160,10 @@ mod tests {
             std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
             0o600
         );
-        assert!(Store::open(dir.path())
+        assert!(Store::open(&store)
             .unwrap()
             .verify_password("admin", pw.trim())
             .unwrap());
-        assert!(ensure_initial_admin(dir.path()).unwrap().is_none());
+        assert!(ensure_initial_admin(&store).unwrap().is_none());
     }
 }

@@ -90,7 +90,8 @@ pub fn decide(repo: Option<RepoAccess>, authenticated: bool, need: Access) -> De
 pub struct CredentialCache {
     key: [u8; 32],
     capacity: usize,
-    entries: HashMap<[u8; 32], Instant>,
+    /// Fingerprint -> (trusted until, the revocation epoch it was verified in).
+    entries: HashMap<[u8; 32], (Instant, u64)>,
 }
 
 impl CredentialCache {
@@ -106,23 +107,33 @@ impl CredentialCache {
         fingerprint(&self.key, creds)
     }
 
-    pub fn is_verified(&self, creds: &BasicCredentials, now: Instant) -> bool {
+    /// Whether `creds` were verified in the current revocation `epoch` (None: trust nothing
+    /// cached, see [`crate::store::revocation`]) and are still within their lifetime.
+    pub fn is_verified(&self, creds: &BasicCredentials, now: Instant, epoch: Option<u64>) -> bool {
+        let Some(epoch) = epoch else { return false };
         self.entries
             .get(&self.fingerprint(creds))
-            .is_some_and(|&expires| expires > now)
+            .is_some_and(|&(expires, at)| expires > now && at == epoch)
     }
 
     /// Trusts `creds` until `expires` (the moment the node-wide [`PasswordGate`] stops trusting
     /// them, so a changed password stops working within one lifetime on every shard).
-    pub fn remember(&mut self, creds: &BasicCredentials, now: Instant, expires: Instant) {
+    pub fn remember(
+        &mut self,
+        creds: &BasicCredentials,
+        now: Instant,
+        expires: Instant,
+        epoch: Option<u64>,
+    ) {
+        let Some(epoch) = epoch else { return };
         if self.entries.len() >= self.capacity {
-            self.entries.retain(|_, &mut expires| expires > now);
+            self.entries.retain(|_, &mut (expires, _)| expires > now);
             if self.entries.len() >= self.capacity {
                 self.entries.clear();
             }
         }
         let fp = self.fingerprint(creds);
-        self.entries.insert(fp, expires);
+        self.entries.insert(fp, (expires, epoch));
     }
 }
 
@@ -155,7 +166,11 @@ struct GateState {
 
 enum Check {
     Running,
-    Done { valid: bool, until: Instant },
+    Done {
+        valid: bool,
+        until: Instant,
+        epoch: Option<u64>,
+    },
 }
 
 impl PasswordGate {
@@ -179,13 +194,18 @@ impl PasswordGate {
     pub fn verify<E>(
         &self,
         creds: &BasicCredentials,
+        epoch: Option<u64>,
         check: impl FnOnce() -> Result<bool, E>,
     ) -> Result<Option<Instant>, E> {
         let fp = fingerprint(&self.key, creds);
         let mut state = self.lock();
         loop {
             match state.checks.get(&fp) {
-                Some(Check::Done { valid, until }) if *until > Instant::now() => {
+                Some(Check::Done {
+                    valid,
+                    until,
+                    epoch: at,
+                }) if *until > Instant::now() && epoch.is_some() && *at == epoch => {
                     return Ok(valid.then_some(*until));
                 }
                 Some(Check::Running) => {}
@@ -219,6 +239,7 @@ impl PasswordGate {
                     Check::Done {
                         valid: *valid,
                         until: now + lasts,
+                        epoch,
                     },
                 );
             }
@@ -270,6 +291,7 @@ mod tests {
         Some(RepoAccess {
             public,
             user_access,
+            elsewhere: None,
         })
     }
 
@@ -316,10 +338,15 @@ mod tests {
             user: "a".into(),
             password: "2".into(),
         };
-        cache.remember(&a, now, now + Duration::from_secs(10));
-        assert!(cache.is_verified(&a, now));
-        assert!(!cache.is_verified(&wrong, now));
-        assert!(!cache.is_verified(&a, now + Duration::from_secs(11)));
+        cache.remember(&a, now, now + Duration::from_secs(10), Some(1));
+        assert!(cache.is_verified(&a, now, Some(1)));
+        assert!(!cache.is_verified(&wrong, now, Some(1)));
+        assert!(!cache.is_verified(&a, now + Duration::from_secs(11), Some(1)));
+        // A revocation notice (new epoch), or a listener that is down (None), ends the trust.
+        assert!(!cache.is_verified(&a, now, Some(2)));
+        assert!(!cache.is_verified(&a, now, None));
+        cache.remember(&a, now, now + Duration::from_secs(10), None);
+        assert!(!cache.is_verified(&a, now, None));
     }
 
     fn creds(user: &str, password: &str) -> BasicCredentials {
@@ -338,7 +365,7 @@ mod tests {
             let handles: Vec<_> = (0..8)
                 .map(|_| {
                     s.spawn(|| {
-                        gate.verify(&creds("alice", "pw"), || {
+                        gate.verify(&creds("alice", "pw"), Some(1), || {
                             calls.fetch_add(1, Ordering::SeqCst);
                             std::thread::sleep(Duration::from_millis(100));
                             Ok::<_, ()>(true)
@@ -354,7 +381,7 @@ mod tests {
         assert_eq!(answers, [true; 8]);
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         // Trusted afterwards too, from any thread (any shard), without hashing again.
-        let trusted = gate.verify(&creds("alice", "pw"), || {
+        let trusted = gate.verify(&creds("alice", "pw"), Some(1), || {
             calls.fetch_add(1, Ordering::SeqCst);
             Ok::<_, ()>(true)
         });
@@ -362,7 +389,7 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         // A different password is a different check, and a wrong one is answered as such.
         assert_eq!(
-            gate.verify(&creds("alice", "nope"), || Ok::<_, ()>(false)),
+            gate.verify(&creds("alice", "nope"), Some(1), || Ok::<_, ()>(false)),
             Ok(None)
         );
     }
@@ -376,7 +403,7 @@ mod tests {
             for i in 0..6 {
                 let (gate, now, peak) = (&gate, &now, &peak);
                 s.spawn(move || {
-                    gate.verify(&creds(&format!("user{i}"), "pw"), || {
+                    gate.verify(&creds(&format!("user{i}"), "pw"), Some(1), || {
                         let running = now.fetch_add(1, Ordering::SeqCst) + 1;
                         peak.fetch_max(running, Ordering::SeqCst);
                         std::thread::sleep(Duration::from_millis(50));
@@ -388,11 +415,38 @@ mod tests {
         });
         assert_eq!(peak.load(Ordering::SeqCst), 2);
         assert_eq!(
-            gate.verify(&creds("bob", "pw"), || Err::<bool, _>("db down")),
+            gate.verify(&creds("bob", "pw"), Some(1), || Err::<bool, _>("db down")),
             Err("db down")
         );
         assert!(gate
-            .verify(&creds("bob", "pw"), || Ok::<_, &str>(true))
+            .verify(&creds("bob", "pw"), Some(1), || Ok::<_, &str>(true))
             .is_ok_and(|trusted| trusted.is_some()));
+    }
+
+    #[test]
+    fn gate_answers_only_within_their_revocation_epoch() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let gate = PasswordGate::new(2, Duration::from_secs(60));
+        let calls = AtomicUsize::new(0);
+        let check = || {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, ()>(true)
+        };
+        gate.verify(&creds("alice", "pw"), Some(1), check).unwrap();
+        gate.verify(&creds("alice", "pw"), Some(1), check).unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "shared within the epoch");
+        gate.verify(&creds("alice", "pw"), Some(2), check).unwrap();
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            2,
+            "checked again after a revocation"
+        );
+        gate.verify(&creds("alice", "pw"), None, check).unwrap();
+        gate.verify(&creds("alice", "pw"), None, check).unwrap();
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            4,
+            "nothing shared while not listening"
+        );
     }
 }

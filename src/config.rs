@@ -12,6 +12,7 @@ use serde::Deserialize;
 use crate::git::pack_cache::PackCacheSettings;
 use crate::http::forwarded::IpRange;
 use crate::progress::ProgressRules;
+use crate::store::Location;
 
 /// Default data directory, relative to the working directory.
 pub const DEFAULT_DATA_DIR: &str = "./gitplane-data";
@@ -58,6 +59,21 @@ pub struct FileConfig {
     pub ssh: SshSection,
     pub lfs: LfsSection,
     pub housekeeping: HousekeepingSection,
+    pub store: StoreSection,
+}
+
+/// `[store]`: where users, keys, grants, LFS metadata and hook events live.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSection {
+    /// `postgres://USER[:PASSWORD]@HOST[:PORT]/DB[?sslmode=require[&sslrootcert=PATH]]`: a
+    /// PostgreSQL database shared by several nodes. Absent: the embedded SQLite file.
+    pub url: Option<String>,
+    /// This node's name in a shared store (its repositories and hook events carry it). Default:
+    /// the host name.
+    pub node_id: Option<String>,
+    /// PostgreSQL connections this node opens at most. Default 16.
+    pub max_connections: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -758,12 +774,18 @@ pub struct Overrides {
     pub rpc_listen: Option<String>,
     pub ssh_listen: Option<String>,
     pub pid_file: Option<PathBuf>,
+    /// `--database-url` / `GITPLANE_DATABASE_URL`.
+    pub database_url: Option<String>,
+    /// `--node-id` / `GITPLANE_NODE_ID`.
+    pub node_id: Option<String>,
 }
 
 /// Validated runtime configuration of `gitplane serve`.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub data_dir: PathBuf,
+    /// The store (not connected yet: the server prepares it at start).
+    pub store: Location,
     pub http_listen: SocketAddr,
     pub shards: NonZeroUsize,
     pub force_epoll: bool,
@@ -961,6 +983,16 @@ pub struct JobConcurrency {
 }
 
 impl HookConfig {
+    /// In a shared store each node relays only its own pushes' events, whose jobs need the
+    /// repository on its disk, so each node has its own exchange and queues on a shared broker:
+    /// `PREFIX.NODE.events`, `PREFIX.NODE.jobs.JOB`, ...
+    fn for_node(mut self, node: &str) -> Self {
+        if !node.is_empty() {
+            self.prefix = format!("{}.{node}", self.prefix);
+        }
+        self
+    }
+
     fn build(h: HooksSection, amqp_flag: Option<String>) -> Result<Self, ConfigError> {
         let amqp_url = amqp_flag.or(h.amqp_url).filter(|u| !u.is_empty());
         if let Some(u) = &amqp_url {
@@ -1189,7 +1221,18 @@ impl ServeConfig {
         let rpc = RpcLimits::build(file.rpc, &data_dir, shards)?;
         let lfs = LfsLimits::build(file.lfs)?;
         let housekeeping = HousekeepingConfig::build(file.housekeeping, shards.get())?;
+        let store = Location::new(
+            &data_dir,
+            flags.database_url.or(file.store.url).as_deref(),
+            flags.node_id.or(file.store.node_id).as_deref(),
+            file.store
+                .max_connections
+                .unwrap_or(crate::store::DEFAULT_MAX_CONNECTIONS),
+        )
+        .map_err(|e| invalid("store.url", e.to_string()))?;
+        let hooks = HookConfig::build(file.hooks, flags.amqp_url)?.for_node(store.node());
         Ok(Self {
+            store,
             data_dir,
             http_listen,
             shards,
@@ -1204,7 +1247,7 @@ impl ServeConfig {
                 file.shutdown.upgrade_timeout_secs,
             )?,
             pid_file: flags.pid_file.or(file.shutdown.pid_file),
-            hooks: HookConfig::build(file.hooks, flags.amqp_url)?,
+            hooks,
             rpc_listen,
             rpc,
             ssh_listen,

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 
 use gitplane::admin;
 use gitplane::config::{FileConfig, Overrides, ServeConfig, DEFAULT_DATA_DIR};
-use gitplane::store::Access;
+use gitplane::store::{Access, Location};
 
 #[derive(Parser)]
 #[command(
@@ -20,6 +20,18 @@ struct Cli {
     /// Data directory: repositories, database, keys. Default ./gitplane-data.
     #[arg(long, global = true, env = "GITPLANE_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// PostgreSQL store shared by several nodes (`postgres://USER[:PASSWORD]@HOST/DB`); default:
+    /// the embedded SQLite file in the data directory. `serve` also reads `[store] url`.
+    #[arg(
+        long,
+        global = true,
+        env = "GITPLANE_DATABASE_URL",
+        hide_env_values = true
+    )]
+    database_url: Option<String>,
+    /// This node's name in a shared store [default: the host name].
+    #[arg(long, global = true, env = "GITPLANE_NODE_ID")]
+    node_id: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -143,6 +155,15 @@ enum UserCommand {
         #[arg(long, required = true)]
         password_stdin: bool,
     },
+    /// Set a user's password, read from stdin; the old one stops working on every node.
+    Passwd {
+        name: String,
+        /// Read the password from standard input (required: passwords never go on the command line).
+        #[arg(long, required = true)]
+        password_stdin: bool,
+    },
+    /// Remove a user with their SSH keys and grants.
+    Remove { name: String },
 }
 
 #[derive(Subcommand)]
@@ -151,6 +172,8 @@ enum KeyCommand {
     Add { user: String, file: PathBuf },
     /// List USER's keys with their SHA-256 fingerprints.
     List { user: String },
+    /// Remove the key with this fingerprint (`SHA256:...`, as `key list` prints it).
+    Remove { fingerprint: String },
 }
 
 #[derive(Subcommand)]
@@ -179,6 +202,8 @@ enum RepoCommand {
         #[arg(value_parser = parse_access)]
         access: Access,
     },
+    /// Take USER's grant on OWNER/NAME away.
+    Revoke { repo: String, user: String },
 }
 
 fn parse_access(s: &str) -> Result<Access, String> {
@@ -200,8 +225,31 @@ fn main() -> anyhow::Result<()> {
             .clone()
             .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR))
     };
+    // The admin commands' store: the same flags and variables as the server's.
+    let location = || {
+        Location::new(
+            &data_dir(),
+            cli.database_url.as_deref(),
+            cli.node_id.as_deref(),
+            2,
+        )
+    };
+    // Opened and migrated up front, so a bad URL or a newer schema is the first thing said.
+    let store = || -> anyhow::Result<Location> {
+        let location = location()?;
+        location.prepare()?;
+        Ok(location)
+    };
     match cli.command {
-        Command::Serve(args) => serve(data_dir_flag.clone(), args),
+        Command::Serve(args) => serve(
+            Overrides {
+                data_dir: data_dir_flag.clone(),
+                database_url: cli.database_url.clone(),
+                node_id: cli.node_id.clone(),
+                ..Overrides::default()
+            },
+            args,
+        ),
         Command::Tune(TuneCommand::Check { strict }) => {
             let findings = gitplane::tune::check();
             print!("{}", gitplane::tune::render(&findings));
@@ -219,13 +267,26 @@ fn main() -> anyhow::Result<()> {
         } => upgrade(&pid_file, std::time::Duration::from_secs(timeout_secs)),
         Command::User(UserCommand::Add { name, .. }) => {
             let password = admin::read_password(std::io::stdin().lock())?;
-            admin::user_add(&data_dir(), &name, &password)
+            admin::user_add(&store()?, &name, &password)
                 .with_context(|| format!("adding user {name}"))?;
             println!("user {name} added");
             Ok(())
         }
+        Command::User(UserCommand::Passwd { name, .. }) => {
+            let password = admin::read_password(std::io::stdin().lock())?;
+            admin::user_passwd(&store()?, &name, &password)
+                .with_context(|| format!("setting the password of {name}"))?;
+            println!("password of {name} changed");
+            Ok(())
+        }
+        Command::User(UserCommand::Remove { name }) => {
+            admin::user_remove(&store()?, &name)
+                .with_context(|| format!("removing user {name}"))?;
+            println!("user {name} removed");
+            Ok(())
+        }
         Command::Repo(RepoCommand::Create { name, public }) => {
-            let path = admin::repo_create(&data_dir(), Path::new("git"), &name, public)
+            let path = admin::repo_create(&store()?, Path::new("git"), &name, public)
                 .with_context(|| format!("creating repository {name}"))?;
             println!("repository {name} created at {}", path.display());
             Ok(())
@@ -265,9 +326,14 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Hook(HookCommand::PostReceive) => {
             // git shows the hook's stderr to the pusher; a failure must be loud there.
-            if let Err(e) =
-                gitplane::hooks::capture::post_receive(&data_dir(), std::io::stdin().lock())
-            {
+            // The hooks read git's input before they touch the store (git feeds it first).
+            let recorded = location().map_err(anyhow::Error::from).and_then(|s| {
+                Ok(gitplane::hooks::capture::post_receive(
+                    &s,
+                    std::io::stdin().lock(),
+                )?)
+            });
+            if let Err(e) = recorded {
                 eprintln!(
                     "gitplane: the push was received but its event was NOT recorded: {e} \
                      (its pending transactions, if recorded, are reconciled once the push ends)"
@@ -279,11 +345,14 @@ fn main() -> anyhow::Result<()> {
         Command::Hook(HookCommand::ReferenceTransaction { state }) => {
             // In `prepared`, exiting non-zero makes git abort the update: the push fails and no
             // ref moves without its pending event. git ignores the status of the other states.
-            if let Err(e) = gitplane::hooks::capture::reference_transaction(
-                &data_dir(),
-                &state,
-                std::io::stdin().lock(),
-            ) {
+            let recorded = location().map_err(anyhow::Error::from).and_then(|s| {
+                Ok(gitplane::hooks::capture::reference_transaction(
+                    &s,
+                    &state,
+                    std::io::stdin().lock(),
+                )?)
+            });
+            if let Err(e) = recorded {
                 eprintln!("gitplane: ref update refused, its event could not be recorded: {e}");
                 std::process::exit(1);
             }
@@ -292,13 +361,13 @@ fn main() -> anyhow::Result<()> {
         Command::Webhook(WebhookCommand::Add { repo, url, .. }) => {
             let secret = admin::read_password(std::io::stdin().lock())
                 .context("reading the webhook secret from stdin")?;
-            let id = gitplane::hooks::add_webhook(&data_dir(), &repo, &url, &secret)
+            let id = gitplane::hooks::add_webhook(&store()?, &repo, &url, &secret)
                 .with_context(|| format!("adding a webhook to {repo}"))?;
             println!("webhook {id} added to {repo}: {url}");
             Ok(())
         }
         Command::Key(KeyCommand::Add { user, file }) => {
-            let key = gitplane::ssh::keys::key_add(&data_dir(), &user, &file)
+            let key = gitplane::ssh::keys::key_add(&store()?, &user, &file)
                 .with_context(|| format!("adding {} for {user}", file.display()))?;
             println!(
                 "key {} ({}) added for {user}",
@@ -307,17 +376,29 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Key(KeyCommand::List { user }) => {
-            let keys = gitplane::ssh::keys::key_list(&data_dir(), &user)
+            let keys = gitplane::ssh::keys::key_list(&store()?, &user)
                 .with_context(|| format!("listing keys of {user}"))?;
             for k in keys {
                 println!("{} {} {}", k.fingerprint, k.algorithm, k.comment);
             }
             Ok(())
         }
+        Command::Key(KeyCommand::Remove { fingerprint }) => {
+            let user = gitplane::ssh::keys::key_remove(&store()?, &fingerprint)
+                .with_context(|| format!("removing key {fingerprint}"))?;
+            println!("key {fingerprint} of {user} removed");
+            Ok(())
+        }
         Command::Repo(RepoCommand::Grant { repo, user, access }) => {
-            admin::repo_grant(&data_dir(), &repo, &user, access)
+            admin::repo_grant(&store()?, &repo, &user, access)
                 .with_context(|| format!("granting {user} on {repo}"))?;
             println!("{user} has {access:?} access to {repo}");
+            Ok(())
+        }
+        Command::Repo(RepoCommand::Revoke { repo, user }) => {
+            admin::repo_revoke(&store()?, &repo, &user)
+                .with_context(|| format!("revoking {user} on {repo}"))?;
+            println!("{user} has no grant on {repo} now");
             Ok(())
         }
     }
@@ -359,7 +440,7 @@ fn upgrade(pid_file: &Path, timeout: std::time::Duration) -> anyhow::Result<()> 
     )
 }
 
-fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<()> {
+fn serve(global: Overrides, args: ServeArgs) -> anyhow::Result<()> {
     let file = match &args.config {
         Some(path) => FileConfig::load(path)?,
         None => FileConfig::default(),
@@ -367,7 +448,6 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<()> {
     let config = ServeConfig::build(
         file,
         Overrides {
-            data_dir,
             http_listen: args.http_listen,
             shards: args.shards,
             force_epoll: args.force_epoll,
@@ -375,17 +455,12 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<()> {
             rpc_listen: args.rpc_listen,
             ssh_listen: args.ssh_listen,
             pid_file: args.pid_file,
+            ..global
         },
     )?;
     let data_dir = config.data_dir.clone();
     std::fs::create_dir_all(data_dir.join("repos"))
         .with_context(|| format!("creating data directory {}", data_dir.display()))?;
-    if let Some(path) = admin::ensure_initial_admin(&data_dir)? {
-        tracing::info!(
-            path = %path.display(),
-            "created user `admin`; its password is in this file (mode 0600)"
-        );
-    }
     gitplane::server::run(config, |bound| {
         // Machine-readable lines for scripts and tests that start the server on port 0.
         let mut out = std::io::stdout().lock();

@@ -85,17 +85,14 @@ pub struct SmartHttp {
 
 /// Answers a refused request as git expects: text, with a Basic challenge on 401.
 pub async fn respond_refusal(conn: &mut Conn, refusal: &Refusal) -> io::Result<Reuse> {
-    let challenge: &[(&str, &str)] = if refusal.status() == 401 {
-        &[WWW_AUTHENTICATE]
-    } else {
-        &[]
+    let extra: &[(&str, &str)] = match refusal.status() {
+        401 => &[WWW_AUTHENTICATE],
+        // The store is unreachable: git retries nothing by itself, but scripts and balancers do.
+        503 => &[("Retry-After", "2")],
+        _ => &[],
     };
-    conn.respond_text(
-        refusal.status(),
-        challenge,
-        &format!("{}\n", refusal.message()),
-    )
-    .await?;
+    conn.respond_text(refusal.status(), extra, &format!("{}\n", refusal.message()))
+        .await?;
     Ok(if refusal.status() >= 500 {
         Reuse::Close
     } else {

@@ -340,7 +340,7 @@ impl HookServer for Server {
     }
 
     fn store(&self) -> Store {
-        Store::open(&self.data_dir()).unwrap()
+        Store::open(&self.location()).unwrap()
     }
 
     fn metric(&self, series: &str) -> i64 {
@@ -1062,7 +1062,12 @@ fn failing_receiver_ends_in_the_dead_letter_queue() {
     );
     let mut dead = Vec::new();
     assert!(wait_for(Duration::from_secs(10), || {
-        dead.extend(drain_queue(&format!("{prefix}.dead.webhooks")));
+        // A node of a shared store has its own queues: `PREFIX.NODE.…`.
+        let topology = match &server.database {
+            Some((_, node)) => format!("{prefix}.{node}"),
+            None => prefix.clone(),
+        };
+        dead.extend(drain_queue(&format!("{topology}.dead.webhooks")));
         !dead.is_empty()
     }));
     assert_eq!(dead.len(), 1);
@@ -1238,7 +1243,7 @@ fn bench_outbox_write_cost() {
     let root = tempfile::tempdir().unwrap();
     let data = root.path().join("d");
     std::fs::create_dir_all(&data).unwrap();
-    let store = Store::open(&data).unwrap();
+    let store = Store::open(&gitplane::store::Location::sqlite(&data)).unwrap();
     let n = 2000;
     let started = Instant::now();
     for i in 0..n {

@@ -20,7 +20,7 @@ use super::event::{
 use super::pending;
 use crate::git::repo_name::RepoName;
 use crate::git::shell_quote;
-use crate::store::{PendingRow, PendingState, Store, StoreError};
+use crate::store::{Location, PendingRow, PendingState, Store, StoreError};
 
 /// Largest hook input accepted (a mirror push of very many refs still fits).
 const MAX_INPUT: u64 = 64 << 20;
@@ -81,11 +81,11 @@ pub fn event_from_hook(
 /// published them (it found the receive-pack dead while this hook still ran). Returns whether the
 /// event was recorded.
 pub fn record(
-    data_dir: &Path,
+    location: &Location,
     owner: Option<&str>,
     event: &PushEvent,
 ) -> Result<bool, CaptureError> {
-    let store = Store::open(data_dir)?;
+    let store = Store::open(location)?;
     Ok(store.write_transaction(|s| {
         if let Some(owner) = owner {
             let rows = s.pending_of(owner)?;
@@ -110,14 +110,17 @@ fn read_input(stdin: impl Read) -> Result<String, CaptureError> {
 
 /// `gitplane hook post-receive`: reads git's input from `stdin`, records the event, returns it.
 /// A push that changed no ref (git does not run the hook then, but be safe) records nothing.
-pub fn post_receive(data_dir: &Path, stdin: impl Read) -> Result<Option<PushEvent>, CaptureError> {
+pub fn post_receive(
+    location: &Location,
+    stdin: impl Read,
+) -> Result<Option<PushEvent>, CaptureError> {
     let input = read_input(stdin)?;
-    let event = event_from_hook(data_dir, &input, |k| std::env::var(k).ok())?;
+    let event = event_from_hook(location.data_dir(), &input, |k| std::env::var(k).ok())?;
     if event.refs.is_empty() {
         return Ok(None);
     }
     let owner = pending::receive_pack_parent();
-    Ok(record(data_dir, owner.as_deref(), &event)?.then_some(event))
+    Ok(record(location, owner.as_deref(), &event)?.then_some(event))
 }
 
 /// The states of git's `reference-transaction` hook.
@@ -144,7 +147,7 @@ impl TxState {
 /// `gitplane hook reference-transaction STATE`. Records only transactions of a push (the parent
 /// is receive-pack); pack-refs and gc run the hook too.
 pub fn reference_transaction(
-    data_dir: &Path,
+    location: &Location,
     state: &str,
     stdin: impl Read,
 ) -> Result<(), CaptureError> {
@@ -152,12 +155,12 @@ pub fn reference_transaction(
     let (Some(state), Some(owner)) = (TxState::parse(state), pending::receive_pack_parent()) else {
         return Ok(());
     };
-    record_transaction(data_dir, state, &owner, &input, |k| std::env::var(k).ok())
+    record_transaction(location, state, &owner, &input, |k| std::env::var(k).ok())
 }
 
 /// Records one state of one transaction of `owner`'s push.
 pub fn record_transaction(
-    data_dir: &Path,
+    location: &Location,
     state: TxState,
     owner: &str,
     input: &str,
@@ -169,10 +172,10 @@ pub fn record_transaction(
     }
     // The same text for the same updates: `committed` and `aborted` find the row by it.
     let refs = serde_json::to_string(&refs).map_err(|e| EventError::Payload(e.to_string()))?;
-    let store = Store::open(data_dir)?;
+    let store = Store::open(location)?;
     match state {
         TxState::Prepared => {
-            let repo = repo_of(data_dir, &var).ok_or(CaptureError::UnknownRepo)?;
+            let repo = repo_of(location.data_dir(), &var).ok_or(CaptureError::UnknownRepo)?;
             store.pending_insert(&PendingRow {
                 id: 0,
                 owner: owner.to_owned(),
@@ -200,7 +203,8 @@ const HOOKS: [(&str, &str); 2] = [
 /// Writes `DATA/hooks/post-receive` and `DATA/hooks/reference-transaction`, which exec `exe hook
 /// ...` for `data_dir`, and returns the hooks directory (for `core.hooksPath`). Each is written
 /// to a temporary name and renamed, so a push running during a restart never sees half a script.
-pub fn install_hooks(data_dir: &Path, exe: &Path) -> Result<PathBuf, CaptureError> {
+pub fn install_hooks(location: &Location, exe: &Path) -> Result<PathBuf, CaptureError> {
+    let data_dir = location.data_dir();
     let install = |path: &Path, source| CaptureError::Install {
         path: path.to_owned(),
         source,
@@ -213,9 +217,22 @@ pub fn install_hooks(data_dir: &Path, exe: &Path) -> Result<PathBuf, CaptureErro
     remove_stale_generations(&root);
     let dir = root.join(format!("gen-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| install(&dir, e))?;
+    // A shared store's URL may hold a password: it goes in the script (readable by this user
+    // only, like the data dir's own database), not on a command line other users can see.
+    let store_env = match location.secret_url() {
+        Some(url) => format!(
+            "GITPLANE_DATABASE_URL={}\nexport GITPLANE_DATABASE_URL\n",
+            shell_quote(url)
+        ),
+        None => String::new(),
+    };
+    let node = match location.node() {
+        "" => String::new(),
+        n => format!(" --node-id {}", shell_quote(n)),
+    };
     for (name, args) in HOOKS {
         let script = format!(
-            "#!/bin/sh\n# Written by gitplane at start-up: records each push in the hook outbox.\nexec {} --data-dir {} {args}\n",
+            "#!/bin/sh\n# Written by gitplane at start-up: records each push in the hook outbox.\n{store_env}exec {} --data-dir {}{node} {args}\n",
             shell_quote(&exe.to_string_lossy()),
             shell_quote(&data_dir.to_string_lossy()),
         );
@@ -224,7 +241,7 @@ pub fn install_hooks(data_dir: &Path, exe: &Path) -> Result<PathBuf, CaptureErro
         let write = || -> std::io::Result<()> {
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(script.as_bytes())?;
-            f.set_permissions(std::fs::Permissions::from_mode(0o755))?;
+            f.set_permissions(std::fs::Permissions::from_mode(0o700))?;
             f.sync_all()?;
             std::fs::rename(&tmp, &path)
         };
@@ -274,6 +291,7 @@ mod tests {
     #[test]
     fn each_generation_has_its_own_hooks_and_long_dead_ones_are_removed() {
         let dir = tempfile::tempdir().unwrap();
+        let loc = Location::sqlite(dir.path());
         let long_gone = dir.path().join("hooks/gen-4000000000");
         let just_gone = dir.path().join("hooks/gen-4000000001");
         std::fs::create_dir_all(&long_gone).unwrap();
@@ -283,7 +301,7 @@ mod tests {
             .unwrap()
             .set_modified(two_days_ago)
             .unwrap();
-        let hooks = install_hooks(dir.path(), Path::new("/usr/bin/gitplane")).unwrap();
+        let hooks = install_hooks(&loc, Path::new("/usr/bin/gitplane")).unwrap();
         assert!(hooks.ends_with(format!("hooks/gen-{}", std::process::id())));
         assert!(
             !long_gone.exists(),
@@ -299,6 +317,7 @@ mod tests {
     #[test]
     fn records_an_event_and_installs_the_script() {
         let dir = tempfile::tempdir().unwrap();
+        let loc = Location::sqlite(dir.path());
         let input = format!(
             "{} {} refs/heads/main\n",
             super::super::event::ZERO_OID,
@@ -314,8 +333,8 @@ mod tests {
         let event = event_from_hook(dir.path(), &input, vars).unwrap();
         assert_eq!(event.repository, "alice/proj");
         assert_eq!(event.push_options, vec!["ci.skip".to_owned()]);
-        assert!(record(dir.path(), None, &event).unwrap());
-        let store = Store::open(dir.path()).unwrap();
+        assert!(record(&loc, None, &event).unwrap());
+        let store = Store::open(&loc).unwrap();
         let rows = store.outbox_after(0, 10).unwrap();
         assert_eq!(rows.len(), 1);
         assert_eq!(
@@ -326,7 +345,7 @@ mod tests {
         let bad = event_from_hook(dir.path(), &input, |_| None);
         assert!(matches!(bad, Err(CaptureError::UnknownRepo)));
 
-        let hooks = install_hooks(dir.path(), Path::new("/usr/bin/gitplane")).unwrap();
+        let hooks = install_hooks(&loc, Path::new("/usr/bin/gitplane")).unwrap();
         let script = std::fs::read_to_string(hooks.join("post-receive")).unwrap();
         assert!(
             script.contains("exec '/usr/bin/gitplane' --data-dir '"),
@@ -338,17 +357,41 @@ mod tests {
             .unwrap()
             .permissions()
             .mode();
-        assert_eq!(mode & 0o777, 0o755);
+        // Owner only: with a shared store the script carries the database URL.
+        assert_eq!(mode & 0o777, 0o700);
+    }
+
+    #[test]
+    fn a_shared_store_reaches_the_hook_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let loc = Location::new(
+            dir.path(),
+            Some("postgres://gp:pw@127.0.0.1:5432/fleet"),
+            Some("node-a"),
+            2,
+        )
+        .unwrap();
+        let hooks = install_hooks(&loc, Path::new("/usr/bin/gitplane")).unwrap();
+        let script = std::fs::read_to_string(hooks.join("post-receive")).unwrap();
+        assert!(
+            script.contains("GITPLANE_DATABASE_URL='postgres://gp:pw@127.0.0.1:5432/fleet'\nexport GITPLANE_DATABASE_URL\n"),
+            "{script}"
+        );
+        assert!(
+            script.contains(" --node-id 'node-a' hook post-receive"),
+            "{script}"
+        );
     }
 
     #[test]
     fn one_event_per_push_and_none_after_the_reconciler() {
         let dir = tempfile::tempdir().unwrap();
+        let loc = Location::sqlite(dir.path());
         let (a, b) = ("a".repeat(40), "b".repeat(40));
         let tx1 = format!("{a} {b} refs/heads/main\n{a} {b} HEAD\n");
         let tx2 = format!("{} {b} refs/heads/topic\n", super::super::event::ZERO_OID);
         let vars = |k: &str| (k == "GITPLANE_REPO").then(|| "alice/proj".to_owned());
-        let store = Store::open(dir.path()).unwrap();
+        let store = Store::open(&loc).unwrap();
         // A non-atomic push: one transaction per ref, the second aborted.
         for (state, input) in [
             (TxState::Prepared, &tx1),
@@ -356,27 +399,27 @@ mod tests {
             (TxState::Prepared, &tx2),
             (TxState::Aborted, &tx2),
         ] {
-            record_transaction(dir.path(), state, "7:1", input, vars).unwrap();
+            record_transaction(&loc, state, "7:1", input, vars).unwrap();
         }
         let rows = store.pending_of("7:1").unwrap();
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].state, PendingState::Committed);
         assert!(!rows[0].refs.contains("HEAD"), "{}", rows[0].refs);
         let event = event_from_hook(dir.path(), &tx1, vars).unwrap();
-        assert!(record(dir.path(), Some("7:1"), &event).unwrap());
+        assert!(record(&loc, Some("7:1"), &event).unwrap());
         assert!(store.pending_of("7:1").unwrap().is_empty());
         assert_eq!(store.outbox_depth().unwrap(), 1);
 
         // The reconciler published this push already: its late post-receive adds nothing.
-        record_transaction(dir.path(), TxState::Prepared, "8:1", &tx1, vars).unwrap();
+        record_transaction(&loc, TxState::Prepared, "8:1", &tx1, vars).unwrap();
         store.pending_published("8:1").unwrap();
         let late = event_from_hook(dir.path(), &tx1, vars).unwrap();
-        assert!(!record(dir.path(), Some("8:1"), &late).unwrap());
+        assert!(!record(&loc, Some("8:1"), &late).unwrap());
         assert_eq!(store.outbox_depth().unwrap(), 1);
         assert!(store.pending_of("8:1").unwrap().is_empty());
 
         // Malformed input is refused (git then aborts the update), and nothing is recorded.
-        let bad = record_transaction(dir.path(), TxState::Prepared, "9:1", "x y\n", vars);
+        let bad = record_transaction(&loc, TxState::Prepared, "9:1", "x y\n", vars);
         assert!(
             matches!(bad, Err(CaptureError::Event(EventError::BadTxLine { .. }))),
             "{bad:?}"

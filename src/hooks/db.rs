@@ -5,12 +5,11 @@
 //! committed, so "recorded" always means "on disk". SQLite is blocking: it never runs on a
 //! sidecar's runtime thread.
 
-use std::path::Path;
 use std::sync::mpsc;
 
 use tokio::sync::oneshot;
 
-use crate::store::{Store, StoreError};
+use crate::store::{Location, Store, StoreError};
 
 /// Most requests grouped into one transaction.
 const MAX_BATCH: usize = 512;
@@ -37,9 +36,9 @@ pub struct HookDb {
 }
 
 impl HookDb {
-    /// Opens the store in `data_dir` and starts the writer thread.
-    pub fn start(data_dir: &Path) -> Result<Self, DbError> {
-        let store = Store::open(data_dir)?;
+    /// Opens the store and starts the writer thread.
+    pub fn start(location: &Location) -> Result<Self, DbError> {
+        let store = Store::open(location)?;
         let (tx, rx) = mpsc::channel::<Request>();
         std::thread::Builder::new()
             .name("gitplane-hookdb".into())

@@ -30,7 +30,6 @@ pub mod pending;
 pub mod worker;
 
 use std::future::Future;
-use std::path::Path;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -40,7 +39,7 @@ use crate::config::ServeConfig;
 use crate::git::repo::RepoRoot;
 use crate::git::repo_name::{RepoName, RepoNameError};
 use crate::runtime::sidecar::{SidecarService, StopSignal};
-use crate::store::{Store, StoreError};
+use crate::store::{Location, Store, StoreError};
 use worker::{Shared, Worker};
 
 /// Errors starting the hook workers.
@@ -71,11 +70,11 @@ impl HooksService {
         housekeeper: Arc<crate::housekeeping::Housekeeper>,
     ) -> Result<Self, HookError> {
         let exe = crate::lifecycle::running_exe().map_err(HookError::Exe)?;
-        let hooks_dir = capture::install_hooks(&config.data_dir, &exe)?;
+        let hooks_dir = capture::install_hooks(&config.store, &exe)?;
         lease::init(config.data_dir.join("hooks").join("dispatch.lock"));
         crate::git::process::set_hooks_path(&hooks_dir);
-        let db = db::HookDb::start(&config.data_dir)?;
-        let reconciled = pending::Reconciler::new(&config.data_dir, &config.git.binary).start()?;
+        let db = db::HookDb::start(&config.store)?;
+        let reconciled = pending::Reconciler::new(&config.store, &config.git.binary).start()?;
         let jobs = jobs::JobContext {
             db: db.clone(),
             repos: RepoRoot::new(&config.data_dir),
@@ -138,7 +137,7 @@ pub enum HookAdminError {
 
 /// `gitplane webhook add OWNER/NAME URL --secret-stdin`: returns the new webhook's id.
 pub fn add_webhook(
-    data_dir: &Path,
+    location: &Location,
     repo: &str,
     url: &str,
     secret: &str,
@@ -148,5 +147,5 @@ pub fn add_webhook(
     if secret.is_empty() {
         return Err(HookAdminError::EmptySecret);
     }
-    Ok(Store::open(data_dir)?.add_webhook(&repo.to_string(), url, secret)?)
+    Ok(Store::open(location)?.add_webhook(&repo.to_string(), url, secret)?)
 }

@@ -18,7 +18,7 @@ use super::event::{new_event_id, PushEvent, RefUpdate, ZERO_OID};
 use crate::git::repo::RepoRoot;
 use crate::git::repo_name::RepoName;
 use crate::metrics::METRICS;
-use crate::store::{PendingRow, PendingState, Store, StoreError};
+use crate::store::{Location, PendingRow, PendingState, Store, StoreError};
 
 /// How often rows of dead processes are looked for after the start-up pass.
 const RECONCILE_EVERY: Duration = Duration::from_secs(5);
@@ -112,7 +112,7 @@ pub fn event_of(first: &PendingRow, refs: Vec<RefUpdate>) -> PushEvent {
 
 /// Reconciles rows of dead processes against the refs on disk.
 pub struct Reconciler {
-    data_dir: PathBuf,
+    store: Location,
     repos: RepoRoot,
     git: PathBuf,
 }
@@ -125,17 +125,17 @@ pub struct Tally {
 }
 
 impl Reconciler {
-    pub fn new(data_dir: &Path, git: &Path) -> Self {
+    pub fn new(store: &Location, git: &Path) -> Self {
         Self {
-            data_dir: data_dir.to_owned(),
-            repos: RepoRoot::new(data_dir),
+            store: store.clone(),
+            repos: RepoRoot::new(store.data_dir()),
             git: git.to_owned(),
         }
     }
 
     /// One pass over every owner whose process is gone.
     pub fn pass(&self) -> Result<Tally, ReconcileError> {
-        let store = Store::open(&self.data_dir)?;
+        let store = Store::open(&self.store)?;
         let mut tally = Tally::default();
         for owner in store.pending_owners()? {
             if alive(&owner) {
@@ -254,16 +254,16 @@ impl Reconciler {
 /// and turned into its event once the write is done, so a crash in between is reconciled at the
 /// next start like a push's. Runs on a blocking thread.
 pub struct ServerChange {
-    data_dir: PathBuf,
+    store: Location,
     repo: String,
     via: String,
     prepared: std::cell::RefCell<Option<(String, RefUpdate)>>,
 }
 
 impl ServerChange {
-    pub fn new(data_dir: &Path, repo: &str, via: String) -> Self {
+    pub fn new(store: &Location, repo: &str, via: String) -> Self {
         Self {
-            data_dir: data_dir.to_owned(),
+            store: store.clone(),
             repo: repo.to_owned(),
             via,
             prepared: std::cell::RefCell::new(None),
@@ -280,7 +280,7 @@ impl ServerChange {
         let owner = format!("{server}/{}", new_event_id());
         let refs = serde_json::to_string(std::slice::from_ref(update))
             .map_err(|e| StoreError::Internal(e.to_string()))?;
-        crate::store::with_thread_store(&self.data_dir, |s| {
+        crate::store::with_thread_store(&self.store, |s| {
             s.pending_insert(&PendingRow {
                 id: 0,
                 owner: owner.clone(),
@@ -325,7 +325,7 @@ impl ServerChange {
             created_at: i64::try_from(crate::clock::unix_now()).unwrap_or(i64::MAX),
         };
         let event = landed.then(|| event_of(&first, vec![update]));
-        crate::store::with_thread_store(&self.data_dir, |s| {
+        crate::store::with_thread_store(&self.store, |s| {
             s.write_transaction(|s| {
                 s.pending_forget(&owner)?;
                 if let Some(e) = &event {
@@ -433,9 +433,10 @@ mod tests {
     #[test]
     fn server_changes_become_events_only_when_the_ref_moved() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let loc = Location::sqlite(dir.path());
+        let store = Store::open(&loc).unwrap();
         let change = |ok: bool, now: Option<&str>| {
-            let c = ServerChange::new(dir.path(), "o/r", "grpc:Merge".into());
+            let c = ServerChange::new(&loc, "o/r", "grpc:Merge".into());
             c.prepare(&up("refs/heads/main", A, B)).unwrap();
             assert_eq!(
                 store.pending_owners().unwrap().len(),
@@ -456,7 +457,7 @@ mod tests {
         );
         assert!(store.pending_owners().unwrap().is_empty());
         assert_eq!(store.outbox_depth().unwrap(), 2);
-        let unprepared = ServerChange::new(dir.path(), "o/r", String::new());
+        let unprepared = ServerChange::new(&loc, "o/r", String::new());
         assert!(!unprepared.finish(false, |_| None).unwrap());
         let rows = store.outbox_after(0, 10).unwrap();
         let e = PushEvent::from_json(rows[0].payload.as_bytes()).unwrap();
@@ -491,13 +492,14 @@ mod tests {
     #[test]
     fn a_pass_publishes_what_landed_and_drops_the_rest() {
         let dir = tempfile::tempdir().unwrap();
+        let loc = Location::sqlite(dir.path());
         let repo = dir.path().join("repos/o/r.git");
         std::fs::create_dir_all(&repo).unwrap();
         git_in(&repo, &["init", "-q", "--bare"], "");
         let tree = git_in(&repo, &["hash-object", "-t", "tree", "-w", "--stdin"], "");
         let sha = git_in(&repo, &["commit-tree", &tree, "-m", "x"], "");
         git_in(&repo, &["update-ref", "refs/heads/made", &sha], "");
-        let store = Store::open(dir.path()).unwrap();
+        let store = Store::open(&loc).unwrap();
         let me = process_key(std::process::id()).unwrap();
         // Two dead pushes (pid 0 never runs a process) and a live one.
         for (owner, branch) in [("0:1", "made"), ("0:2", "never"), (me.as_str(), "live")] {
@@ -517,7 +519,7 @@ mod tests {
                 .unwrap();
         }
         let git = PathBuf::from("git");
-        let reconciler = Reconciler::new(dir.path(), &git);
+        let reconciler = Reconciler::new(&loc, &git);
         let tally = reconciler.pass().unwrap();
         assert_eq!(
             tally,

@@ -14,7 +14,6 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -68,9 +67,16 @@ fn fail(status: u16, message: impl Into<String>) -> Failure {
 
 impl From<Refusal> for Failure {
     fn from(r: Refusal) -> Self {
-        fail(r.status(), r.message())
+        Failure {
+            status: r.status(),
+            message: r.message().to_owned(),
+            retry_after: (r.status() == 503).then_some(STORE_RETRY_AFTER),
+        }
     }
 }
+
+/// Seconds a client waits before retrying when the store is unreachable.
+const STORE_RETRY_AFTER: &str = "2";
 
 fn lock_json(l: &LockRecord) -> Lock {
     Lock {
@@ -104,7 +110,7 @@ pub fn parse_range(header: &str, size: u64) -> Option<(u64, u64)> {
 
 /// One shard's LFS handler.
 pub struct LfsHttp {
-    data_dir: PathBuf,
+    store: crate::store::Location,
     auth: Rc<HttpAuth>,
     pool: BufferPool,
     disk: DiskStore,
@@ -130,7 +136,7 @@ impl LfsHttp {
         Self {
             anonymous,
             trusted_proxies: config.http.trusted_proxies.clone(),
-            data_dir: config.data_dir.clone(),
+            store: config.store.clone(),
             auth,
             pool: BufferPool::new(config.lfs.buffer_size, config.lfs.buffers_per_shard),
             disk: DiskStore::new(&config.data_dir),
@@ -222,7 +228,15 @@ impl LfsHttp {
         &self,
         f: impl FnOnce(&crate::store::Store) -> Result<R, crate::store::StoreError> + Send + 'static,
     ) -> Result<R, Failure> {
-        with_store(self.data_dir.clone(), f).await.map_err(|e| {
+        with_store(self.store.clone(), f).await.map_err(|e| {
+            if e.is_unavailable() {
+                tracing::warn!(error = %e, "LFS store unavailable");
+                return Failure {
+                    status: 503,
+                    message: "the LFS database is unavailable; try again shortly".into(),
+                    retry_after: Some(STORE_RETRY_AFTER),
+                };
+            }
             tracing::error!(error = %e, "LFS store call failed");
             fail(500, "internal error")
         })

@@ -78,7 +78,7 @@ impl RpcService {
                 pool,
                 repos: RepoRoot::new(&config.data_dir),
                 git_binary: config.git.binary.clone(),
-                data_dir: config.data_dir.clone(),
+                store: config.store.clone(),
                 housekeeping: Arc::new(config.housekeeping.clone()),
             }),
         })

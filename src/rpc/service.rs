@@ -128,7 +128,7 @@ pub struct RpcState {
     pub repos: RepoRoot,
     pub git_binary: PathBuf,
     /// Where the hook outbox lives, for the events of calls that change refs.
-    pub data_dir: PathBuf,
+    pub store: crate::store::Location,
     pub housekeeping: Arc<HousekeepingConfig>,
 }
 
@@ -138,7 +138,7 @@ pub struct CallEnv {
     /// `owner/name`, for messages.
     pub name: String,
     pub git_binary: PathBuf,
-    pub data_dir: PathBuf,
+    pub store: crate::store::Location,
     pub housekeeping: Arc<HousekeepingConfig>,
 }
 
@@ -152,7 +152,7 @@ impl CallEnv {
         repo: &Repository,
         op: impl FnOnce(ops::BeforeRefWrite<'_>) -> OpResult<T>,
     ) -> OpResult<T> {
-        let change = ServerChange::new(&self.data_dir, &self.name, format!("grpc:{method}"));
+        let change = ServerChange::new(&self.store, &self.name, format!("grpc:{method}"));
         let result = op(&|update: &RefUpdate| {
             change.prepare(update).map_err(|e| {
                 ops::OpError::Status(Status::new(
@@ -204,7 +204,7 @@ impl RpcState {
             ctx: ctx.clone(),
             name,
             git_binary: self.git_binary.clone(),
-            data_dir: self.data_dir.clone(),
+            store: self.store.clone(),
             housekeeping: Arc::clone(&self.housekeeping),
         }
     }

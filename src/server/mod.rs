@@ -59,6 +59,10 @@ pub enum ServeError {
     },
     #[error("inherited listening sockets: {0}")]
     Inherit(#[from] inherit::InheritError),
+    #[error("cannot open the store: {0}")]
+    Store(crate::store::StoreError),
+    #[error("cannot create the first user: {0}")]
+    Admin(#[from] crate::admin::AdminError),
 }
 
 /// The services a server runs, and where they listen.
@@ -224,6 +228,16 @@ pub fn run(
         listeners: Vec::new(),
         ready_timeout: config.upgrade_timeout,
     };
+    // The store after the signal mask: a PostgreSQL pool starts threads of its own.
+    config.store.prepare().map_err(ServeError::Store)?;
+    tracing::info!(store = ?config.store, "store ready");
+    if let Some(path) = crate::admin::ensure_initial_admin(&config.store)? {
+        tracing::info!(
+            path = %path.display(),
+            "created user `admin`; its password is in this file (mode 0600)"
+        );
+    }
+    crate::store::revocation::listen(&config.store);
     let config = Arc::new(config);
     let cores = config.shards.get();
     let frontends = build_frontends(&config, inherited)?;

@@ -138,7 +138,7 @@ impl ConnHandler {
             }
         }
         let lookup = fp.clone();
-        let user = with_store(self.shared.config.data_dir.clone(), move |s| {
+        let user = with_store(self.shared.config.store.clone(), move |s| {
             s.user_for_ssh_key(&lookup)
         })
         .await?;
@@ -207,7 +207,7 @@ impl ConnHandler {
             return Ok(Err("not authenticated".into()));
         };
         let (r, u) = (repo.clone(), user.clone());
-        let access = with_store(self.shared.config.data_dir.clone(), move |s| {
+        let access = with_store(self.shared.config.store.clone(), move |s| {
             s.repo_access(&r, Some(&u))
         })
         .await?;

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use russh::keys::ssh_key::public::KeyData;
 use russh::keys::{Algorithm, HashAlg, PublicKey};
 
-use crate::store::{SshKeyRecord, Store, StoreError};
+use crate::store::{Location, SshKeyRecord, Store, StoreError};
 
 /// Smallest RSA modulus accepted, in bits.
 pub const MIN_RSA_BITS: u32 = 2048;
@@ -126,9 +126,9 @@ pub fn read_key_file(path: &Path) -> Result<ParsedKey, KeyError> {
 }
 
 /// `gitplane key add USER FILE.pub`.
-pub fn key_add(data_dir: &Path, user: &str, file: &Path) -> Result<ParsedKey, KeyError> {
+pub fn key_add(store: &Location, user: &str, file: &Path) -> Result<ParsedKey, KeyError> {
     let key = read_key_file(file)?;
-    Store::open(data_dir)?.add_ssh_key(
+    Store::open(store)?.add_ssh_key(
         user,
         &key.fingerprint,
         &key.algorithm,
@@ -139,8 +139,14 @@ pub fn key_add(data_dir: &Path, user: &str, file: &Path) -> Result<ParsedKey, Ke
 }
 
 /// `gitplane key list USER`.
-pub fn key_list(data_dir: &Path, user: &str) -> Result<Vec<SshKeyRecord>, KeyError> {
-    Ok(Store::open(data_dir)?.ssh_keys(user)?)
+pub fn key_list(store: &Location, user: &str) -> Result<Vec<SshKeyRecord>, KeyError> {
+    Ok(Store::open(store)?.ssh_keys(user)?)
+}
+
+/// `gitplane key remove FINGERPRINT`: returns whose key it was. New connections with it are
+/// refused at once on every node (each authentication looks the key up).
+pub fn key_remove(store: &Location, fingerprint: &str) -> Result<String, KeyError> {
+    Ok(Store::open(store)?.remove_ssh_key(fingerprint)?)
 }
 
 #[cfg(test)]
@@ -200,7 +206,7 @@ mod tests {
     #[test]
     fn key_files_and_store() {
         let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("d");
+        let data = Location::sqlite(&dir.path().join("d"));
         Store::open(&data).unwrap().add_user("alice", "pw").unwrap();
         let file = dir.path().join("k.pub");
         std::fs::write(&file, format!("# mine\n\n{ED25519}\n")).unwrap();

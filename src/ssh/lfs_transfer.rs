@@ -271,7 +271,7 @@ impl<'a> Session<'a> {
         f: impl FnOnce(&crate::store::Store) -> Result<R, StoreError> + Send + 'static,
     ) -> Result<R, Fault> {
         // As over HTTP: a store failure fails the request (500), not the session.
-        with_store(self.ctx.shared.config.data_dir.clone(), f)
+        with_store(self.ctx.shared.config.store.clone(), f)
             .await
             .map_err(|e| {
                 tracing::error!(error = %e, "LFS store call failed");

@@ -30,7 +30,6 @@ pub use gitplane_wire::ssh::{command, lfs_transfer as lfs_transfer_proto};
 use std::borrow::Cow;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -277,10 +276,10 @@ async fn serve_core(
 
 /// Runs a store call on tokio's blocking pool, with one connection per pool thread.
 async fn with_store<R: Send + 'static>(
-    data_dir: PathBuf,
+    store: crate::store::Location,
     f: impl FnOnce(&Store) -> Result<R, StoreError> + Send + 'static,
 ) -> Result<R, StoreError> {
-    match tokio::task::spawn_blocking(move || crate::store::with_thread_store(&data_dir, f)).await {
+    match tokio::task::spawn_blocking(move || crate::store::with_thread_store(&store, f)).await {
         Ok(r) => r,
         Err(e) => Err(StoreError::Internal(format!(
             "blocking store task failed: {e}"

@@ -3,30 +3,8 @@
 //! disk, but a repository may only serve the objects linked to it: a link is made only by an
 //! upload through that repository (which proves possession of the content).
 
-use rusqlite::{params, OptionalExtension};
-
+use super::sql::{params, Row};
 use super::{Store, StoreError};
-
-pub(super) const LFS_SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS lfs_objects (
-    oid TEXT PRIMARY KEY,
-    size INTEGER NOT NULL,
-    created_at INTEGER NOT NULL DEFAULT (unixepoch())
-);
-CREATE TABLE IF NOT EXISTS lfs_repo_objects (
-    repo TEXT NOT NULL,
-    oid TEXT NOT NULL REFERENCES lfs_objects(oid),
-    PRIMARY KEY (repo, oid)
-);
-CREATE TABLE IF NOT EXISTS lfs_locks (
-    id INTEGER PRIMARY KEY,
-    repo TEXT NOT NULL,
-    path TEXT NOT NULL,
-    owner TEXT NOT NULL,
-    locked_at INTEGER NOT NULL DEFAULT (unixepoch()),
-    UNIQUE (repo, path)
-);
-";
 
 /// A stored lock.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,30 +35,35 @@ pub struct LockQuery {
     pub limit: usize,
 }
 
-fn lock_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LockRecord> {
+fn lock_from_row(r: &Row<'_>) -> Result<LockRecord, StoreError> {
     Ok(LockRecord {
-        id: r.get(0)?,
-        path: r.get(1)?,
-        owner: r.get(2)?,
-        locked_at: r.get(3)?,
+        id: r.int(0)?,
+        path: r.text(1)?,
+        owner: r.text(2)?,
+        locked_at: r.int(3)?,
     })
 }
 
 impl Store {
     pub fn lfs_object_state(&self, repo: &str, oid: &str) -> Result<ObjectState, StoreError> {
-        let stored_size: Option<i64> = self
-            .conn
-            .prepare_cached("SELECT size FROM lfs_objects WHERE oid = ?1")
-            .and_then(|mut s| s.query_row([oid], |r| r.get(0)).optional())
-            .map_err(|e| self.db(e))?;
-        let linked = self
-            .conn
-            .prepare_cached("SELECT 1 FROM lfs_repo_objects WHERE repo = ?1 AND oid = ?2")
-            .and_then(|mut s| s.exists(params![repo, oid]))
-            .map_err(|e| self.db(e))?;
-        Ok(ObjectState {
-            stored_size: stored_size.map(|n| n.max(0) as u64),
-            linked,
+        // One round trip: the object's size, and whether this repository links it.
+        let row = self.db.row(
+            "SELECT o.size, l.oid FROM lfs_objects o
+             LEFT JOIN lfs_repo_objects l ON l.oid = o.oid AND l.repo = $1
+             WHERE o.oid = $2",
+            params![repo, oid],
+            |r| Ok((r.int(0)?, r.opt_text(1)?.is_some())),
+        )?;
+        Ok(match row {
+            Some((size, linked)) => ObjectState {
+                stored_size: Some(size.max(0) as u64),
+                linked,
+            },
+            // A link always has its object (foreign key), so no object means no link.
+            None => ObjectState {
+                stored_size: None,
+                linked: false,
+            },
         })
     }
 
@@ -88,44 +71,57 @@ impl Store {
     pub fn lfs_record_object(&self, repo: &str, oid: &str, size: u64) -> Result<(), StoreError> {
         let size = i64::try_from(size)
             .map_err(|_| StoreError::Internal("object size overflows".into()))?;
-        self.conn
-            .execute(
-                "INSERT INTO lfs_objects (oid, size) VALUES (?1, ?2) ON CONFLICT (oid) DO NOTHING",
-                params![oid, size],
-            )
-            .and_then(|_| {
-                self.conn.execute(
-                    "INSERT INTO lfs_repo_objects (repo, oid) VALUES (?1, ?2)
-                     ON CONFLICT (repo, oid) DO NOTHING",
-                    params![repo, oid],
-                )
-            })
-            .map(|_| ())
-            .map_err(|e| self.db(e))
+        self.db.nested(|| {
+            self.db.exec(
+                "INSERT INTO lfs_objects (oid, size, created_at) VALUES ($1, $2, $3)
+                 ON CONFLICT (oid) DO NOTHING",
+                params![oid, size, super::now()],
+            )?;
+            self.db.exec(
+                "INSERT INTO lfs_repo_objects (repo, oid) VALUES ($1, $2)
+                 ON CONFLICT (repo, oid) DO NOTHING",
+                params![repo, oid],
+            )?;
+            Ok(())
+        })
     }
 
-    /// Creates a lock, or returns the existing one on `path` as the error's payload.
+    /// Creates a lock, or returns the existing one on `path` as the error's payload. Atomic
+    /// across nodes: the unique (repo, path) key lets exactly one insert win.
     pub fn lfs_create_lock(
         &self,
         repo: &str,
         path: &str,
         owner: &str,
     ) -> Result<Result<LockRecord, LockRecord>, StoreError> {
-        let inserted = self.conn.execute(
-            "INSERT INTO lfs_locks (repo, path, owner) VALUES (?1, ?2, ?3)
-             ON CONFLICT (repo, path) DO NOTHING",
-            params![repo, path, owner],
-        );
-        let inserted = inserted.map_err(|e| self.db(e))? == 1;
-        let lock = self
-            .conn
-            .query_row(
-                "SELECT id, path, owner, locked_at FROM lfs_locks WHERE repo = ?1 AND path = ?2",
-                params![repo, path],
-                lock_from_row,
-            )
-            .map_err(|e| self.db(e))?;
-        Ok(if inserted { Ok(lock) } else { Err(lock) })
+        let inserted = self.db.row(
+            "INSERT INTO lfs_locks (repo, path, owner, locked_at) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (repo, path) DO NOTHING RETURNING id, path, owner, locked_at",
+            params![repo, path, owner, super::now()],
+            lock_from_row,
+        )?;
+        if let Some(lock) = inserted {
+            return Ok(Ok(lock));
+        }
+        let existing = self.db.row(
+            "SELECT id, path, owner, locked_at FROM lfs_locks WHERE repo = $1 AND path = $2",
+            params![repo, path],
+            lock_from_row,
+        )?;
+        // Deleted between the two statements: the path is free now, so try once more.
+        match existing {
+            Some(lock) => Ok(Err(lock)),
+            None => self
+                .db
+                .row(
+                    "INSERT INTO lfs_locks (repo, path, owner, locked_at) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (repo, path) DO NOTHING RETURNING id, path, owner, locked_at",
+                    params![repo, path, owner, super::now()],
+                    lock_from_row,
+                )?
+                .map(Ok)
+                .ok_or_else(|| StoreError::Internal(format!("lock on {path} keeps changing"))),
+        }
     }
 
     /// Locks in id order, and whether more follow.
@@ -135,52 +131,33 @@ impl Store {
         q: &LockQuery,
     ) -> Result<(Vec<LockRecord>, bool), StoreError> {
         let limit = i64::try_from(q.limit).unwrap_or(i64::MAX);
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT id, path, owner, locked_at FROM lfs_locks
-                 WHERE repo = ?1 AND (?2 IS NULL OR path = ?2) AND (?3 IS NULL OR id = ?3)
-                   AND id > ?4
-                 ORDER BY id LIMIT ?5",
-            )
-            .map_err(|e| self.db(e))?;
-        let mut locks = stmt
-            .query_map(
-                params![
-                    repo,
-                    q.path,
-                    q.id,
-                    q.after_id.unwrap_or(0),
-                    limit.saturating_add(1)
-                ],
-                lock_from_row,
-            )
-            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| self.db(e))?;
+        let mut locks = self.db.rows(
+            "SELECT id, path, owner, locked_at FROM lfs_locks
+             WHERE repo = $1 AND (CAST($2 AS TEXT) IS NULL OR path = $2)
+               AND (CAST($3 AS BIGINT) IS NULL OR id = $3)
+               AND id > $4
+             ORDER BY id LIMIT $5",
+            params![
+                repo,
+                q.path.as_deref(),
+                q.id,
+                q.after_id.unwrap_or(0),
+                limit.saturating_add(1)
+            ],
+            lock_from_row,
+        )?;
         let more = locks.len() > q.limit;
         locks.truncate(q.limit);
         Ok((locks, more))
     }
 
     pub fn lfs_delete_lock(&self, repo: &str, id: i64) -> Result<Option<LockRecord>, StoreError> {
-        let lock = self
-            .conn
-            .query_row(
-                "SELECT id, path, owner, locked_at FROM lfs_locks WHERE repo = ?1 AND id = ?2",
-                params![repo, id],
-                lock_from_row,
-            )
-            .optional()
-            .map_err(|e| self.db(e))?;
-        if lock.is_some() {
-            self.conn
-                .execute(
-                    "DELETE FROM lfs_locks WHERE repo = ?1 AND id = ?2",
-                    params![repo, id],
-                )
-                .map_err(|e| self.db(e))?;
-        }
-        Ok(lock)
+        self.db.row(
+            "DELETE FROM lfs_locks WHERE repo = $1 AND id = $2
+             RETURNING id, path, owner, locked_at",
+            params![repo, id],
+            lock_from_row,
+        )
     }
 }
 
@@ -190,77 +167,77 @@ mod tests {
 
     #[test]
     fn objects_are_scoped_per_repository() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let oid = "a".repeat(64);
-        assert_eq!(
-            store.lfs_object_state("o/a", &oid).unwrap(),
-            ObjectState {
-                stored_size: None,
-                linked: false
-            }
-        );
-        store.lfs_record_object("o/a", &oid, 5).unwrap();
-        store.lfs_record_object("o/a", &oid, 5).unwrap();
-        assert_eq!(
-            store.lfs_object_state("o/a", &oid).unwrap(),
-            ObjectState {
-                stored_size: Some(5),
-                linked: true
-            }
-        );
-        assert_eq!(
-            store.lfs_object_state("o/b", &oid).unwrap(),
-            ObjectState {
-                stored_size: Some(5),
-                linked: false
-            }
-        );
+        crate::store::each_backend(|store| {
+            let oid = "a".repeat(64);
+            assert_eq!(
+                store.lfs_object_state("o/a", &oid).unwrap(),
+                ObjectState {
+                    stored_size: None,
+                    linked: false
+                }
+            );
+            store.lfs_record_object("o/a", &oid, 5).unwrap();
+            store.lfs_record_object("o/a", &oid, 5).unwrap();
+            assert_eq!(
+                store.lfs_object_state("o/a", &oid).unwrap(),
+                ObjectState {
+                    stored_size: Some(5),
+                    linked: true
+                }
+            );
+            assert_eq!(
+                store.lfs_object_state("o/b", &oid).unwrap(),
+                ObjectState {
+                    stored_size: Some(5),
+                    linked: false
+                }
+            );
+        });
     }
 
     #[test]
     fn locks_conflict_page_and_delete() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let a = store
-            .lfs_create_lock("o/r", "a.bin", "alice")
-            .unwrap()
-            .unwrap();
-        let conflict = store
-            .lfs_create_lock("o/r", "a.bin", "bob")
-            .unwrap()
-            .unwrap_err();
-        assert_eq!(conflict.owner, "alice");
-        let b = store
-            .lfs_create_lock("o/r", "b.bin", "bob")
-            .unwrap()
-            .unwrap();
-        store
-            .lfs_create_lock("o/other", "a.bin", "bob")
-            .unwrap()
-            .unwrap();
-        let page = LockQuery {
-            limit: 1,
-            ..LockQuery::default()
-        };
-        let (first, more) = store.lfs_list_locks("o/r", &page).unwrap();
-        assert_eq!((first.len(), more), (1, true));
-        let next = LockQuery {
-            after_id: Some(first[0].id),
-            ..page
-        };
-        let (second, more) = store.lfs_list_locks("o/r", &next).unwrap();
-        assert_eq!((second[0].id, more), (b.id, false));
-        let by_path = LockQuery {
-            path: Some("a.bin".into()),
-            limit: 10,
-            ..LockQuery::default()
-        };
-        assert_eq!(
-            store.lfs_list_locks("o/r", &by_path).unwrap().0,
-            vec![a.clone()]
-        );
-        assert_eq!(store.lfs_delete_lock("o/r", a.id).unwrap(), Some(a));
-        assert_eq!(store.lfs_delete_lock("o/r", 999).unwrap(), None);
+        crate::store::each_backend(|store| {
+            let a = store
+                .lfs_create_lock("o/r", "a.bin", "alice")
+                .unwrap()
+                .unwrap();
+            let conflict = store
+                .lfs_create_lock("o/r", "a.bin", "bob")
+                .unwrap()
+                .unwrap_err();
+            assert_eq!(conflict.owner, "alice");
+            let b = store
+                .lfs_create_lock("o/r", "b.bin", "bob")
+                .unwrap()
+                .unwrap();
+            store
+                .lfs_create_lock("o/other", "a.bin", "bob")
+                .unwrap()
+                .unwrap();
+            let page = LockQuery {
+                limit: 1,
+                ..LockQuery::default()
+            };
+            let (first, more) = store.lfs_list_locks("o/r", &page).unwrap();
+            assert_eq!((first.len(), more), (1, true));
+            let next = LockQuery {
+                after_id: Some(first[0].id),
+                ..page
+            };
+            let (second, more) = store.lfs_list_locks("o/r", &next).unwrap();
+            assert_eq!((second[0].id, more), (b.id, false));
+            let by_path = LockQuery {
+                path: Some("a.bin".into()),
+                limit: 10,
+                ..LockQuery::default()
+            };
+            assert_eq!(
+                store.lfs_list_locks("o/r", &by_path).unwrap().0,
+                vec![a.clone()]
+            );
+            assert_eq!(store.lfs_delete_lock("o/r", a.id).unwrap(), Some(a));
+            assert_eq!(store.lfs_delete_lock("o/r", 999).unwrap(), None);
+        });
     }
 }

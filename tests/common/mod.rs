@@ -27,8 +27,45 @@ pub fn require_tool(tool: &str) {
     );
 }
 
+/// A PostgreSQL store several test servers share (each with its own node id).
+#[derive(Clone)]
+pub struct SharedStore {
+    pub url: String,
+    /// Dropped (the database with it) when the last server using it is gone.
+    db: Option<Arc<gitplane::store::scratch::ScratchDb>>,
+}
+
+impl SharedStore {
+    /// A fresh scratch database; fails (never skips) when PostgreSQL is not there.
+    pub fn create() -> Self {
+        let db = gitplane::store::scratch::ScratchDb::create().unwrap_or_else(|e| panic!("{e}"));
+        Self {
+            url: db.url().to_owned(),
+            db: Some(Arc::new(db)),
+        }
+    }
+
+    /// A database the test runs itself (see [`PrivatePostgres`]).
+    pub fn at(url: String) -> Self {
+        Self { url, db: None }
+    }
+}
+
+/// Whether test servers use PostgreSQL: `GITPLANE_TEST_STORE=postgres` (the test command's
+/// second pass over the suites that touch the store); otherwise the embedded SQLite file.
+pub fn postgres_pass() -> bool {
+    match std::env::var("GITPLANE_TEST_STORE").as_deref() {
+        Ok("postgres") => true,
+        Ok("") | Ok("sqlite") | Err(_) => false,
+        Ok(other) => panic!("GITPLANE_TEST_STORE={other}: expected sqlite or postgres"),
+    }
+}
+
 pub struct Server {
     pub child: Option<Child>,
+    /// (database URL, node id) when the server uses a PostgreSQL store.
+    pub database: Option<(String, String)>,
+    _scratch: Option<SharedStore>,
     pub addr: SocketAddr,
     /// Every listener the server reported, by service name ("http", "ssh", "rpc", ...).
     pub listening: std::collections::HashMap<String, SocketAddr>,
@@ -47,6 +84,9 @@ pub struct ServerOptions {
     /// Runs the server in a user and mount namespace of its own with `DATA/lfs` on a ramfs
     /// mount, a filesystem that refuses O_DIRECT. Its files are visible to the server only.
     pub lfs_on_ramfs: bool,
+    /// A store shared with other servers, and this one's node id. None: a store of its own
+    /// (a scratch PostgreSQL database in the postgres pass, else the embedded file).
+    pub shared_store: Option<(SharedStore, String)>,
 }
 
 impl Default for ServerOptions {
@@ -56,6 +96,7 @@ impl Default for ServerOptions {
             config: None,
             force_epoll: false,
             lfs_on_ramfs: false,
+            shared_store: None,
         }
     }
 }
@@ -69,8 +110,15 @@ impl Server {
         require_tool("git");
         let data = tempfile::tempdir().expect("tempdir");
         let stderr_log = data.path().join("server.log");
+        let (scratch, node) = match &opts.shared_store {
+            Some((shared, node)) => (Some(shared.clone()), node.clone()),
+            None if postgres_pass() => (Some(SharedStore::create()), "n1".to_owned()),
+            None => (None, String::new()),
+        };
         let mut server = Self {
             child: None,
+            database: scratch.as_ref().map(|s| (s.url.clone(), node)),
+            _scratch: scratch,
             addr: "127.0.0.1:0".parse().expect("address"),
             listening: std::collections::HashMap::new(),
             data,
@@ -79,11 +127,13 @@ impl Server {
             opts,
         };
         server.launch();
-        server.admin_password =
-            std::fs::read_to_string(server.data_dir().join("initial-admin-password"))
-                .expect("initial admin password")
-                .trim()
-                .to_owned();
+        // With a shared store only the first node makes `admin` (and its password file).
+        let password = std::fs::read_to_string(server.data_dir().join("initial-admin-password"));
+        server.admin_password = match (password, &server.opts.shared_store) {
+            (Ok(p), _) => p.trim().to_owned(),
+            (Err(_), Some(_)) => String::new(),
+            (Err(e), None) => panic!("initial admin password: {e}"),
+        };
         server
     }
 
@@ -109,6 +159,7 @@ impl Server {
             .append(true)
             .open(&self.stderr_log)
             .expect("log file");
+        self.store_env(&mut cmd);
         cmd.arg("--data-dir")
             .arg(self.data_dir())
             .args(["serve", "--http-listen", "127.0.0.1:0", "--shards"])
@@ -192,8 +243,31 @@ impl Server {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Points a gitplane command at this server's store (and nothing else's).
+    pub fn store_env(&self, cmd: &mut Command) {
+        match &self.database {
+            Some((url, node)) => cmd
+                .env("GITPLANE_DATABASE_URL", url)
+                .env("GITPLANE_NODE_ID", node),
+            None => cmd
+                .env_remove("GITPLANE_DATABASE_URL")
+                .env_remove("GITPLANE_NODE_ID"),
+        };
+    }
+
+    /// This server's store, for tests that read it directly.
+    pub fn location(&self) -> gitplane::store::Location {
+        let (url, node) = match &self.database {
+            Some((u, n)) => (Some(u.as_str()), Some(n.as_str())),
+            None => (None, None),
+        };
+        gitplane::store::Location::new(&self.data_dir(), url, node, 2).expect("store location")
+    }
+
     pub fn admin_raw(&self, args: &[&str], stdin: Option<&str>) -> Output {
-        let mut child = Command::new(BIN)
+        let mut cmd = Command::new(BIN);
+        self.store_env(&mut cmd);
+        let mut child = cmd
             .arg("--data-dir")
             .arg(self.data_dir())
             .args(args)
@@ -701,4 +775,115 @@ pub fn webhook_receiver() -> (String, Arc<Mutex<Vec<serde_json::Value>>>) {
         }
     });
     (url, got)
+}
+
+/// A PostgreSQL server of the test's own (initdb into a temporary directory, a free port on
+/// 127.0.0.1, trust auth), so that a test may stop and start it without touching the machine's.
+pub struct PrivatePostgres {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    pub port: u16,
+}
+
+impl PrivatePostgres {
+    pub fn start() -> Self {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .and_then(|versions| {
+                versions
+                    .filter_map(|v| v.ok().map(|v| v.path().join("bin")))
+                    .filter(|b| b.join("pg_ctl").exists())
+                    .max()
+            })
+            .expect("PostgreSQL server binaries under /usr/lib/postgresql/*/bin: run scripts/test.sh, which installs the postgresql package");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pg = Self {
+            dir,
+            bin,
+            port: free_port(),
+        };
+        // initdb refuses to run as root: run the server as the package's `postgres` user.
+        if as_root() {
+            let out = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(pg.dir.path())
+                .output()
+                .expect("chown");
+            assert!(out.status.success(), "chown: {out:?}");
+        }
+        let out = pg
+            .command("initdb")
+            .args(["-A", "trust", "-U", "postgres", "-D"])
+            .arg(pg.data())
+            .output()
+            .expect("initdb");
+        assert!(out.status.success(), "initdb: {out:?}");
+        pg.start_again();
+        pg
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn command(&self, tool: &str) -> Command {
+        let path = self.bin.join(tool);
+        if as_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(path);
+            c
+        } else {
+            Command::new(path)
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    pub fn start_again(&self) {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.path().display()
+        );
+        let out = self
+            .command("pg_ctl")
+            .args(["-w", "-t", "30", "-l"])
+            .arg(self.dir.path().join("log"))
+            .arg("-D")
+            .arg(self.data())
+            .args(["-o", &opts, "start"])
+            .output()
+            .expect("pg_ctl start");
+        assert!(out.status.success(), "pg_ctl start: {out:?}");
+    }
+
+    /// A fast shutdown: sessions are told and closed, as when an operator stops the service.
+    pub fn stop(&self) {
+        let out = self
+            .command("pg_ctl")
+            .args(["-w", "-t", "30", "-m", "fast", "-D"])
+            .arg(self.data())
+            .arg("stop")
+            .output()
+            .expect("pg_ctl stop");
+        assert!(out.status.success(), "pg_ctl stop: {out:?}");
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = self
+            .command("pg_ctl")
+            .args(["-m", "immediate", "-D"])
+            .arg(self.data())
+            .arg("stop")
+            .output();
+    }
+}
+
+fn as_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
 }
