@@ -299,3 +299,69 @@ fn postgres_stopped_while_serving_gives_503_quickly_and_service_resumes_by_itsel
     let clone = tempfile::tempdir().unwrap();
     git(clone.path(), &["clone", "-q", &url, "c"]);
 }
+
+#[test]
+fn tls_to_postgres_when_the_url_asks_for_it_verified_against_its_root() {
+    let pg = common::PrivatePostgres::start_with_tls();
+    let cert = pg.tls_cert.clone().expect("certificate");
+    let url = format!(
+        "postgres://postgres:not-a-secret@127.0.0.1:{}/postgres?sslmode=require&sslrootcert={}",
+        pg.port,
+        cert.display()
+    );
+    let server = node(&SharedStore::at(url.clone()), "tls", None);
+    server.admin(&["repo", "create", "admin/t"], None);
+    let work = tempfile::tempdir().unwrap();
+    make_worktree(work.path(), 1);
+    let repo_url = http_url(&server, "admin/t", "admin", &server.admin_password);
+    git(work.path(), &["push", "-q", &repo_url, "main"]);
+    git(work.path(), &["clone", "-q", &repo_url, "c"]);
+
+    // Every connection gitplane holds is encrypted (the server's own view).
+    let mut observer = postgres::Client::connect(&pg.url(), postgres::NoTls).unwrap();
+    let row = observer
+        .query_one(
+            "SELECT count(*) FILTER (WHERE s.ssl), count(*) FROM pg_stat_activity a
+             JOIN pg_stat_ssl s USING (pid) WHERE a.application_name = 'gitplane'",
+            &[],
+        )
+        .unwrap();
+    let (encrypted, all): (i64, i64) = (row.get(0), row.get(1));
+    assert!(all >= 1, "gitplane holds no connection");
+    assert_eq!(encrypted, all, "plaintext connections from gitplane");
+
+    // A certificate the root does not vouch for: a clear refusal, and no password in it.
+    let other = tempfile::tempdir().unwrap();
+    let other_cert = other.path().join("other.crt");
+    let out = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .args(["-subj", "/CN=another-ca"])
+        .arg("-keyout")
+        .arg(other.path().join("other.key"))
+        .arg("-out")
+        .arg(&other_cert)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let wrong = url.replace(
+        &cert.display().to_string(),
+        &other_cert.display().to_string(),
+    );
+    let refused = std::process::Command::new(common::BIN)
+        .arg("--data-dir")
+        .arg(other.path())
+        .args(["--database-url", &wrong, "key", "list", "x"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success(),
+        "connected past an unknown certificate"
+    );
+    assert!(err.contains("postgres://postgres@127.0.0.1"), "{err}");
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+    assert!(!err.contains("not-a-secret"), "the password leaked: {err}");
+}

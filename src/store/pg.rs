@@ -74,7 +74,7 @@ struct LogErrors;
 
 impl r2d2::HandleError<postgres::Error> for LogErrors {
     fn handle_error(&self, error: postgres::Error) {
-        tracing::warn!(error = %error, "PostgreSQL connection failed");
+        tracing::warn!(error = %with_causes(&error), "PostgreSQL connection failed");
     }
 }
 
@@ -157,9 +157,25 @@ pub fn error(place: &str, e: &postgres::Error) -> StoreError {
     };
     StoreError::Db {
         place: place.to_owned(),
-        message: e.to_string(),
+        message: with_causes(e),
         kind,
     }
+}
+
+/// "error performing TLS handshake: invalid peer certificate: UnknownIssuer": the driver's
+/// message says little without its causes.
+fn with_causes(e: &postgres::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    text
 }
 
 fn io_source(e: &postgres::Error) -> bool {

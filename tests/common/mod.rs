@@ -783,10 +783,21 @@ pub struct PrivatePostgres {
     dir: tempfile::TempDir,
     bin: PathBuf,
     pub port: u16,
+    /// With TLS: the CA that signed the server's certificate (for 127.0.0.1): the clients' root.
+    pub tls_cert: Option<PathBuf>,
 }
 
 impl PrivatePostgres {
     pub fn start() -> Self {
+        Self::launch(false)
+    }
+
+    /// The same, with TLS on (a certificate made with `openssl` for IP 127.0.0.1).
+    pub fn start_with_tls() -> Self {
+        Self::launch(true)
+    }
+
+    fn launch(tls: bool) -> Self {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .ok()
             .and_then(|versions| {
@@ -797,11 +808,73 @@ impl PrivatePostgres {
             })
             .expect("PostgreSQL server binaries under /usr/lib/postgresql/*/bin: run scripts/test.sh, which installs the postgresql package");
         let dir = tempfile::tempdir().expect("tempdir");
-        let pg = Self {
+        let mut pg = Self {
             dir,
             bin,
             port: free_port(),
+            tls_cert: None,
         };
+        if tls {
+            require_tool("openssl");
+            // A CA and a server certificate it signed (a self-signed certificate marked CA is
+            // refused as a server's by rustls, rightly).
+            let d = pg.dir.path();
+            let openssl = |args: &[&str]| {
+                let out = Command::new("openssl")
+                    .current_dir(d)
+                    .args(args)
+                    .output()
+                    .expect("openssl");
+                assert!(out.status.success(), "openssl {args:?}: {out:?}");
+            };
+            std::fs::write(d.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").expect("ext");
+            openssl(&[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=gitplane-test-ca",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.crt",
+            ]);
+            openssl(&[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                "/CN=127.0.0.1",
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+            ]);
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                "san.ext",
+                "-out",
+                "server.crt",
+            ]);
+            let cert = d.join("ca.crt");
+            pg.tls_cert = Some(cert);
+        }
         // initdb refuses to run as root: run the server as the package's `postgres` user.
         if as_root() {
             let out = Command::new("chown")
@@ -842,11 +915,17 @@ impl PrivatePostgres {
     }
 
     pub fn start_again(&self) {
-        let opts = format!(
+        let mut opts = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
             self.port,
             self.dir.path().display()
         );
+        if self.tls_cert.is_some() {
+            let d = self.dir.path().display();
+            opts.push_str(&format!(
+                " -c ssl=on -c ssl_cert_file={d}/server.crt -c ssl_key_file={d}/server.key"
+            ));
+        }
         let out = self
             .command("pg_ctl")
             .args(["-w", "-t", "30", "-l"])
