@@ -9,6 +9,8 @@ use std::cell::RefCell;
 use std::time::{Duration, Instant};
 
 use crate::auth::{decide, parse_basic, BasicCredentials, CredentialCache, Decision, PasswordGate};
+use crate::cluster::membership::{Route, Routing};
+use crate::git::process::RemoteExec;
 use crate::git::repo_name::RepoName;
 use crate::store::{revocation, Access, Location, RepoAccess, Store, StoreError};
 use crate::token::{self, TokenSecret};
@@ -37,6 +39,8 @@ pub async fn with_store<R: Send + 'static>(
 pub struct Principal {
     /// None for anonymous access to a public repository.
     pub user: Option<String>,
+    /// The node whose copy git runs on when this node's is not current (a cluster).
+    pub remote: Option<RemoteExec>,
 }
 
 /// Why a request was refused, in HTTP terms.
@@ -85,14 +89,16 @@ enum Presented {
 /// One shard's authoriser.
 pub struct HttpAuth {
     store: Location,
+    routing: Option<Routing>,
     secret: TokenSecret,
     credentials: RefCell<CredentialCache>,
 }
 
 impl HttpAuth {
-    pub fn new(store: Location, secret: TokenSecret) -> Self {
+    pub fn new(store: Location, routing: Option<Routing>, secret: TokenSecret) -> Self {
         Self {
             store,
+            routing,
             secret,
             credentials: RefCell::new(CredentialCache::new(CREDENTIAL_CACHE_ENTRIES)),
         }
@@ -147,6 +153,7 @@ impl HttpAuth {
         // None: the password was wrong. Otherwise until when a password checked here is trusted.
         // The epoch before the check: a revocation that lands during it makes the answer stale.
         let epoch = revocation::epoch();
+        let routing = self.routing.clone();
         let result = with_store(self.store.clone(), move |store| {
             let trusted_until = match &to_verify {
                 Some(c) => {
@@ -161,10 +168,14 @@ impl HttpAuth {
             };
             let access: Option<RepoAccess> =
                 store.repo_access(&lookup_repo, lookup_user.as_deref())?;
-            Ok(Some((trusted_until, access)))
+            let route = match (&routing, &access) {
+                (Some(routing), Some(_)) => routing.route(store, &lookup_repo.to_string())?,
+                _ => Route::Local,
+            };
+            Ok(Some((trusted_until, access, route)))
         })
         .await;
-        let (trusted_until, access) = match result {
+        let (trusted_until, access, route) = match result {
             Ok(Some(r)) => r,
             Ok(None) => return Err(Refusal::Unauthorized("invalid credentials".into())),
             Err(e) if e.is_unavailable() => {
@@ -188,7 +199,16 @@ impl HttpAuth {
             return Err(Refusal::NotFound(format!("repository {repo} not found")));
         }
         match decide(access, user.is_some(), need) {
-            Decision::Allow => Ok(Principal { user }),
+            Decision::Allow => match route {
+                Route::Local => Ok(Principal { user, remote: None }),
+                Route::Remote(remote) => Ok(Principal {
+                    user,
+                    remote: Some(remote),
+                }),
+                Route::NoCurrentReplica => Err(Refusal::Unavailable(format!(
+                    "no up-to-date copy of {repo} is reachable now; try again shortly"
+                ))),
+            },
             Decision::Unauthorized => Err(Refusal::Unauthorized("authentication required".into())),
             Decision::Forbidden => Err(Refusal::Forbidden(format!(
                 "you may not {} {repo}",

@@ -60,6 +60,24 @@ pub struct FileConfig {
     pub lfs: LfsSection,
     pub housekeeping: HousekeepingSection,
     pub store: StoreSection,
+    pub cluster: ClusterSection,
+}
+
+/// `[cluster]` (#14): with a shared PostgreSQL store, this node joins the cluster.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSection {
+    /// Node-to-node listener, e.g. "10.0.0.7:7070". Absent: no cluster. Also --cluster-listen.
+    pub listen: Option<String>,
+    /// The cluster secret, the same file on every node (16 bytes or more). Also
+    /// --cluster-secret-file.
+    pub secret_file: Option<PathBuf>,
+    /// Copies of each new repository. Default 3 (all nodes when fewer are up).
+    pub replication_factor: Option<usize>,
+    /// A node silent this long is down. Default 10000.
+    pub down_after_ms: Option<u64>,
+    /// How often a node says it is up. Default 1000.
+    pub heartbeat_ms: Option<u64>,
 }
 
 /// `[store]`: where users, keys, grants, LFS metadata and hook events live.
@@ -778,6 +796,8 @@ pub struct Overrides {
     pub database_url: Option<String>,
     /// `--node-id` / `GITPLANE_NODE_ID`.
     pub node_id: Option<String>,
+    pub cluster_listen: Option<String>,
+    pub cluster_secret_file: Option<PathBuf>,
 }
 
 /// Validated runtime configuration of `gitplane serve`.
@@ -786,6 +806,8 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
     /// The store (not connected yet: the server prepares it at start).
     pub store: Location,
+    /// This node's part in a cluster, when it has one.
+    pub cluster: Option<crate::cluster::ClusterConfig>,
     pub http_listen: SocketAddr,
     pub shards: NonZeroUsize,
     pub force_epoll: bool,
@@ -1108,7 +1130,93 @@ fn at_least_one(field: &'static str, n: usize) -> Result<usize, ConfigError> {
     Ok(n)
 }
 
+fn cluster_config(
+    c: ClusterSection,
+    listen_flag: Option<String>,
+    secret_flag: Option<PathBuf>,
+    store: &Location,
+    lfs_in_s3: bool,
+) -> Result<Option<crate::cluster::ClusterConfig>, ConfigError> {
+    let Some(listen) = listen_flag.or(c.listen) else {
+        return Ok(None);
+    };
+    let listen: SocketAddr = listen.parse().map_err(|e| {
+        invalid(
+            "cluster.listen",
+            format!("`{listen}` is not an IP:PORT address ({e})"),
+        )
+    })?;
+    if store.pg_pool().is_none() {
+        return Err(invalid(
+            "cluster.listen",
+            "a cluster needs the shared PostgreSQL store ([store] url or --database-url)",
+        ));
+    }
+    if !lfs_in_s3 {
+        return Err(invalid(
+            "cluster.listen",
+            "a cluster keeps LFS objects in S3 ([lfs.s3]): an object on one node's disk would be missing on the others",
+        ));
+    }
+    let secret_file = secret_flag.or(c.secret_file).ok_or_else(|| {
+        invalid(
+            "cluster.secret_file",
+            "a cluster needs its secret (--cluster-secret-file)",
+        )
+    })?;
+    let secret = crate::cluster::auth::Secret::load(&secret_file)
+        .map_err(|e| invalid("cluster.secret_file", e.to_string()))?;
+    let replication_factor = c.replication_factor.unwrap_or(3);
+    if replication_factor == 0 {
+        return Err(invalid("cluster.replication_factor", "must be at least 1"));
+    }
+    let down_after = Duration::from_millis(c.down_after_ms.unwrap_or(10_000));
+    let heartbeat = Duration::from_millis(c.heartbeat_ms.unwrap_or(1_000));
+    if heartbeat.is_zero() || heartbeat >= down_after {
+        return Err(invalid(
+            "cluster.heartbeat_ms",
+            "must be above 0 and below cluster.down_after_ms",
+        ));
+    }
+    Ok(Some(crate::cluster::ClusterConfig {
+        listen,
+        secret,
+        secret_file,
+        replication_factor,
+        down_after,
+        heartbeat,
+    }))
+}
+
 impl ServeConfig {
+    /// How this node routes requests in its cluster; None without one.
+    pub fn cluster_routing(&self) -> Option<crate::cluster::membership::Routing> {
+        self.cluster
+            .as_ref()
+            .map(|c| crate::cluster::membership::Routing {
+                node: self.store.node().to_owned(),
+                secret_file: c.secret_file.clone(),
+                down_after: c.down_after,
+            })
+    }
+
+    /// Variables the git hooks of this node get (a cluster's coordinator needs its secret).
+    pub fn hook_env(&self) -> Vec<(&'static str, String)> {
+        match &self.cluster {
+            Some(c) => vec![
+                (
+                    crate::cluster::replicate::SECRET_FILE_VAR,
+                    c.secret_file.display().to_string(),
+                ),
+                (
+                    crate::cluster::replicate::DOWN_AFTER_VAR,
+                    c.down_after.as_millis().to_string(),
+                ),
+            ],
+            None => Vec::new(),
+        }
+    }
+
     /// Merges flags over the file and validates the result.
     pub fn build(file: FileConfig, flags: Overrides) -> Result<Self, ConfigError> {
         let data_dir = flags
@@ -1231,8 +1339,16 @@ impl ServeConfig {
         )
         .map_err(|e| invalid("store.url", e.to_string()))?;
         let hooks = HookConfig::build(file.hooks, flags.amqp_url)?.for_node(store.node());
+        let cluster = cluster_config(
+            file.cluster,
+            flags.cluster_listen,
+            flags.cluster_secret_file,
+            &store,
+            lfs.s3.is_some(),
+        )?;
         Ok(Self {
             store,
+            cluster,
             data_dir,
             http_listen,
             shards,

@@ -13,6 +13,7 @@ pub mod admin;
 pub mod admission;
 pub mod auth;
 pub mod clock;
+pub mod cluster;
 pub mod coarse_timer;
 pub mod config;
 pub mod git;

@@ -32,6 +32,10 @@ struct Cli {
     /// This node's name in a shared store [default: the host name].
     #[arg(long, global = true, env = "GITPLANE_NODE_ID")]
     node_id: Option<String>,
+    /// The cluster secret (the same file on every node): `serve` joins the cluster with it
+    /// (with --cluster-listen), and the admin commands act on the cluster.
+    #[arg(long, global = true, env = "GITPLANE_CLUSTER_SECRET_FILE")]
+    cluster_secret_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -70,6 +74,49 @@ enum Command {
     /// The pack-objects cache, run by upload-pack as `uploadpack.packObjectsHook` (not by hand).
     #[command(hide = true)]
     PackObjectsHook(PackObjectsHookArgs),
+    /// The cluster: nodes, and repositories whose replicas disagree.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+    /// Cluster nodes.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Runs git on another node's copy of a repository, stdio relayed (git and gitplane run it,
+    /// not people).
+    #[command(hide = true)]
+    ClusterExec(ClusterExecArgs),
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Print every node (up or down, last heartbeat, replicas held) and every repository whose
+    /// replicas disagree.
+    Status,
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Move every replica off NODE (no new ones go there), so it can be retired.
+    Drain { node: String },
+}
+
+#[derive(clap::Args)]
+struct ClusterExecArgs {
+    /// The node's --cluster-listen address.
+    #[arg(long)]
+    addr: String,
+    #[arg(long)]
+    secret_file: PathBuf,
+    /// OWNER/NAME.
+    #[arg(long)]
+    repo: String,
+    /// A replica's copy of a write coordinated by this node (no event, no coordination there).
+    #[arg(long)]
+    replica: bool,
+    /// git-upload-pack, git-receive-pack or git-upload-archive.
+    service: String,
+    /// --stateless-rpc [--advertise-refs].
+    #[arg(allow_hyphen_values = true)]
+    args: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -126,6 +173,10 @@ struct ServeArgs {
     /// Git smart HTTP listen address [default: 127.0.0.1:8080].
     #[arg(long)]
     http_listen: Option<String>,
+    /// Join the cluster (with the PostgreSQL store and --cluster-secret-file): the address other
+    /// nodes reach this one on.
+    #[arg(long)]
+    cluster_listen: Option<String>,
     /// Git over SSH listen address [default: 127.0.0.1:2222].
     #[arg(long)]
     ssh_listen: Option<String>,
@@ -178,12 +229,24 @@ enum KeyCommand {
 
 #[derive(Subcommand)]
 enum RepoCommand {
-    /// Create a bare repository OWNER/NAME.
+    /// Create a bare repository OWNER/NAME (in a cluster, on the least loaded nodes).
     Create {
         name: String,
         /// Anyone may clone it without credentials.
         #[arg(long)]
         public: bool,
+        /// In a cluster: copies to keep (all nodes when fewer are up).
+        #[arg(long, default_value_t = 3)]
+        replication_factor: usize,
+    },
+    /// In a cluster: move OWNER/NAME's copy from one node to another (copy, verify, switch,
+    /// delete).
+    Move {
+        name: String,
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
     },
     /// Maintain OWNER/NAME now (repack, commit-graph, pack-refs, stale files) and print what ran.
     Maintain {
@@ -204,6 +267,13 @@ enum RepoCommand {
     },
     /// Take USER's grant on OWNER/NAME away.
     Revoke { repo: String, user: String },
+}
+
+/// What the cluster admin commands need.
+struct AdminCluster {
+    location: Location,
+    routing: gitplane::cluster::membership::Routing,
+    secret: gitplane::cluster::auth::Secret,
 }
 
 fn parse_access(s: &str) -> Result<Access, String> {
@@ -240,12 +310,30 @@ fn main() -> anyhow::Result<()> {
         location.prepare()?;
         Ok(location)
     };
+    // In a cluster (a shared store and the cluster secret), repo create/move and node drain act
+    // on every node.
+    let secret_file = cli.cluster_secret_file.clone();
+    let cluster = |location: &Location| -> anyhow::Result<Option<AdminCluster>> {
+        let (Some(file), Some(_)) = (&secret_file, location.pg_pool()) else {
+            return Ok(None);
+        };
+        Ok(Some(AdminCluster {
+            location: location.clone(),
+            routing: gitplane::cluster::membership::Routing {
+                node: location.node().to_owned(),
+                secret_file: file.clone(),
+                down_after: std::time::Duration::from_secs(10),
+            },
+            secret: gitplane::cluster::auth::Secret::load(file)?,
+        }))
+    };
     match cli.command {
         Command::Serve(args) => serve(
             Overrides {
                 data_dir: data_dir_flag.clone(),
                 database_url: cli.database_url.clone(),
                 node_id: cli.node_id.clone(),
+                cluster_secret_file: cli.cluster_secret_file.clone(),
                 ..Overrides::default()
             },
             args,
@@ -285,11 +373,79 @@ fn main() -> anyhow::Result<()> {
             println!("user {name} removed");
             Ok(())
         }
-        Command::Repo(RepoCommand::Create { name, public }) => {
+        Command::Repo(RepoCommand::Create {
+            name,
+            public,
+            replication_factor,
+        }) => {
+            if let Some(cluster) = cluster(&store()?)? {
+                let repo = gitplane::git::repo_name::RepoName::parse(&name)?;
+                let nodes = gitplane::cluster::placement::create(
+                    &cluster.location,
+                    &cluster.routing,
+                    &cluster.secret,
+                    &repo,
+                    public,
+                    replication_factor,
+                )
+                .with_context(|| format!("creating repository {name}"))?;
+                println!("repository {name} created on {}", nodes.join(", "));
+                return Ok(());
+            }
             let path = admin::repo_create(&store()?, Path::new("git"), &name, public)
                 .with_context(|| format!("creating repository {name}"))?;
             println!("repository {name} created at {}", path.display());
             Ok(())
+        }
+        Command::Repo(RepoCommand::Move { name, from, to }) => {
+            let c = cluster(&store()?)?.context("`repo move` needs --cluster-secret-file")?;
+            gitplane::cluster::placement::move_replica(
+                &c.location,
+                &c.routing,
+                &c.secret,
+                &name,
+                &from,
+                &to,
+            )
+            .with_context(|| format!("moving {name} from {from} to {to}"))?;
+            println!("{name}: the copy on {from} is now on {to}");
+            Ok(())
+        }
+        Command::Node(NodeCommand::Drain { node }) => {
+            let c = cluster(&store()?)?.context("`node drain` needs --cluster-secret-file")?;
+            let moves =
+                gitplane::cluster::placement::drain(&c.location, &c.routing, &c.secret, &node)
+                    .with_context(|| format!("draining {node}"))?;
+            for (repo, to) in &moves {
+                println!("{repo}: moved to {to}");
+            }
+            println!("{node} holds no replica now ({} moved)", moves.len());
+            Ok(())
+        }
+        Command::Cluster(ClusterCommand::Status) => {
+            let location = store()?;
+            print!(
+                "{}",
+                gitplane::cluster::status::render(&location, std::time::Duration::from_secs(10))?
+            );
+            Ok(())
+        }
+        Command::ClusterExec(args) => {
+            let code = gitplane::cluster::transport::relay_stdio(
+                &args.addr,
+                &args.secret_file,
+                &args.repo,
+                &args.service,
+                args.args,
+                args.replica,
+            )
+            .with_context(|| {
+                format!(
+                    "relaying {} of {} to {}",
+                    args.service, args.repo, args.addr
+                )
+            })?;
+            std::process::exit(code);
         }
         Command::Repo(RepoCommand::Maintain { name, full, config }) => {
             let file = match &config {
@@ -353,7 +509,7 @@ fn main() -> anyhow::Result<()> {
                 )?)
             });
             if let Err(e) = recorded {
-                eprintln!("gitplane: ref update refused, its event could not be recorded: {e}");
+                eprintln!("gitplane: ref update refused: {e:#}");
                 std::process::exit(1);
             }
             Ok(())
@@ -455,6 +611,7 @@ fn serve(global: Overrides, args: ServeArgs) -> anyhow::Result<()> {
             rpc_listen: args.rpc_listen,
             ssh_listen: args.ssh_listen,
             pid_file: args.pid_file,
+            cluster_listen: args.cluster_listen,
             ..global
         },
     )?;

@@ -177,6 +177,7 @@ impl SmartHttp {
             mode,
             protocol: head.git_protocol.as_deref().and_then(sanitize_git_protocol),
             env: &env,
+            remote: who.remote.as_ref(),
         };
         let spawned = cmd.spawn().map_err(|e| e.to_string())?;
         METRICS.git_spawned.inc();

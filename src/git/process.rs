@@ -103,6 +103,48 @@ pub struct GitCommand<'a> {
     pub protocol: Option<&'a str>,
     /// Extra variables for hooks, e.g. who pushed.
     pub env: &'a [(&'a str, &'a str)],
+    /// Run it on another node of the cluster (whose copy is current) instead of here.
+    pub remote: Option<&'a RemoteExec>,
+}
+
+/// A node's copy of a repository to run git on, through `gitplane cluster-exec`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteExec {
+    pub node: String,
+    /// Its `--cluster-listen` address.
+    pub addr: String,
+    pub secret_file: PathBuf,
+    /// `OWNER/NAME`.
+    pub repo: String,
+}
+
+impl RemoteExec {
+    /// The relay command: its stdio is the remote git's, as if it ran here.
+    fn command(&self, service: Service, mode: Mode) -> Command {
+        let mut cmd = Command::new(&*crate::cluster::exe());
+        cmd.env_clear().env(
+            "PATH",
+            std::env::var_os("PATH").unwrap_or_else(|| OsString::from("/usr/bin:/bin")),
+        );
+        cmd.arg("cluster-exec")
+            .arg("--addr")
+            .arg(&self.addr)
+            .arg("--secret-file")
+            .arg(&self.secret_file)
+            .arg("--repo")
+            .arg(&self.repo)
+            .arg(format!("git-{}", service.subcommand()));
+        match mode {
+            Mode::AdvertiseRefs => {
+                cmd.args(["--stateless-rpc", "--advertise-refs"]);
+            }
+            Mode::StatelessRpc if service != Service::UploadArchive => {
+                cmd.arg("--stateless-rpc");
+            }
+            _ => {}
+        }
+        cmd
+    }
 }
 
 /// The parent's ends of a running git child.
@@ -197,6 +239,28 @@ impl GitCommand<'_> {
             }
         };
 
+        // A relayed git inherits nothing either: only the variables set here.
+        let mut cmd = match self.remote {
+            Some(remote) => {
+                let mut cmd = remote.command(self.service, self.mode);
+                if let Some(p) = self.protocol {
+                    cmd.env("GIT_PROTOCOL", p);
+                }
+                for (k, v) in self.env {
+                    cmd.env(k, v);
+                }
+                cmd
+            }
+            None => self.local_command(),
+        };
+        cmd.stdin(stdin_child)
+            .stdout(Stdio::from(stdout_write))
+            .stderr(Stdio::from(OwnedFd::from(stderr_child)));
+        self.start(cmd, stdin_ours, stdout_read, stderr_ours)
+    }
+
+    /// `git SERVICE [--stateless-rpc [--advertise-refs]] DIR` with this node's settings.
+    fn local_command(&self) -> Command {
         let mut cmd = git_command(self.git, self.repo_dir);
         let per_service = match self.service {
             Service::ReceivePack => hooks_path().map(|p| ("core.hooksPath", p.into_os_string())),
@@ -229,10 +293,17 @@ impl GitCommand<'_> {
             _ => {}
         }
         // repo_dir is absolute (built from a validated name), so it can never read as an option.
-        cmd.arg(self.repo_dir)
-            .stdin(stdin_child)
-            .stdout(Stdio::from(stdout_write))
-            .stderr(Stdio::from(OwnedFd::from(stderr_child)));
+        cmd.arg(self.repo_dir);
+        cmd
+    }
+
+    fn start(
+        &self,
+        mut cmd: Command,
+        stdin_ours: Option<UnixStream>,
+        stdout_read: OwnedFd,
+        stderr_ours: UnixStream,
+    ) -> Result<SpawnedGit, SpawnError> {
         // SAFETY: the closure only makes async-signal-safe syscalls.
         unsafe {
             cmd.pre_exec(|| {

@@ -227,6 +227,7 @@ mod tests {
                 mode: Mode::Interactive,
                 protocol: Some("version=2"),
                 env: &[],
+                remote: None,
             };
             let mut git = TokioGit::start(cmd.spawn().unwrap()).unwrap();
             let mut stdout = git.stdout.take().unwrap();
@@ -255,6 +256,7 @@ mod tests {
                 mode: Mode::Interactive,
                 protocol: None,
                 env: &[],
+                remote: None,
             };
             let git = TokioGit::start(cmd.spawn().unwrap()).unwrap();
             let pid = git.pid();

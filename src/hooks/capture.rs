@@ -18,6 +18,7 @@ use super::event::{
     new_event_id, parse_ref_updates, parse_transaction, push_options, EventError, PushEvent,
 };
 use super::pending;
+use crate::cluster::replicate;
 use crate::git::repo_name::RepoName;
 use crate::git::shell_quote;
 use crate::store::{Location, PendingRow, PendingState, Store, StoreError};
@@ -35,6 +36,8 @@ pub enum CaptureError {
     UnknownRepo,
     #[error("recording the push event in the outbox: {0}")]
     Store(#[from] StoreError),
+    #[error("cluster: {0}")]
+    Cluster(String),
     #[error("writing hook {path}: {source}")]
     Install {
         path: PathBuf,
@@ -115,6 +118,9 @@ pub fn post_receive(
     stdin: impl Read,
 ) -> Result<Option<PushEvent>, CaptureError> {
     let input = read_input(stdin)?;
+    if replicate::is_replica() {
+        return Ok(None);
+    }
     let event = event_from_hook(location.data_dir(), &input, |k| std::env::var(k).ok())?;
     if event.refs.is_empty() {
         return Ok(None);
@@ -152,10 +158,42 @@ pub fn reference_transaction(
     stdin: impl Read,
 ) -> Result<(), CaptureError> {
     let input = read_input(stdin)?;
+    // A replica's copy of a write another node coordinates: that node records its event.
+    if replicate::is_replica() {
+        return Ok(());
+    }
     let (Some(state), Some(owner)) = (TxState::parse(state), pending::receive_pack_parent()) else {
         return Ok(());
     };
-    record_transaction(location, state, &owner, &input, |k| std::env::var(k).ok())
+    let var = |k: &str| std::env::var(k).ok();
+    record_transaction(location, state, &owner, &input, var)?;
+    if let Some(routing) = replicate::from_env(location) {
+        let updates: Vec<replicate::RefUpdate> = parse_transaction(&input)?
+            .into_iter()
+            .map(|u| replicate::RefUpdate {
+                before: u.before,
+                after: u.after,
+                refname: u.refname,
+            })
+            .collect();
+        if updates.is_empty() {
+            return Ok(());
+        }
+        let repo = repo_of(location.data_dir(), &var).ok_or(CaptureError::UnknownRepo)?;
+        // git runs a bare repository's hooks in the repository.
+        let dir = std::env::current_dir().map_err(CaptureError::Stdin)?;
+        let cluster = |e: crate::cluster::ClusterError| CaptureError::Cluster(e.to_string());
+        match state {
+            TxState::Prepared => {
+                replicate::prepared(location, &routing, &repo, &dir, &updates).map_err(cluster)?
+            }
+            TxState::Committed => {
+                replicate::committed(location, &repo, &dir, &updates).map_err(cluster)?
+            }
+            TxState::Aborted => replicate::aborted(&dir, &updates),
+        }
+    }
+    Ok(())
 }
 
 /// Records one state of one transaction of `owner`'s push.
@@ -203,7 +241,11 @@ const HOOKS: [(&str, &str); 2] = [
 /// Writes `DATA/hooks/post-receive` and `DATA/hooks/reference-transaction`, which exec `exe hook
 /// ...` for `data_dir`, and returns the hooks directory (for `core.hooksPath`). Each is written
 /// to a temporary name and renamed, so a push running during a restart never sees half a script.
-pub fn install_hooks(location: &Location, exe: &Path) -> Result<PathBuf, CaptureError> {
+pub fn install_hooks(
+    location: &Location,
+    exe: &Path,
+    extra_env: &[(&str, String)],
+) -> Result<PathBuf, CaptureError> {
     let data_dir = location.data_dir();
     let install = |path: &Path, source| CaptureError::Install {
         path: path.to_owned(),
@@ -219,13 +261,16 @@ pub fn install_hooks(location: &Location, exe: &Path) -> Result<PathBuf, Capture
     std::fs::create_dir_all(&dir).map_err(|e| install(&dir, e))?;
     // A shared store's URL may hold a password: it goes in the script (readable by this user
     // only, like the data dir's own database), not on a command line other users can see.
-    let store_env = match location.secret_url() {
+    let mut store_env = match location.secret_url() {
         Some(url) => format!(
             "GITPLANE_DATABASE_URL={}\nexport GITPLANE_DATABASE_URL\n",
             shell_quote(url)
         ),
         None => String::new(),
     };
+    for (k, v) in extra_env {
+        store_env.push_str(&format!("{k}={}\nexport {k}\n", shell_quote(v)));
+    }
     let node = match location.node() {
         "" => String::new(),
         n => format!(" --node-id {}", shell_quote(n)),
@@ -301,7 +346,7 @@ mod tests {
             .unwrap()
             .set_modified(two_days_ago)
             .unwrap();
-        let hooks = install_hooks(&loc, Path::new("/usr/bin/gitplane")).unwrap();
+        let hooks = install_hooks(&loc, Path::new("/usr/bin/gitplane"), &[]).unwrap();
         assert!(hooks.ends_with(format!("hooks/gen-{}", std::process::id())));
         assert!(
             !long_gone.exists(),
@@ -345,7 +390,7 @@ mod tests {
         let bad = event_from_hook(dir.path(), &input, |_| None);
         assert!(matches!(bad, Err(CaptureError::UnknownRepo)));
 
-        let hooks = install_hooks(&loc, Path::new("/usr/bin/gitplane")).unwrap();
+        let hooks = install_hooks(&loc, Path::new("/usr/bin/gitplane"), &[]).unwrap();
         let script = std::fs::read_to_string(hooks.join("post-receive")).unwrap();
         assert!(
             script.contains("exec '/usr/bin/gitplane' --data-dir '"),
@@ -371,7 +416,7 @@ mod tests {
             2,
         )
         .unwrap();
-        let hooks = install_hooks(&loc, Path::new("/usr/bin/gitplane")).unwrap();
+        let hooks = install_hooks(&loc, Path::new("/usr/bin/gitplane"), &[]).unwrap();
         let script = std::fs::read_to_string(hooks.join("post-receive")).unwrap();
         assert!(
             script.contains("GITPLANE_DATABASE_URL='postgres://gp:pw@127.0.0.1:5432/fleet'\nexport GITPLANE_DATABASE_URL\n"),

@@ -70,7 +70,7 @@ impl HooksService {
         housekeeper: Arc<crate::housekeeping::Housekeeper>,
     ) -> Result<Self, HookError> {
         let exe = crate::lifecycle::running_exe().map_err(HookError::Exe)?;
-        let hooks_dir = capture::install_hooks(&config.store, &exe)?;
+        let hooks_dir = capture::install_hooks(&config.store, &exe, &config.hook_env())?;
         lease::init(config.data_dir.join("hooks").join("dispatch.lock"));
         crate::git::process::set_hooks_path(&hooks_dir);
         let db = db::HookDb::start(&config.store)?;

@@ -178,7 +178,11 @@ impl ShardService for HttpService {
         Box::pin(async move {
             let Some(listener) = listener else { return };
             let config = Arc::clone(&state.config);
-            let auth = Rc::new(HttpAuth::new(config.store.clone(), secret));
+            let auth = Rc::new(HttpAuth::new(
+                config.store.clone(),
+                config.cluster_routing(),
+                secret,
+            ));
             let router = Rc::new(Router {
                 git: SmartHttp::new(Arc::clone(&state), Rc::clone(&auth)),
                 lfs: LfsHttp::new(&config, auth, lfs_anonymous),

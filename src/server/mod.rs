@@ -158,6 +158,14 @@ fn build_frontends(
         http_addr,
         ssh_tokens,
     )?));
+    let ssh_addr = f
+        .bound
+        .iter()
+        .find(|(service, _)| *service == "ssh")
+        .map_or(config.ssh_listen, |(_, addr)| *addr);
+    if let Some(cluster) = &config.cluster {
+        start_cluster(config, cluster, &mut f, http_addr, ssh_addr)?;
+    }
     let rpc_listeners = f.listen("rpc", config.rpc_listen, cores)?;
     f.shard.push(Arc::new(crate::rpc::RpcService::new(
         rpc_listeners,
@@ -202,6 +210,70 @@ fn wait_signal(set: &libc::sigset_t) -> i32 {
     // SAFETY: set is a valid, blocked signal set.
     unsafe { libc::sigwait(set, &mut sig) };
     sig
+}
+
+/// Joins the cluster: the node-to-node listener (SO_REUSEPORT, so that the next generation of a
+/// hot upgrade can bind it too), the heartbeat, and the repair loop.
+fn start_cluster(
+    config: &Arc<ServeConfig>,
+    cluster: &crate::cluster::ClusterConfig,
+    f: &mut Frontends,
+    http_addr: SocketAddr,
+    ssh_addr: SocketAddr,
+) -> Result<(), ServeError> {
+    let listen_err = |source| ServeError::Listen {
+        service: "cluster",
+        addr: cluster.listen,
+        source,
+    };
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(cluster.listen),
+        socket2::Type::STREAM,
+        None,
+    )
+    .map_err(listen_err)?;
+    socket.set_reuse_address(true).map_err(listen_err)?;
+    socket.set_reuse_port(true).map_err(listen_err)?;
+    socket.bind(&cluster.listen.into()).map_err(listen_err)?;
+    socket.listen(1024).map_err(listen_err)?;
+    let listener: std::net::TcpListener = socket.into();
+    let bound = listener.local_addr().map_err(listen_err)?;
+    let repos = crate::git::repo::RepoRoot::new(&config.data_dir);
+    crate::cluster::transport::serve(
+        listener,
+        Arc::new(crate::cluster::transport::ServerContext {
+            secret: cluster.secret.clone(),
+            repos: repos.clone(),
+            git: config.git.binary.clone(),
+        }),
+    )
+    .map_err(|source| ServeError::Thread {
+        name: "gitplane-cluster".into(),
+        source,
+    })?;
+    let thread_err = |name: &str| {
+        let name = name.to_owned();
+        move |source| ServeError::Thread { name, source }
+    };
+    crate::cluster::membership::start_heartbeat(
+        config.store.clone(),
+        bound.to_string(),
+        http_addr.to_string(),
+        ssh_addr.to_string(),
+        cluster.heartbeat,
+    )
+    .map_err(thread_err("gitplane-heartbeat"))?;
+    if let Some(routing) = config.cluster_routing() {
+        crate::cluster::repair::start(
+            config.store.clone(),
+            routing,
+            repos,
+            config.git.binary.clone(),
+        )
+        .map_err(thread_err("gitplane-repair"))?;
+    }
+    f.bound.push(("cluster", bound));
+    Ok(())
 }
 
 /// Runs the server until SIGTERM or SIGINT. `ready` receives every bound (service, address).

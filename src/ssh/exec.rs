@@ -20,6 +20,8 @@ use russh::server::Msg;
 use russh::{Channel, ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixStream;
+
+use crate::git::process::RemoteExec;
 use tokio::sync::watch;
 
 use super::idle::{Activity, ChannelStalled};
@@ -63,6 +65,8 @@ pub(super) struct ExecContext {
     pub peer: SocketAddr,
     /// Flips when the supervisor finds the connection dead.
     pub dead: watch::Receiver<bool>,
+    /// The node to run git on when this one's copy is not current (a cluster).
+    pub remote: Option<RemoteExec>,
 }
 
 /// Runs the exec to the end; always closes the channel.
@@ -128,6 +132,7 @@ async fn serve(
         mode: Mode::Interactive,
         protocol: ctx.protocol.as_deref(),
         env: &env,
+        remote: ctx.remote.as_ref(),
     };
     let spawned = cmd.spawn()?;
     METRICS.git_spawned.inc();

@@ -34,7 +34,8 @@ use super::phase::{ExecGuard, Phase};
 use super::{with_store, SshError, SshShared};
 use crate::admission::AddressSlot as PreAuthSlot;
 use crate::auth::{decide, Decision};
-use crate::git::process::sanitize_git_protocol;
+use crate::cluster::membership::Route;
+use crate::git::process::{sanitize_git_protocol, RemoteExec};
 use crate::git::repo_name::RepoName;
 use crate::metrics::METRICS;
 use crate::runtime::sidecar::StopSignal;
@@ -202,17 +203,33 @@ impl ConnHandler {
         &self,
         repo: &RepoName,
         need: Access,
-    ) -> Result<Result<String, String>, SshError> {
+    ) -> Result<Result<(String, Option<RemoteExec>), String>, SshError> {
         let Some(user) = self.user.clone() else {
             return Ok(Err("not authenticated".into()));
         };
         let (r, u) = (repo.clone(), user.clone());
-        let access = with_store(self.shared.config.store.clone(), move |s| {
-            s.repo_access(&r, Some(&u))
+        let routing = self.shared.config.cluster_routing();
+        let (access, route) = with_store(self.shared.config.store.clone(), move |s| {
+            let access = s.repo_access(&r, Some(&u))?;
+            let route = match (&routing, &access) {
+                (Some(routing), Some(_)) => routing.route(s, &r.to_string())?,
+                _ => Route::Local,
+            };
+            Ok((access, route))
         })
         .await?;
+        if let Some(node) = access.as_ref().and_then(|a| a.elsewhere.as_deref()) {
+            tracing::info!(repo = %repo, node, "repository lives on another node");
+            return Ok(Err(format!("repository {repo} not found")));
+        }
         Ok(match decide(access, true, need) {
-            Decision::Allow => Ok(user),
+            Decision::Allow => match route {
+                Route::Local => Ok((user, None)),
+                Route::Remote(remote) => Ok((user, Some(remote))),
+                Route::NoCurrentReplica => Err(format!(
+                    "no up-to-date copy of {repo} is reachable now; try again shortly"
+                )),
+            },
             Decision::Forbidden => Err(format!(
                 "{user} may not {} {repo}",
                 if need >= Access::Write {
@@ -567,7 +584,7 @@ impl Handler for ConnHandler {
                 },
             ),
         };
-        let user = match self.authorize(&repo, need).await? {
+        let (user, remote) = match self.authorize(&repo, need).await? {
             Ok(u) => u,
             Err(msg) => {
                 tracing::info!(peer = %self.peer, user = ?self.user, %repo, "SSH access refused: {msg}");
@@ -614,6 +631,7 @@ impl Handler for ConnHandler {
                     protocol: pending.protocol,
                     peer: self.peer,
                     dead: self.dead.clone(),
+                    remote,
                 };
                 let guard = ExecGuard::new(Arc::clone(&self.phase));
                 tokio::spawn(exec::run(ctx, guard, pending.channel));

@@ -34,6 +34,12 @@ const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../../migrations/sqlite/V002__node_scoping.sql"),
         postgres: include_str!("../../migrations/postgres/V002__node_scoping.sql"),
     },
+    Migration {
+        version: 3,
+        name: "cluster",
+        sqlite: include_str!("../../migrations/sqlite/V003__cluster.sql"),
+        postgres: include_str!("../../migrations/postgres/V003__cluster.sql"),
+    },
 ];
 
 /// The newest schema version this binary knows.

@@ -13,6 +13,7 @@ use argon2::{Argon2, PasswordVerifier};
 
 use crate::git::repo_name::RepoName;
 
+pub mod cluster;
 mod hooks;
 mod lfs;
 mod migrate;

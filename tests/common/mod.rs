@@ -87,6 +87,9 @@ pub struct ServerOptions {
     /// A store shared with other servers, and this one's node id. None: a store of its own
     /// (a scratch PostgreSQL database in the postgres pass, else the embedded file).
     pub shared_store: Option<(SharedStore, String)>,
+    /// Join a cluster with this secret file (needs `shared_store`): `--cluster-listen` on a
+    /// free loopback port.
+    pub cluster_secret: Option<PathBuf>,
 }
 
 impl Default for ServerOptions {
@@ -97,6 +100,7 @@ impl Default for ServerOptions {
             force_epoll: false,
             lfs_on_ramfs: false,
             shared_store: None,
+            cluster_secret: None,
         }
     }
 }
@@ -172,6 +176,9 @@ impl Server {
         if opts.force_epoll {
             cmd.arg("--force-epoll");
         }
+        if opts.cluster_secret.is_some() {
+            cmd.args(["--cluster-listen", "127.0.0.1:0"]);
+        }
         if let Some(cfg) = &opts.config {
             let path = self.data.path().join("gitplane.toml");
             std::fs::write(&path, cfg).expect("config");
@@ -245,6 +252,10 @@ impl Server {
 
     /// Points a gitplane command at this server's store (and nothing else's).
     pub fn store_env(&self, cmd: &mut Command) {
+        match &self.opts.cluster_secret {
+            Some(file) => cmd.env("GITPLANE_CLUSTER_SECRET_FILE", file),
+            None => cmd.env_remove("GITPLANE_CLUSTER_SECRET_FILE"),
+        };
         match &self.database {
             Some((url, node)) => cmd
                 .env("GITPLANE_DATABASE_URL", url)

@@ -7,6 +7,8 @@
 
 mod hex;
 
+pub mod cluster;
+
 pub mod http {
     pub mod chunked;
     pub mod forwarded;

@@ -1,0 +1,421 @@
+//! The cluster (#14): three (or four) real `gitplane serve` nodes on loopback, one scratch
+//! PostgreSQL database, moto's S3 for LFS, and the real git, git-lfs and OpenSSH clients.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{
+    git, git_env, git_raw, make_worktree, openssh_command, ssh_keygen, ssh_known_hosts, S3Server,
+    Server, ServerOptions, SharedStore,
+};
+
+struct Cluster {
+    nodes: Vec<Server>,
+    password: String,
+    _secret_dir: tempfile::TempDir,
+    _s3: S3Server,
+}
+
+fn cluster(n: usize) -> Cluster {
+    let shared = SharedStore::create();
+    let secret_dir = tempfile::tempdir().unwrap();
+    let secret = secret_dir.path().join("cluster-secret");
+    std::fs::write(&secret, "a-cluster-secret-for-the-tests-0123456789\n").unwrap();
+    let s3 = S3Server::start();
+    let config = format!(
+        "{}\n[cluster]\ndown_after_ms = 3000\nheartbeat_ms = 300\n",
+        s3.bucket_config("cluster-lfs")
+    );
+    let nodes: Vec<Server> = (1..=n)
+        .map(|i| {
+            Server::start_with(ServerOptions {
+                shared_store: Some((shared.clone(), format!("n{i}"))),
+                cluster_secret: Some(secret.clone()),
+                config: Some(config.clone()),
+                ..ServerOptions::default()
+            })
+        })
+        .collect();
+    let password = nodes[0].admin_password.clone();
+    assert!(!password.is_empty(), "node 1 made `admin`");
+    Cluster {
+        nodes,
+        password,
+        _secret_dir: secret_dir,
+        _s3: s3,
+    }
+}
+
+impl Cluster {
+    fn url(&self, node: usize, repo: &str) -> String {
+        format!(
+            "http://admin:{}@{}/{repo}.git",
+            self.password, self.nodes[node].addr
+        )
+    }
+
+    fn status(&self) -> String {
+        self.nodes[0].admin(&["cluster", "status"], None)
+    }
+
+    /// `OID REF` of every ref of `repo` on `node`'s disk.
+    fn refs_on_disk(&self, node: usize, repo: &str) -> String {
+        git(
+            &self.nodes[node].repo_path(repo),
+            &["for-each-ref", "--format=%(objectname) %(refname)"],
+        )
+    }
+}
+
+fn ls_remote(dir: &Path, url: &str) -> String {
+    let mut lines: Vec<String> = git(dir, &["ls-remote", "--refs", url])
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    lines.sort();
+    lines.join("\n")
+}
+
+fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration> {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if cond() {
+            return Some(started.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    None
+}
+
+#[test]
+fn created_on_one_node_pushed_through_another_identical_everywhere() {
+    let c = cluster(3);
+    let out = c.nodes[0].admin(&["repo", "create", "admin/app"], None);
+    assert!(
+        out.contains("n1") && out.contains("n2") && out.contains("n3"),
+        "{out}"
+    );
+    let work = tempfile::tempdir().unwrap();
+    make_worktree(work.path(), 3);
+    let out = git_raw(work.path(), &["push", &c.url(1, "admin/app"), "main"], &[]);
+    assert!(
+        out.status.success(),
+        "{}\n--- n2 ---\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        c.nodes[1].log(),
+    );
+    git(
+        work.path(),
+        &[
+            "push",
+            "-q",
+            &c.url(1, "admin/app"),
+            "main:refs/heads/second",
+        ],
+    );
+
+    let first = ls_remote(work.path(), &c.url(0, "admin/app"));
+    assert!(
+        first.contains("refs/heads/main") && first.contains("refs/heads/second"),
+        "{first}"
+    );
+    for node in 0..3 {
+        assert_eq!(
+            ls_remote(work.path(), &c.url(node, "admin/app")),
+            first,
+            "through n{}",
+            node + 1
+        );
+        let clone = tempfile::tempdir().unwrap();
+        git(
+            clone.path(),
+            &["clone", "-q", &c.url(node, "admin/app"), "c"],
+        );
+        git(&clone.path().join("c"), &["fsck", "--full"]);
+    }
+    let on_disk = c.refs_on_disk(0, "admin/app");
+    assert!(on_disk.contains("refs/heads/second"), "{on_disk}");
+    assert_eq!(c.refs_on_disk(1, "admin/app"), on_disk);
+    assert_eq!(c.refs_on_disk(2, "admin/app"), on_disk);
+    let status = c.status();
+    assert!(
+        status.contains("every repository's replicas agree"),
+        "{status}"
+    );
+}
+
+#[test]
+fn sixty_pushes_with_a_node_killed_halfway_lose_nothing_acknowledged() {
+    let mut c = cluster(3);
+    c.nodes[0].admin(&["repo", "create", "admin/busy"], None);
+    let work = tempfile::tempdir().unwrap();
+    make_worktree(work.path(), 1);
+    git(
+        work.path(),
+        &["push", "-q", &c.url(0, "admin/busy"), "main"],
+    );
+    let mut acknowledged = Vec::new();
+    let mut refused = 0;
+    for i in 0..60 {
+        if i == 30 {
+            c.nodes[2].kill9();
+        }
+        let node = i % 3;
+        if node == 2 && i >= 30 {
+            // Its clients cannot reach it: they would go to another node (a balancer's job).
+            refused += 1;
+            continue;
+        }
+        std::fs::write(work.path().join("f.txt"), i.to_string()).unwrap();
+        git(work.path(), &["add", "f.txt"]);
+        git(work.path(), &["commit", "-qm", &format!("c{i}")]);
+        let branch = format!("HEAD:refs/heads/b{i}");
+        let out = git_raw(
+            work.path(),
+            &["push", "-q", &c.url(node, "admin/busy"), &branch],
+            &[],
+        );
+        if out.status.success() {
+            acknowledged.push(format!("refs/heads/b{i}"));
+        } else {
+            refused += 1;
+            eprintln!(
+                "push {i} via n{} failed: {}",
+                node + 1,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    eprintln!("{} pushes acknowledged, {refused} not", acknowledged.len());
+    assert!(
+        acknowledged.len() >= 45,
+        "too few pushes went through: {}",
+        acknowledged.len()
+    );
+    for node in 0..2 {
+        let refs = ls_remote(work.path(), &c.url(node, "admin/busy"));
+        for r in &acknowledged {
+            assert!(
+                refs.contains(r.as_str()),
+                "{r} acknowledged but missing through n{}",
+                node + 1
+            );
+        }
+        git(&c.nodes[node].repo_path("admin/busy"), &["fsck", "--full"]);
+    }
+    let status = c.status();
+    assert!(
+        status.contains("n3") && status.contains("outdated"),
+        "{status}"
+    );
+
+    c.nodes[2].restart();
+    let repaired = wait_until(Duration::from_secs(60), || {
+        c.refs_on_disk(2, "admin/busy") == c.refs_on_disk(0, "admin/busy")
+            && c.status().contains("every repository's replicas agree")
+    })
+    .expect("n3 was not repaired within 60 s");
+    eprintln!("n3 repaired {repaired:?} after its restart");
+    git(&c.nodes[2].repo_path("admin/busy"), &["fsck", "--full"]);
+    assert_eq!(
+        ls_remote(work.path(), &c.url(2, "admin/busy")),
+        ls_remote(work.path(), &c.url(0, "admin/busy"))
+    );
+}
+
+#[test]
+fn killing_the_coordinator_mid_push_leaves_the_cluster_agreeing_with_the_client() {
+    let mut c = cluster(3);
+    c.nodes[0].admin(&["repo", "create", "admin/big"], None);
+    let work = tempfile::tempdir().unwrap();
+    make_worktree(work.path(), 1);
+    git(work.path(), &["push", "-q", &c.url(0, "admin/big"), "main"]);
+    // A push large enough to be in flight when its node dies.
+    std::fs::write(
+        work.path().join("big.bin"),
+        common::random_bytes(24 << 20, 7),
+    )
+    .unwrap();
+    git(work.path(), &["add", "big.bin"]);
+    git(work.path(), &["commit", "-qm", "big"]);
+    let url = c.url(1, "admin/big");
+    let dir = work.path().to_owned();
+    let push = std::thread::spawn(move || {
+        git_raw(&dir, &["push", "-q", &url, "HEAD:refs/heads/big"], &[])
+    });
+    std::thread::sleep(Duration::from_millis(400));
+    c.nodes[1].kill9();
+    let out = push.join().unwrap();
+    let acknowledged = out.status.success();
+    eprintln!("push acknowledged: {acknowledged}");
+    // The survivors agree, and with what the client saw when it was told success.
+    let settled = wait_until(Duration::from_secs(30), || {
+        c.refs_on_disk(0, "admin/big") == c.refs_on_disk(2, "admin/big")
+    });
+    assert!(settled.is_some(), "n1 and n3 disagree");
+    let refs = ls_remote(work.path(), &c.url(0, "admin/big"));
+    if acknowledged {
+        assert!(
+            refs.contains("refs/heads/big"),
+            "acknowledged but missing: {refs}"
+        );
+    }
+    assert_eq!(refs, ls_remote(work.path(), &c.url(2, "admin/big")));
+    c.nodes[1].restart();
+    wait_until(Duration::from_secs(60), || {
+        c.refs_on_disk(1, "admin/big") == c.refs_on_disk(0, "admin/big")
+    })
+    .expect("the old coordinator was not brought in line within 60 s");
+}
+
+#[test]
+fn ssh_and_lfs_through_a_node_that_holds_no_copy() {
+    common::require_tool("git-lfs");
+    let c = cluster(3);
+    let out = c.nodes[0].admin(
+        &["repo", "create", "admin/media", "--replication-factor", "2"],
+        None,
+    );
+    let outsider = (0..3)
+        .find(|i| !out.contains(&format!("n{}", i + 1)))
+        .expect("one node holds no copy");
+    assert!(!c.nodes[outsider].repo_path("admin/media").exists());
+
+    // LFS (objects in S3) and git over HTTP, through the node without a copy.
+    let work = tempfile::tempdir().unwrap();
+    make_worktree(work.path(), 1);
+    git(work.path(), &["lfs", "install", "--local"]);
+    git(work.path(), &["lfs", "track", "*.bin"]);
+    std::fs::write(
+        work.path().join("asset.bin"),
+        common::random_bytes(3 << 20, 11),
+    )
+    .unwrap();
+    git(work.path(), &["add", ".gitattributes", "asset.bin"]);
+    git(work.path(), &["commit", "-qm", "lfs"]);
+    git(
+        work.path(),
+        &["push", "-q", &c.url(outsider, "admin/media"), "main"],
+    );
+    let clone = tempfile::tempdir().unwrap();
+    git(
+        clone.path(),
+        &["clone", "-q", &c.url(outsider, "admin/media"), "c"],
+    );
+    let copy = clone.path().join("c");
+    git(&copy, &["lfs", "install", "--local"]);
+    git(&copy, &["lfs", "pull"]);
+    let same = std::fs::read(copy.join("asset.bin")).unwrap()
+        == std::fs::read(work.path().join("asset.bin")).unwrap();
+    assert!(
+        same,
+        "the LFS object came back different through the outsider"
+    );
+
+    // SSH through the same node: authenticated there, git relayed to a copy.
+    let keys = tempfile::tempdir().unwrap();
+    let key = ssh_keygen(keys.path(), "admin");
+    c.nodes[0].admin(
+        &["key", "add", "admin", &format!("{}.pub", key.display())],
+        None,
+    );
+    let ssh = openssh_command(&key, &ssh_known_hosts(&c.nodes[outsider], keys.path()));
+    let url = format!(
+        "ssh://git@127.0.0.1:{}/admin/media.git",
+        c.nodes[outsider].listening["ssh"].port()
+    );
+    let env = [
+        ("GIT_SSH_COMMAND", ssh.as_str()),
+        ("GIT_LFS_SKIP_SMUDGE", "1"),
+    ];
+    git_env(clone.path(), &["clone", "-q", &url, "s"], &env);
+    std::fs::write(clone.path().join("s/over-ssh.txt"), "ssh").unwrap();
+    git(&clone.path().join("s"), &["add", "over-ssh.txt"]);
+    git(&clone.path().join("s"), &["commit", "-qm", "over ssh"]);
+    git_env(
+        &clone.path().join("s"),
+        &["push", "-q", "origin", "main"],
+        &env,
+    );
+    assert!(
+        !c.nodes[outsider].repo_path("admin/media").exists(),
+        "a copy appeared on the outsider"
+    );
+    let holders: Vec<usize> = (0..3).filter(|i| *i != outsider).collect();
+    assert_eq!(
+        c.refs_on_disk(holders[0], "admin/media"),
+        c.refs_on_disk(holders[1], "admin/media")
+    );
+}
+
+#[test]
+fn draining_a_node_under_clone_load_fails_no_clone() {
+    let c = cluster(3);
+    let out = c.nodes[0].admin(
+        &["repo", "create", "admin/site", "--replication-factor", "2"],
+        None,
+    );
+    let holders: Vec<usize> = (0..3)
+        .filter(|i| out.contains(&format!("n{}", i + 1)))
+        .collect();
+    let work = tempfile::tempdir().unwrap();
+    make_worktree(work.path(), 20);
+    git(
+        work.path(),
+        &["push", "-q", &c.url(0, "admin/site"), "main"],
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let urls: Vec<String> = (0..3).map(|i| c.url(i, "admin/site")).collect();
+    let loaders: Vec<_> = (0..4)
+        .map(|t| {
+            let (stop, urls) = (stop.clone(), urls.clone());
+            std::thread::spawn(move || {
+                let dir = tempfile::tempdir().unwrap();
+                let (mut ok, mut failed) = (0, Vec::new());
+                for i in 0..10_000 {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    let dest = format!("c{t}-{i}");
+                    let r = git_raw(dir.path(), &["clone", "-q", &urls[(t + i) % 3], &dest], &[]);
+                    if r.status.success() {
+                        ok += 1;
+                    } else {
+                        failed.push(String::from_utf8_lossy(&r.stderr).into_owned());
+                    }
+                    let _ = std::fs::remove_dir_all(dir.path().join(&dest));
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    let drained = format!("n{}", holders[0] + 1);
+    let out = c.nodes[0].admin(&["node", "drain", &drained], None);
+    assert!(out.contains("holds no replica now"), "{out}");
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut failed) = (0, Vec::new());
+    for l in loaders {
+        let (o, f) = l.join().unwrap();
+        ok += o;
+        failed.extend(f);
+    }
+    eprintln!("{ok} clones during the drain, {} failed", failed.len());
+    assert!(
+        failed.is_empty(),
+        "clones failed during the drain: {failed:?}"
+    );
+    assert!(ok > 0);
+    assert!(
+        !c.nodes[holders[0]].repo_path("admin/site").exists(),
+        "the drained copy is still on disk"
+    );
+    let status = c.status();
+    assert!(
+        status.contains("every repository's replicas agree"),
+        "{status}"
+    );
+}
