@@ -1196,23 +1196,16 @@ impl ServeConfig {
             .map(|c| crate::cluster::membership::Routing {
                 node: self.store.node().to_owned(),
                 secret_file: c.secret_file.clone(),
-                down_after: c.down_after,
             })
     }
 
     /// Variables the git hooks of this node get (a cluster's coordinator needs its secret).
     pub fn hook_env(&self) -> Vec<(&'static str, String)> {
         match &self.cluster {
-            Some(c) => vec![
-                (
-                    crate::cluster::replicate::SECRET_FILE_VAR,
-                    c.secret_file.display().to_string(),
-                ),
-                (
-                    crate::cluster::replicate::DOWN_AFTER_VAR,
-                    c.down_after.as_millis().to_string(),
-                ),
-            ],
+            Some(c) => vec![(
+                crate::cluster::replicate::SECRET_FILE_VAR,
+                c.secret_file.display().to_string(),
+            )],
             None => Vec::new(),
         }
     }

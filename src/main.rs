@@ -322,7 +322,6 @@ fn main() -> anyhow::Result<()> {
             routing: gitplane::cluster::membership::Routing {
                 node: location.node().to_owned(),
                 secret_file: file.clone(),
-                down_after: std::time::Duration::from_secs(10),
             },
             secret: gitplane::cluster::auth::Secret::load(file)?,
         }))
@@ -424,10 +423,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Cluster(ClusterCommand::Status) => {
             let location = store()?;
-            print!(
-                "{}",
-                gitplane::cluster::status::render(&location, std::time::Duration::from_secs(10))?
-            );
+            print!("{}", gitplane::cluster::status::render(&location)?);
             Ok(())
         }
         Command::ClusterExec(args) => {

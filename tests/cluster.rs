@@ -419,3 +419,146 @@ fn draining_a_node_under_clone_load_fails_no_clone() {
         "{status}"
     );
 }
+
+#[test]
+fn grpc_reads_only_current_copies_and_refuses_unreplicated_ref_changes() {
+    use common::grpc::{call, connect, frame, runtime};
+    use gitplane::rpc::pb::v1 as pb;
+    use prost::Message;
+    let c = cluster(3);
+    let out = c.nodes[0].admin(
+        &["repo", "create", "admin/api", "--replication-factor", "2"],
+        None,
+    );
+    let outsider = (0..3)
+        .find(|i| !out.contains(&format!("n{}", i + 1)))
+        .expect("one node holds no copy");
+    let holder = (outsider + 1) % 3;
+    let work = tempfile::tempdir().unwrap();
+    make_worktree(work.path(), 2);
+    git(
+        work.path(),
+        &["push", "-q", &c.url(holder, "admin/api"), "main"],
+    );
+    let ask = |node: usize, path: &str, body: Vec<u8>| {
+        let addr = c.nodes[node].listening["rpc"];
+        let token = std::fs::read_to_string(c.nodes[node].data_dir().join("rpc-token")).unwrap();
+        let auth = format!("Bearer {}", token.trim());
+        runtime().block_on(async {
+            let client = connect(addr).await;
+            call(
+                &client,
+                path,
+                &[("authorization", auth.as_str())],
+                &[frame(0, &body)],
+                false,
+            )
+            .await
+        })
+    };
+    let list = pb::ListBranchesRequest {
+        repository: "admin/api".into(),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let a = ask(
+        holder,
+        "/gitplane.v1.RepositoryService/ListBranches",
+        list.clone(),
+    );
+    assert_eq!(a.grpc_status(), Some(0), "{a:?}");
+    let a = ask(
+        outsider,
+        "/gitplane.v1.RepositoryService/ListBranches",
+        list,
+    );
+    assert_eq!(
+        a.grpc_status(),
+        Some(9),
+        "FAILED_PRECONDITION expected: {a:?}"
+    );
+    assert!(
+        a.grpc_message().contains("call node"),
+        "{}",
+        a.grpc_message()
+    );
+    let create = pb::CreateBranchRequest {
+        repository: "admin/api".into(),
+        name: "via-api".into(),
+        start_point: "main".into(),
+    }
+    .encode_to_vec();
+    let a = ask(
+        holder,
+        "/gitplane.v1.RepositoryService/CreateBranch",
+        create,
+    );
+    assert_eq!(a.grpc_status(), Some(9), "{a:?}");
+    assert!(!ls_remote(work.path(), &c.url(0, "admin/api")).contains("via-api"));
+}
+
+#[test]
+fn a_partitioned_node_is_left_behind_then_repaired_and_each_push_fires_once() {
+    let c = cluster(3);
+    c.nodes[0].admin(&["repo", "create", "admin/web"], None);
+    let (hook_url, deliveries) = common::webhook_receiver();
+    c.nodes[1].admin(
+        &["webhook", "add", "admin/web", &hook_url, "--secret-stdin"],
+        Some("s\n"),
+    );
+    let work = tempfile::tempdir().unwrap();
+    make_worktree(work.path(), 1);
+    git(work.path(), &["push", "-q", &c.url(0, "admin/web"), "main"]);
+
+    // n3 stops answering (SIGSTOP: its sockets stay open, nothing reads them).
+    c.nodes[2].signal(libc::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(3500));
+    for i in 0..3 {
+        std::fs::write(work.path().join("p.txt"), i.to_string()).unwrap();
+        git(work.path(), &["add", "p.txt"]);
+        git(work.path(), &["commit", "-qm", &format!("p{i}")]);
+        let started = Instant::now();
+        git(
+            work.path(),
+            &["push", "-q", &c.url(i % 2, "admin/web"), "main"],
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "a push waited {:?} on the stopped node",
+            started.elapsed()
+        );
+    }
+    let status = c.status();
+    assert!(
+        status.contains("DOWN") && status.contains("outdated"),
+        "{status}"
+    );
+
+    c.nodes[2].signal(libc::SIGCONT);
+    wait_until(Duration::from_secs(60), || {
+        c.refs_on_disk(2, "admin/web") == c.refs_on_disk(0, "admin/web")
+            && c.status().contains("every repository's replicas agree")
+    })
+    .expect("n3 was not repaired within 60 s of its return");
+    assert_eq!(
+        ls_remote(work.path(), &c.url(2, "admin/web")),
+        ls_remote(work.path(), &c.url(0, "admin/web"))
+    );
+    // One event per push (4 pushes), not one per replica.
+    assert!(
+        wait_until(Duration::from_secs(20), || deliveries.lock().unwrap().len()
+            >= 4)
+        .is_some()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let got = deliveries.lock().unwrap();
+    let ids: std::collections::HashSet<String> = got
+        .iter()
+        .filter_map(|d| d["id"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(
+        (got.len(), ids.len()),
+        (4, 4),
+        "deliveries, distinct events"
+    );
+}

@@ -7,6 +7,8 @@ CREATE TABLE cluster_nodes (
     http_addr TEXT NOT NULL DEFAULT '',
     ssh_addr TEXT NOT NULL DEFAULT '',
     heartbeat_ms BIGINT NOT NULL,
+    -- Silent this long, the node is down (its own setting, so every node and the CLI agree).
+    down_after_ms BIGINT NOT NULL DEFAULT 10000,
     draining BOOLEAN NOT NULL DEFAULT false
 );
 ALTER TABLE repos ADD COLUMN generation BIGINT NOT NULL DEFAULT 0;

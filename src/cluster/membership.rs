@@ -1,5 +1,6 @@
 //! Who is in the cluster: each node heartbeats into the shared store every second; a node silent
-//! for `down_after` is down (not read from, not written to, not placed on). And where a request
+//! for its `down_after` (which it registers, so every node and the CLI agree) is down: not read
+//! from, not written to, not placed on. And where a request
 //! for a repository runs: here when this node's copy is current, else on a current copy of an up
 //! node, through the cluster transport.
 
@@ -26,7 +27,6 @@ pub enum Route {
 pub struct Routing {
     pub node: String,
     pub secret_file: PathBuf,
-    pub down_after: Duration,
 }
 
 /// How long a read of the node list is reused.
@@ -46,15 +46,11 @@ fn nodes(store: &Store) -> Result<Vec<NodeRecord>, StoreError> {
 }
 
 impl Routing {
-    fn is_up(&self, node: &NodeRecord) -> bool {
-        node.silent_ms >= 0 && (node.silent_ms as u128) < self.down_after.as_millis()
-    }
-
     /// The up nodes, by id.
     pub fn up_nodes(&self, store: &Store) -> Result<Vec<NodeRecord>, StoreError> {
         Ok(nodes(store)?
             .into_iter()
-            .filter(|n| self.is_up(n))
+            .filter(NodeRecord::is_up)
             .collect())
     }
 
@@ -95,7 +91,9 @@ pub fn start_heartbeat(
     http_addr: String,
     ssh_addr: String,
     every: Duration,
+    down_after: Duration,
 ) -> std::io::Result<()> {
+    let down_after_ms = i64::try_from(down_after.as_millis()).unwrap_or(i64::MAX);
     let node = location.node().to_owned();
     std::thread::Builder::new()
         .name("gitplane-heartbeat".into())
@@ -103,7 +101,7 @@ pub fn start_heartbeat(
             let mut failing = false;
             loop {
                 let beat = Store::open(&location).and_then(|s| {
-                    s.cluster_heartbeat(&node, &cluster_addr, &http_addr, &ssh_addr)
+                    s.cluster_heartbeat(&node, &cluster_addr, &http_addr, &ssh_addr, down_after_ms)
                 });
                 match beat {
                     Ok(()) if failing => {

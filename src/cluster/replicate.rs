@@ -23,21 +23,15 @@ pub const REPLICA_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The variables the hook scripts of a cluster node export.
 pub const SECRET_FILE_VAR: &str = "GITPLANE_CLUSTER_SECRET_FILE";
-pub const DOWN_AFTER_VAR: &str = "GITPLANE_CLUSTER_DOWN_AFTER_MS";
 /// Set on a replica's git by the transport: nothing to coordinate, no event to record.
 pub const REPLICA_VAR: &str = "GITPLANE_REPLICA";
 
 /// The hook's routing view, from its environment; None outside a cluster.
 pub fn from_env(location: &Location) -> Option<Routing> {
     let secret_file = std::env::var_os(SECRET_FILE_VAR)?;
-    let down_after = std::env::var(DOWN_AFTER_VAR)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10_000);
     Some(Routing {
         node: location.node().to_owned(),
         secret_file: PathBuf::from(secret_file),
-        down_after: Duration::from_millis(down_after),
     })
 }
 

@@ -2,12 +2,11 @@
 //! replicas disagree (an outdated copy waiting for repair, or a node that is down).
 
 use std::fmt::Write;
-use std::time::Duration;
 
 use super::ClusterError;
 use crate::store::{Location, Store};
 
-pub fn render(location: &Location, down_after: Duration) -> Result<String, ClusterError> {
+pub fn render(location: &Location) -> Result<String, ClusterError> {
     let store = Store::open(location)?;
     let nodes = store.cluster_nodes()?;
     let mut out = String::new();
@@ -17,8 +16,7 @@ pub fn render(location: &Location, down_after: Duration) -> Result<String, Clust
         "node", "state", "last heartbeat", "replicas", "cluster", "http"
     );
     for n in &nodes {
-        let up = n.silent_ms >= 0 && (n.silent_ms as u128) < down_after.as_millis();
-        let state = match (up, n.draining) {
+        let state = match (n.is_up(), n.draining) {
             (true, false) => "up",
             (true, true) => "drain",
             (false, _) => "DOWN",

@@ -79,6 +79,7 @@ impl RpcService {
                 repos: RepoRoot::new(&config.data_dir),
                 git_binary: config.git.binary.clone(),
                 store: config.store.clone(),
+                routing: config.cluster_routing(),
                 housekeeping: Arc::new(config.housekeeping.clone()),
             }),
         })

@@ -21,6 +21,7 @@ use super::ops::{self, with_repo, Emitter, OpResult};
 use super::pb::{health, v1 as pb};
 use super::pool::{CallCtx, GitPool};
 use super::status::{Code, Status};
+use crate::cluster::membership::Route;
 use crate::config::{HousekeepingConfig, RpcLimits};
 use crate::git::repo::RepoRoot;
 use crate::git::repo_name::RepoName;
@@ -129,6 +130,8 @@ pub struct RpcState {
     pub git_binary: PathBuf,
     /// Where the hook outbox lives, for the events of calls that change refs.
     pub store: crate::store::Location,
+    /// In a cluster: which copies may answer.
+    pub routing: Option<crate::cluster::membership::Routing>,
     pub housekeeping: Arc<HousekeepingConfig>,
 }
 
@@ -139,10 +142,37 @@ pub struct CallEnv {
     pub name: String,
     pub git_binary: PathBuf,
     pub store: crate::store::Location,
+    pub routing: Option<crate::cluster::membership::Routing>,
     pub housekeeping: Arc<HousekeepingConfig>,
 }
 
 impl CallEnv {
+    /// In a cluster, a call reads this node's copy only when it is current; elsewhere it is
+    /// told which node to ask (the API does not relay calls).
+    fn check_current(&self) -> Result<(), Status> {
+        let Some(routing) = &self.routing else {
+            return Ok(());
+        };
+        let route = crate::store::with_thread_store(&self.store, |s| routing.route(s, &self.name))
+            .map_err(|e| {
+                Status::new(Code::Unavailable, format!("cluster state unavailable: {e}"))
+            })?;
+        match route {
+            Route::Local => Ok(()),
+            Route::Remote(r) => Err(Status::new(
+                Code::FailedPrecondition,
+                format!(
+                    "this node's copy of {} is not current; call node {}",
+                    self.name, r.node
+                ),
+            )),
+            Route::NoCurrentReplica => Err(Status::new(
+                Code::Unavailable,
+                format!("no up-to-date copy of {} is reachable now", self.name),
+            )),
+        }
+    }
+
     /// Runs `op`, which writes one ref: the change is recorded as pending (durably) right before
     /// libgit2 writes the ref, and becomes its hook event once the op is done, so webhooks and
     /// indexing see merges and branches made through the API too, even across a crash.
@@ -152,6 +182,14 @@ impl CallEnv {
         repo: &Repository,
         op: impl FnOnce(ops::BeforeRefWrite<'_>) -> OpResult<T>,
     ) -> OpResult<T> {
+        if self.routing.is_some() {
+            // libgit2 writes refs without git's reference-transaction hook, so nothing would
+            // replicate the change: refused rather than left on one copy.
+            return Err(ops::OpError::Status(Status::new(
+                Code::FailedPrecondition,
+                format!("{method} changes refs, which the gRPC API does not replicate in a cluster yet: push the change with git"),
+            )));
+        }
         let change = ServerChange::new(&self.store, &self.name, format!("grpc:{method}"));
         let result = op(&|update: &RefUpdate| {
             change.prepare(update).map_err(|e| {
@@ -205,6 +243,7 @@ impl RpcState {
             name,
             git_binary: self.git_binary.clone(),
             store: self.store.clone(),
+            routing: self.routing.clone(),
             housekeeping: Arc::clone(&self.housekeeping),
         }
     }
@@ -223,6 +262,7 @@ impl RpcState {
             .run(move || -> Result<Bytes, Status> {
                 // The call may have waited in the queue past its deadline.
                 env.ctx.check()?;
+                env.check_current()?;
                 let resp = with_repo(&path, &env.name, |repo| f(repo, &req, &env))?;
                 encode_message(&resp).map_err(|e| Status::internal(e.to_string()))
             })
@@ -244,10 +284,12 @@ impl RpcState {
         let job = self.pool.submit(move || -> Status {
             let _permit = permit;
             let emitter = Emitter::new(tx, env.ctx.clone());
-            let r =
-                env.ctx.check().map_err(ops::OpError::from).and_then(|()| {
-                    with_repo(&path, &env.name, |repo| f(repo, &req, &env, &emitter))
-                });
+            let r = env
+                .ctx
+                .check()
+                .and_then(|()| env.check_current())
+                .map_err(ops::OpError::from)
+                .and_then(|()| with_repo(&path, &env.name, |repo| f(repo, &req, &env, &emitter)));
             match r {
                 Ok(()) => Status::ok(),
                 Err(e) => e.into(),

@@ -261,6 +261,7 @@ fn start_cluster(
         http_addr.to_string(),
         ssh_addr.to_string(),
         cluster.heartbeat,
+        cluster.down_after,
     )
     .map_err(thread_err("gitplane-heartbeat"))?;
     if let Some(routing) = config.cluster_routing() {

@@ -18,6 +18,8 @@ pub struct NodeRecord {
     pub ssh_addr: String,
     /// Milliseconds since its last heartbeat.
     pub silent_ms: i64,
+    /// Silent this long, it is down.
+    pub down_after_ms: i64,
     pub draining: bool,
     /// Replicas it holds.
     pub replicas: i64,
@@ -35,6 +37,12 @@ pub struct ReplicaRecord {
 pub struct Replicas {
     pub generation: i64,
     pub replicas: Vec<ReplicaRecord>,
+}
+
+impl NodeRecord {
+    pub fn is_up(&self) -> bool {
+        self.silent_ms < self.down_after_ms
+    }
 }
 
 impl Replicas {
@@ -68,17 +76,20 @@ impl Store {
         cluster_addr: &str,
         http_addr: &str,
         ssh_addr: &str,
+        down_after_ms: i64,
     ) -> Result<(), StoreError> {
         self.db
             .exec(
                 &format!(
-                    "INSERT INTO cluster_nodes (id, cluster_addr, http_addr, ssh_addr, heartbeat_ms)
-                     VALUES ($1, $2, $3, $4, {NOW_MS})
+                    "INSERT INTO cluster_nodes
+                         (id, cluster_addr, http_addr, ssh_addr, down_after_ms, heartbeat_ms)
+                     VALUES ($1, $2, $3, $4, $5, {NOW_MS})
                      ON CONFLICT (id) DO UPDATE SET cluster_addr = excluded.cluster_addr,
                          http_addr = excluded.http_addr, ssh_addr = excluded.ssh_addr,
+                         down_after_ms = excluded.down_after_ms,
                          heartbeat_ms = excluded.heartbeat_ms"
                 ),
-                params![id, cluster_addr, http_addr, ssh_addr],
+                params![id, cluster_addr, http_addr, ssh_addr, down_after_ms],
             )
             .map(drop)
     }
@@ -88,7 +99,8 @@ impl Store {
         self.db.rows(
             &format!(
                 "SELECT n.id, n.cluster_addr, n.http_addr, n.ssh_addr, {NOW_MS} - n.heartbeat_ms,
-                        n.draining, (SELECT count(*) FROM repo_replicas r WHERE r.node = n.id)
+                        n.draining, (SELECT count(*) FROM repo_replicas r WHERE r.node = n.id),
+                        n.down_after_ms
                  FROM cluster_nodes n ORDER BY n.id"
             ),
             &[],
@@ -101,6 +113,7 @@ impl Store {
                     silent_ms: r.int(4)?,
                     draining: r.bool(5)?,
                     replicas: r.int(6)?,
+                    down_after_ms: r.int(7)?,
                 })
             },
         )
