@@ -562,3 +562,101 @@ fn a_partitioned_node_is_left_behind_then_repaired_and_each_push_fires_once() {
         "deliveries, distinct events"
     );
 }
+
+#[test]
+fn concurrent_pushes_of_distinct_branches_through_every_node_all_commit() {
+    let c = cluster(3);
+    c.nodes[0].admin(&["repo", "create", "admin/team"], None);
+    let base = tempfile::tempdir().unwrap();
+    make_worktree(base.path(), 1);
+    git(
+        base.path(),
+        &["push", "-q", &c.url(0, "admin/team"), "main"],
+    );
+    let pushers: Vec<_> = (0..9)
+        .map(|i| {
+            let url = c.url(i % 3, "admin/team");
+            let src = base.path().to_owned();
+            std::thread::spawn(move || {
+                let dir = tempfile::tempdir().unwrap();
+                git(
+                    dir.path(),
+                    &["clone", "-q", &src.display().to_string(), "w"],
+                );
+                let w = dir.path().join("w");
+                std::fs::write(w.join(format!("t{i}")), "x").unwrap();
+                git(&w, &["add", "."]);
+                git(&w, &["commit", "-qm", &format!("t{i}")]);
+                let out = git_raw(
+                    &w,
+                    &["push", "-q", &url, &format!("HEAD:refs/heads/t{i}")],
+                    &[],
+                );
+                (
+                    i,
+                    out.status.success(),
+                    String::from_utf8_lossy(&out.stderr).into_owned(),
+                )
+            })
+        })
+        .collect();
+    for p in pushers {
+        let (i, ok, err) = p.join().unwrap();
+        assert!(
+            ok,
+            "push {i} failed: {err}\n{}",
+            c.nodes[i % 3]
+                .log()
+                .lines()
+                .filter(|l| !l.contains("DEBUG"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    let refs = ls_remote(base.path(), &c.url(2, "admin/team"));
+    for i in 0..9 {
+        assert!(
+            refs.contains(&format!("refs/heads/t{i}")),
+            "t{i} missing: {refs}"
+        );
+    }
+    wait_until(Duration::from_secs(30), || {
+        c.status().contains("every repository's replicas agree")
+    })
+    .expect("copies still disagree 30 s after the pushes");
+    let on_disk = c.refs_on_disk(0, "admin/team");
+    assert_eq!(c.refs_on_disk(1, "admin/team"), on_disk);
+    assert_eq!(c.refs_on_disk(2, "admin/team"), on_disk);
+}
+
+#[test]
+fn a_copy_left_in_a_write_window_by_a_crash_is_repaired_before_it_is_trusted() {
+    let mut c = cluster(3);
+    c.nodes[0].admin(&["repo", "create", "admin/doubt"], None);
+    let work = tempfile::tempdir().unwrap();
+    make_worktree(work.path(), 1);
+    git(
+        work.path(),
+        &["push", "-q", &c.url(0, "admin/doubt"), "main"],
+    );
+    c.nodes[1].kill9();
+    // As if it lost power between the vote and git's commit: its transaction file is left.
+    let dir = c.nodes[1].repo_path("admin/doubt");
+    std::fs::write(dir.join("gitplane-txn-000000000000000000000000"), "1").unwrap();
+    c.nodes[1].restart();
+    assert!(
+        c.nodes[1]
+            .log()
+            .contains("an interrupted write left this copy in doubt"),
+        "the restart did not mark the copy"
+    );
+    assert!(!dir.join("gitplane-txn-000000000000000000000000").exists());
+    wait_until(Duration::from_secs(30), || {
+        c.status().contains("every repository's replicas agree")
+    })
+    .expect("the copy in doubt was not repaired within 30 s");
+    assert_eq!(
+        c.refs_on_disk(1, "admin/doubt"),
+        c.refs_on_disk(0, "admin/doubt")
+    );
+}

@@ -28,6 +28,14 @@ pub fn start(
     repos: RepoRoot,
     git: std::path::PathBuf,
 ) -> std::io::Result<()> {
+    match super::replicate::recover_interrupted(&location, &repos.root()) {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!(
+            copies = n,
+            "copies marked outdated after an interrupted write"
+        ),
+        Err(e) => tracing::error!(error = %e, "cannot check for interrupted writes"),
+    }
     std::thread::Builder::new()
         .name("gitplane-repair".into())
         .spawn(move || loop {

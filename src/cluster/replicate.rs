@@ -20,6 +20,8 @@ use crate::store::{Location, Store};
 
 /// How long one replica may take to take a write before it counts as a failed vote.
 pub const REPLICA_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a write waits for this copy to finish committing the previous one.
+const OWN_COMMIT_WAIT: Duration = Duration::from_secs(5);
 
 /// The variables the hook scripts of a cluster node export.
 pub const SECRET_FILE_VAR: &str = "GITPLANE_CLUSTER_SECRET_FILE";
@@ -83,17 +85,26 @@ fn replicate_locked(
     repo_dir: &Path,
     updates: &[RefUpdate],
 ) -> Result<(), ClusterError> {
-    let Some(replicas) = store.replicas(repo)? else {
-        return Ok(());
+    // The previous write through this node may be between its vote count and git's commit,
+    // the moment this copy's generation catches up: wait that out (it is short), not refuse.
+    let deadline = Instant::now() + OWN_COMMIT_WAIT;
+    let replicas = loop {
+        let Some(replicas) = store.replicas(repo)? else {
+            return Ok(());
+        };
+        if replicas.replicas.is_empty() {
+            return Ok(());
+        }
+        if replicas.is_current(&routing.node) {
+            break replicas;
+        }
+        if Instant::now() >= deadline {
+            return Err(ClusterError::Refused(format!(
+                "this node's copy of {repo} is outdated; retry (the push will go to a current one)"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
     };
-    if replicas.replicas.is_empty() {
-        return Ok(());
-    }
-    if !replicas.is_current(&routing.node) {
-        return Err(ClusterError::Refused(format!(
-            "this node's copy of {repo} is outdated; retry (the push will go to a current one)"
-        )));
-    }
     let up = routing.up_nodes(store)?;
     let targets: Vec<(String, String)> = replicas
         .current()
@@ -104,6 +115,13 @@ fn replicate_locked(
                 .map(|u| (u.id.clone(), u.cluster_addr.clone()))
         })
         .collect();
+    // In doubt until the votes are counted: if this process dies while a replica holds the
+    // update, that replica must not pass for current with a write nobody acknowledged. Marked
+    // outdated first, each is made current again only by the commit below (or by repair, from a
+    // copy that is current).
+    for (node, _) in &targets {
+        store.set_replica_generation(repo, node, replicas.generation - 1)?;
+    }
     let outcomes: Vec<(String, Result<(), String>)> = std::thread::scope(|s| {
         let handles: Vec<_> = targets
             .iter()
@@ -136,46 +154,100 @@ fn replicate_locked(
     }
     let votes = 1 + took.len();
     if votes < replicas.quorum() {
-        // Those that took it hold a write that is not acknowledged: outdated until repaired.
-        for node in &took {
-            store.set_replica_generation(repo, node, replicas.generation - 1)?;
-        }
+        // Those that took it hold a write that is not acknowledged: they stay outdated, and
+        // repair puts them back to the current copies' refs.
         return Err(ClusterError::Refused(format!(
             "only {votes} of {} replicas of {repo} took the update ({} needed); nothing changed",
             replicas.replicas.len(),
             replicas.quorum()
         )));
     }
-    let generation = store.commit_generation(repo, &took)?;
-    std::fs::write(pending_file(repo_dir, updates), generation.to_string())
+    // This copy counts as holding the write from here: git commits it as soon as the hook
+    // returns (renaming lock files), and a copy left behind at this point would be skipped by
+    // the next write and wait for repair. The file below marks the short window in which it
+    // does not yet hold it: a node that restarts with such a file left marks its copy outdated
+    // before it serves (see [`recover_interrupted`]).
+    let pending = pending_file(repo_dir, updates);
+    let mut voters = took.clone();
+    voters.push(&routing.node);
+    let generation = replicas.generation + 1;
+    std::fs::write(&pending, generation.to_string())
         .map_err(|e| ClusterError::Git(format!("recording the pending generation: {e}")))?;
+    if let Err(e) = store.commit_generation(repo, &voters) {
+        let _ = std::fs::remove_file(&pending);
+        return Err(e.into());
+    }
     Ok(())
 }
 
-/// `committed`: this copy has the write too.
-pub fn committed(
+/// `committed` or `aborted`: the window is closed. (An abort after a majority voted leaves this
+/// copy behind a write the others hold: it is marked outdated, and repaired.)
+pub fn finished(
     location: &Location,
     repo: &str,
     repo_dir: &Path,
     updates: &[RefUpdate],
+    committed: bool,
 ) -> Result<(), ClusterError> {
     let file = pending_file(repo_dir, updates);
     let Ok(text) = std::fs::read_to_string(&file) else {
         return Ok(());
     };
+    if !committed {
+        let generation: i64 = text.trim().parse().unwrap_or(i64::MAX);
+        Store::open(location)?.set_replica_generation(repo, location.node(), generation - 1)?;
+    }
     let _ = std::fs::remove_file(&file);
-    let generation: i64 = text
-        .trim()
-        .parse()
-        .map_err(|_| ClusterError::Git(format!("bad pending generation in {}", file.display())))?;
-    let store = Store::open(location)?;
-    store.raise_replica_generation(repo, location.node(), generation)?;
     Ok(())
 }
 
-/// `aborted`: nothing of this transaction stays here.
-pub fn aborted(repo_dir: &Path, updates: &[RefUpdate]) {
-    let _ = std::fs::remove_file(pending_file(repo_dir, updates));
+/// At start-up, before serving: a copy with a transaction file left (the process died between
+/// the vote and git's commit) may lack a write the cluster counts it as holding; it is marked
+/// outdated, and the repair loop brings it in line.
+pub fn recover_interrupted(location: &Location, repos_root: &Path) -> Result<usize, ClusterError> {
+    let mut marked = 0;
+    let Ok(owners) = std::fs::read_dir(repos_root) else {
+        return Ok(0);
+    };
+    let store = Store::open(location)?;
+    for owner in owners.flatten() {
+        let Ok(repos) = std::fs::read_dir(owner.path()) else {
+            continue;
+        };
+        for repo in repos.flatten() {
+            let files: Vec<PathBuf> = std::fs::read_dir(repo.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("gitplane-txn-"))
+                })
+                .collect();
+            if files.is_empty() {
+                continue;
+            }
+            let name = format!(
+                "{}/{}",
+                owner.file_name().to_string_lossy(),
+                repo.file_name().to_string_lossy().trim_end_matches(".git")
+            );
+            if let Some(r) = store.replicas(&name)? {
+                store.set_replica_generation(&name, location.node(), r.generation - 1)?;
+                marked += 1;
+                tracing::warn!(
+                    repo = name,
+                    "an interrupted write left this copy in doubt: outdated until repaired"
+                );
+            }
+            for f in files {
+                let _ = std::fs::remove_file(f);
+            }
+        }
+    }
+    Ok(marked)
 }
 
 /// The `ext::` URL (`%S`: git's full service name) that reaches `repo` on the node at `addr` through the cluster transport.

@@ -31,6 +31,11 @@ impl RepoRoot {
         }
     }
 
+    /// `DATA/repos`.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     pub fn path_of(&self, repo: &RepoName) -> PathBuf {
         self.root.join(repo.relative_dir())
     }

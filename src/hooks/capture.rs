@@ -188,9 +188,11 @@ pub fn reference_transaction(
                 replicate::prepared(location, &routing, &repo, &dir, &updates).map_err(cluster)?
             }
             TxState::Committed => {
-                replicate::committed(location, &repo, &dir, &updates).map_err(cluster)?
+                replicate::finished(location, &repo, &dir, &updates, true).map_err(cluster)?
             }
-            TxState::Aborted => replicate::aborted(&dir, &updates),
+            TxState::Aborted => {
+                replicate::finished(location, &repo, &dir, &updates, false).map_err(cluster)?
+            }
         }
     }
     Ok(())

@@ -64,6 +64,9 @@ impl Replicas {
     }
 }
 
+/// Longest wait for a repository's lock.
+pub const LOCK_WAIT_MS: u64 = 120_000;
+
 fn lock_key(repo: &str) -> String {
     format!("gitplane-repo:{repo}")
 }
@@ -225,24 +228,6 @@ impl Store {
             .map(drop)
     }
 
-    /// Raises one replica's generation to at least `generation` (never lowers it).
-    pub fn raise_replica_generation(
-        &self,
-        repo: &str,
-        node: &str,
-        generation: i64,
-    ) -> Result<(), StoreError> {
-        self.db
-            .exec(
-                "UPDATE repo_replicas
-                 SET generation = CASE WHEN generation < $3 THEN $3 ELSE generation END
-                 WHERE node = $2
-                   AND repo_id = (SELECT id FROM repos WHERE owner || '/' || name = $1)",
-                params![repo, node, generation],
-            )
-            .map(drop)
-    }
-
     /// A write committed on `nodes`: the repository's generation goes up by one, and so do those
     /// replicas'; every other replica is now outdated. Returns the new generation.
     pub fn commit_generation(&self, repo: &str, nodes: &[&str]) -> Result<i64, StoreError> {
@@ -303,13 +288,18 @@ impl Store {
 
     /// Serialises writes and repairs of one repository across the cluster (a session lock,
     /// held until [`Store::unlock_repo`] or the connection ends, as when its process dies).
+    /// Waits up to [`LOCK_WAIT_MS`]: a busy repository's pushes queue here, one replication at
+    /// a time, longer than any single statement may run.
     pub fn lock_repo(&self, repo: &str) -> Result<(), StoreError> {
         self.db
-            .exec(
-                "SELECT pg_advisory_lock(hashtext($1))",
-                params![&lock_key(repo)],
-            )
-            .map(drop)
+            .batch(&format!("SET statement_timeout = {LOCK_WAIT_MS}"))?;
+        let locked = self.db.exec(
+            "SELECT pg_advisory_lock(hashtext($1))",
+            params![&lock_key(repo)],
+        );
+        let reset = self.db.batch("RESET statement_timeout");
+        locked?;
+        reset
     }
 
     pub fn unlock_repo(&self, repo: &str) -> Result<(), StoreError> {
