@@ -28,7 +28,7 @@ pub fn start(
     repos: RepoRoot,
     git: std::path::PathBuf,
 ) -> std::io::Result<()> {
-    match super::replicate::recover_interrupted(&location, &repos.root()) {
+    match super::replicate::recover_interrupted(&location, repos.root()) {
         Ok(0) => {}
         Ok(n) => tracing::warn!(
             copies = n,
