@@ -105,6 +105,16 @@ pub fn running_exe() -> std::io::Result<PathBuf> {
     }
 }
 
+/// [`running_exe`], looked up once (for the commands this process starts many of, such as
+/// `gitplane cluster-exec` relays).
+pub fn exe() -> std::sync::Arc<PathBuf> {
+    static EXE: std::sync::OnceLock<std::sync::Arc<PathBuf>> = std::sync::OnceLock::new();
+    EXE.get_or_init(|| {
+        std::sync::Arc::new(running_exe().unwrap_or_else(|_| PathBuf::from("gitplane")))
+    })
+    .clone()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,7 +20,6 @@ pub mod transport;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 /// `[cluster]`, validated.
@@ -47,13 +46,4 @@ pub enum ClusterError {
     Refused(String),
     #[error("git: {0}")]
     Git(String),
-}
-
-/// The exe to run relays with (`gitplane cluster-exec`).
-pub fn exe() -> Arc<PathBuf> {
-    static EXE: std::sync::OnceLock<Arc<PathBuf>> = std::sync::OnceLock::new();
-    EXE.get_or_init(|| {
-        Arc::new(crate::lifecycle::running_exe().unwrap_or_else(|_| PathBuf::from("gitplane")))
-    })
-    .clone()
 }

@@ -254,7 +254,7 @@ pub fn recover_interrupted(location: &Location, repos_root: &Path) -> Result<usi
 pub fn ext_url(secret_file: &Path, addr: &str, repo: &str, replica: bool) -> String {
     format!(
         "ext::{} cluster-exec --addr {addr} --secret-file {} --repo {repo}{} %S",
-        super::exe().display(),
+        crate::lifecycle::exe().display(),
         secret_file.display(),
         if replica { " --replica" } else { "" }
     )

@@ -121,7 +121,7 @@ pub struct RemoteExec {
 impl RemoteExec {
     /// The relay command: its stdio is the remote git's, as if it ran here.
     fn command(&self, service: Service, mode: Mode) -> Command {
-        let mut cmd = Command::new(&*crate::cluster::exe());
+        let mut cmd = Command::new(&*crate::lifecycle::exe());
         cmd.env_clear().env(
             "PATH",
             std::env::var_os("PATH").unwrap_or_else(|| OsString::from("/usr/bin:/bin")),

@@ -1,0 +1,225 @@
+#!/usr/bin/env python3
+"""The cluster (issue #14), measured on loopback with the release binary.
+
+Starts three target/release/gitplane nodes on one scratch PostgreSQL database (created on the
+server --pg-admin-url names, dropped at the end) with LFS in moto's S3, then measures:
+  1. push latency, replication factor 1 against 3: --pushes small pushes (one commit each) to
+     one repository of each, alternated, p50/p99;
+  2. clones through a node that relays against clones from the node holding the copy: the
+     relaying node's CPU per clone (its process tree: the server, its `cluster-exec` relays)
+     against the holder's (server, upload-pack, pack-objects), gitplane-load clone at --clients
+     for --seconds each, the same repository (pushed with `git push --mirror`);
+  3. repair time against missed pushes: node 3 SIGSTOPped, M pushes, SIGCONT, time until
+     `gitplane cluster status` says every copy agrees.
+
+    python3 bench/cluster.py [--pushes 40] [--clients 8] [--seconds 15] [--missed 10,50,200]
+
+Bounded: each phase is bounded in count or time; nodes are stopped and the database dropped.
+"""
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench", "lib"))
+from probe import BIN, make_history, pct, require_binary, run, start_server  # noqa: E402
+
+LOAD = os.path.join(ROOT, "target", "release", "gitplane-load")
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu(pid):
+    """User+system seconds of `pid` and its reaped children."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:15]) / TICKS
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class Cluster:
+    def __init__(self, work, db_url, secret, s3_port):
+        self.work, self.db_url, self.secret = work, db_url, secret
+        self.config = os.path.join(work, "gitplane.toml")
+        with open(self.config, "w") as f:
+            f.write(f"[lfs.s3]\nendpoint = \"127.0.0.1:{s3_port}\"\nbucket = \"bench\"\n"
+                    "access_key_id = \"t\"\nsecret_access_key = \"t\"\n"
+                    "[cluster]\ndown_after_ms = 3000\nheartbeat_ms = 300\n")
+        self.nodes = []
+        for i in range(1, 4):
+            data = os.path.join(work, f"n{i}")
+            proc, addrs = start_server(data, shards=2, config=self.config, extra=(
+                "--database-url", db_url, "--node-id", f"n{i}", "--cluster-listen",
+                "127.0.0.1:0", "--cluster-secret-file", secret))
+            self.nodes.append((proc, addrs, data))
+        self.password = open(os.path.join(work, "n1", "initial-admin-password")).read().strip()
+
+    def admin(self, *args):
+        return run([BIN, "--data-dir", self.nodes[0][2], "--database-url", self.db_url,
+                    "--cluster-secret-file", self.secret, *args])
+
+    def url(self, node, repo, auth=True):
+        host, port = self.nodes[node][1]["http"]
+        cred = f"admin:{self.password}@" if auth else ""
+        return f"http://{cred}{host}:{port}/{repo}.git"
+
+    def agree(self):
+        return "every repository's replicas agree" in self.admin("cluster", "status")
+
+    def stop(self):
+        for proc, _, _ in self.nodes:
+            try:
+                proc.send_signal(signal.SIGCONT)
+                proc.terminate()
+                proc.wait(timeout=30)
+            except Exception:
+                proc.kill()
+
+
+def push_latency(c, work, pushes):
+    times = {1: [], 3: []}
+    dirs = {}
+    for rf in (1, 3):
+        c.admin("repo", "create", f"admin/rf{rf}", "--replication-factor", str(rf))
+        d = os.path.join(work, f"w{rf}")
+        make_history(d, 1)
+        run(["git", "push", "-q", c.url(0, f"admin/rf{rf}"), "HEAD:refs/heads/main"], cwd=d)
+        dirs[rf] = d
+    for i in range(pushes):
+        for rf in (1, 3):
+            d = dirs[rf]
+            with open(os.path.join(d, "p.txt"), "w") as f:
+                f.write(str(i))
+            run(["git", "add", "p.txt"], cwd=d)
+            run(["git", "commit", "-qm", f"p{i}"], cwd=d)
+            t = time.monotonic()
+            run(["git", "push", "-q", c.url(0, f"admin/rf{rf}"), "HEAD:refs/heads/main"], cwd=d)
+            times[rf].append(time.monotonic() - t)
+    return times
+
+
+def clone_relay(c, history, clients, seconds):
+    out = c.admin("repo", "create", "admin/relay", "--replication-factor", "1")
+    holder = next(i for i in range(3) if f"n{i + 1}" in out)
+    relay = (holder + 1) % 3
+    run(["git", "push", "-q", "--mirror", c.url(holder, "admin/relay")], cwd=history)
+    res = {}
+    for name, node in (("holder", holder), ("relay", relay)):
+        pid = c.nodes[node][0].pid
+        holder_pid = c.nodes[holder][0].pid
+        with tempfile.NamedTemporaryFile(suffix=".json") as rep:
+            subprocess.run([LOAD, "clone", "--url", c.url(node, "admin/relay", auth=False),
+                            "--user", "admin", "-c", "2", "-d", "3s", "-q"], check=True,
+                           capture_output=True, env={**os.environ, "GITPLANE_LOAD_PASSWORD": c.password})
+            before, before_h = tree_cpu(pid), tree_cpu(holder_pid)
+            subprocess.run([LOAD, "clone", "--url", c.url(node, "admin/relay", auth=False),
+                            "--user", "admin", "-c", str(clients), "-d", f"{seconds}s", "-q",
+                            "--json", rep.name], check=True, capture_output=True,
+                           env={**os.environ, "GITPLANE_LOAD_PASSWORD": c.password})
+            cpu, cpu_h = tree_cpu(pid) - before, tree_cpu(holder_pid) - before_h
+            r = json.load(open(rep.name))
+        n = max(r["ok"], 1)
+        res[name] = {"clones_per_s": r["throughput"], "errors": r["errors_total"],
+                     "entry_cpu_ms": 1000 * cpu / n, "holder_cpu_ms": 1000 * cpu_h / n,
+                     "p99_ms": r["latency_ms"]["p99"]}
+    return res
+
+
+def repair_times(c, work, missed_list):
+    c.admin("repo", "create", "admin/repair")
+    d = os.path.join(work, "wr")
+    make_history(d, 1)
+    run(["git", "push", "-q", c.url(0, "admin/repair"), "HEAD:refs/heads/main"], cwd=d)
+    out = {}
+    for missed in missed_list:
+        proc = c.nodes[2][0]
+        proc.send_signal(signal.SIGSTOP)
+        time.sleep(3.5)
+        for i in range(missed):
+            with open(os.path.join(d, "r.txt"), "w") as f:
+                f.write(f"{missed}-{i}")
+            run(["git", "add", "r.txt"], cwd=d)
+            run(["git", "commit", "-qm", f"r{missed}-{i}"], cwd=d)
+            run(["git", "push", "-q", c.url(i % 2, "admin/repair"), "HEAD:refs/heads/main"], cwd=d)
+        t = time.monotonic()
+        proc.send_signal(signal.SIGCONT)
+        deadline = t + 120
+        while time.monotonic() < deadline and not c.agree():
+            time.sleep(0.05)
+        out[missed] = time.monotonic() - t
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pushes", type=int, default=40)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--seconds", type=int, default=15)
+    ap.add_argument("--commits", type=int, default=300)
+    ap.add_argument("--missed", default="10,50,200")
+    ap.add_argument("--pg-admin-url", default=os.environ.get(
+        "GITPLANE_TEST_PG_ADMIN_URL", "postgres://postgres@127.0.0.1:5432/postgres"))
+    args = ap.parse_args()
+    require_binary()
+    work = tempfile.mkdtemp(prefix="gp-cluster-bench-")
+    db = f"gitplane_cluster_bench_{os.getpid()}"
+    run(["psql", "-q", args.pg_admin_url, "-c", f"CREATE DATABASE {db}"])
+    db_url = args.pg_admin_url.rsplit("/", 1)[0] + "/" + db
+    s3_port = free_port()
+    s3 = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                           str(s3_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    c = None
+    try:
+        for _ in range(300):
+            try:
+                socket.create_connection(("127.0.0.1", s3_port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        run(["curl", "-s", "-X", "PUT", f"http://127.0.0.1:{s3_port}/bench"])
+        secret = os.path.join(work, "secret")
+        with open(secret, "w") as f:
+            f.write("bench-cluster-secret-0123456789abcdef\n")
+        c = Cluster(work, db_url, secret, s3_port)
+        times = push_latency(c, work, args.pushes)
+        print(f"push latency over {args.pushes} pushes each (ms):")
+        for rf, ts in times.items():
+            ms = [t * 1000 for t in ts]
+            print(f"  replication factor {rf}: p50 {pct(ms, 50):.0f}  p99 {pct(ms, 99):.0f}")
+        history = os.path.join(work, "history")
+        make_history(history, args.commits)
+        relay = clone_relay(c, history, args.clients, args.seconds)
+        print(f"clones at {args.clients} clients for {args.seconds} s, {args.commits}-commit repository:")
+        for name, r in relay.items():
+            print(f"  through the {name:6}: {r['clones_per_s']:.1f} clones/s, p99 {r['p99_ms']:.0f} ms, "
+                  f"{r['errors']} errors; entry node CPU {r['entry_cpu_ms']:.2f} ms/clone, "
+                  f"holder CPU {r['holder_cpu_ms']:.2f} ms/clone")
+        added = relay["relay"]["entry_cpu_ms"] / max(relay["holder"]["holder_cpu_ms"], 1e-9)
+        print(f"  relay's added CPU per clone: {100 * added:.1f}% of the serving node's")
+        missed = [int(x) for x in args.missed.split(",")]
+        for m, secs in repair_times(c, work, missed).items():
+            print(f"repair after {m:4} missed pushes: {secs:.2f} s")
+    finally:
+        if c:
+            c.stop()
+        s3.kill()
+        time.sleep(1)
+        run(["psql", "-q", args.pg_admin_url, "-c", f"DROP DATABASE IF EXISTS {db} WITH (FORCE)"])
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
