@@ -29,17 +29,10 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench", "lib"))
-from probe import BIN, make_history, pct, require_binary, run, start_server  # noqa: E402
+from probe import BIN, make_history, tree_cpu_seconds, pct, require_binary, run, start_server  # noqa: E402
 
 LOAD = os.path.join(ROOT, "target", "release", "gitplane-load")
-TICKS = os.sysconf("SC_CLK_TCK")
 
-
-def tree_cpu(pid):
-    """User+system seconds of `pid` and its reaped children."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return sum(int(x) for x in fields[11:15]) / TICKS
 
 
 def free_port():
@@ -124,12 +117,12 @@ def clone_relay(c, history, clients, seconds):
             subprocess.run([LOAD, "clone", "--url", c.url(node, "admin/relay", auth=False),
                             "--user", "admin", "-c", "2", "-d", "3s", "-q"], check=True,
                            capture_output=True, env={**os.environ, "GITPLANE_LOAD_PASSWORD": c.password})
-            before, before_h = tree_cpu(pid), tree_cpu(holder_pid)
+            before, before_h = tree_cpu_seconds(pid), tree_cpu_seconds(holder_pid)
             subprocess.run([LOAD, "clone", "--url", c.url(node, "admin/relay", auth=False),
                             "--user", "admin", "-c", str(clients), "-d", f"{seconds}s", "-q",
                             "--json", rep.name], check=True, capture_output=True,
                            env={**os.environ, "GITPLANE_LOAD_PASSWORD": c.password})
-            cpu, cpu_h = tree_cpu(pid) - before, tree_cpu(holder_pid) - before_h
+            cpu, cpu_h = tree_cpu_seconds(pid) - before, tree_cpu_seconds(holder_pid) - before_h
             r = json.load(open(rep.name))
         n = max(r["ok"], 1)
         res[name] = {"clones_per_s": r["throughput"], "errors": r["errors_total"],

@@ -29,17 +29,10 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench", "lib"))
-from probe import BIN, make_history, require_binary, run, start_server  # noqa: E402
+from probe import BIN, make_history, tree_cpu_seconds, require_binary, run, start_server  # noqa: E402
 
 LOAD = os.path.join(ROOT, "target", "release", "gitplane-load")
-TICKS = os.sysconf("SC_CLK_TCK")
 
-
-def cpu_seconds(pid):
-    """utime + stime + cutime + cstime of `pid`: the server and its reaped git children."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return sum(int(x) for x in fields[11:15]) / TICKS
 
 
 def psql(admin_url, sql):
@@ -81,9 +74,9 @@ def one_backend(name, database_url, args, history):
             load("clone", bare_url, 4, 3, password)
             results = {}
             for scenario in ("clone", "fetch-noop"):
-                before = cpu_seconds(proc.pid)
+                before = tree_cpu_seconds(proc.pid)
                 report = load(scenario, bare_url, args.clients, args.seconds, password)
-                cpu = cpu_seconds(proc.pid) - before
+                cpu = tree_cpu_seconds(proc.pid) - before
                 results[scenario] = {
                     "per_sec": report["throughput"],
                     "cpu_ms_per_op": 1000.0 * cpu / max(report["ok"], 1),

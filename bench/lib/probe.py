@@ -1,7 +1,7 @@
 """What the Python benches share: starting target/release/gitplane on loopback, running its
 admin commands, a generated history to push, reading /metrics and RSS, percentiles.
 
-Used by bench/stall-attack.py, lfs-stall-attack.py, rpc-idle-attack.py, upgrade-load.py,
+Used by bench/store-compare.py, cluster.py, stall-attack.py, lfs-stall-attack.py, rpc-idle-attack.py, upgrade-load.py,
 conn-churn.py and idle-conns.py (each does `sys.path.insert(0, "bench/lib")`)."""
 import os
 import re
@@ -83,6 +83,13 @@ def metric(text, series):
     """One integer series of a /metrics text (0 when absent)."""
     m = re.search("^" + re.escape(series) + r" (\d+)$", text, re.M)
     return int(m.group(1)) if m else 0
+
+
+def tree_cpu_seconds(pid):
+    """User+system seconds of `pid` and of its children it has reaped (git, relays)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_kb(pid):
