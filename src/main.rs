@@ -80,6 +80,15 @@ enum Command {
     /// Cluster nodes.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// SSH over WebSocket for OpenSSH's ProxyCommand:
+    /// `ssh -o ProxyCommand='gitplane ssh-proxy ws://HOST:PORT/ssh' git@HOST`.
+    SshProxy {
+        /// ws://HOST[:PORT]/ssh
+        url: String,
+        /// An extra request header, e.g. for an identity-aware proxy: `Authorization: Bearer ...`.
+        #[arg(long = "header")]
+        headers: Vec<String>,
+    },
     /// Runs git on another node's copy of a repository, stdio relayed (git and gitplane run it,
     /// not people).
     #[command(hide = true)]
@@ -424,6 +433,11 @@ fn main() -> anyhow::Result<()> {
         Command::Cluster(ClusterCommand::Status) => {
             let location = store()?;
             print!("{}", gitplane::cluster::status::render(&location)?);
+            Ok(())
+        }
+        Command::SshProxy { url, headers } => {
+            gitplane::ssh::ws_client::run(&url, &headers)
+                .with_context(|| format!("ssh-proxy {url}"))?;
             Ok(())
         }
         Command::ClusterExec(args) => {

@@ -21,6 +21,8 @@ use crate::metrics::METRICS;
 pub enum Reuse {
     KeepAlive,
     Close,
+    /// The socket now belongs to another service (a WebSocket carrying SSH): leave it open.
+    HandedOff,
 }
 
 /// Serves one request. The handler reads the body (if it wants it) and writes the whole response;
@@ -62,6 +64,7 @@ pub async fn serve_connection<H: Handler>(
             Ok(Reuse::KeepAlive) if conn.reusable() => {
                 conn.release_buffer();
             }
+            Ok(Reuse::HandedOff) => return,
             Ok(_) => break,
             Err(e) => {
                 tracing::debug!(peer = %conn.peer, error = %e, "connection ended mid-request");

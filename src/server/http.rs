@@ -24,6 +24,8 @@ use crate::token::TokenSecret;
 #[derive(Debug, PartialEq, Eq)]
 enum Target<'a> {
     Health,
+    /// SSH over WebSocket.
+    Ssh,
     Metrics,
     InfoRefs(&'a str),
     Rpc(&'a str, Service),
@@ -38,6 +40,7 @@ fn classify(path: &str) -> Target<'_> {
     match path {
         "/healthz" => return Target::Health,
         "/metrics" => return Target::Metrics,
+        crate::ssh::websocket::PATH => return Target::Ssh,
         _ => {}
     }
     let Some(rest) = path.strip_prefix('/') else {
@@ -94,6 +97,7 @@ impl Handler for Router {
                 .await?;
                 Ok(Reuse::KeepAlive)
             }
+            (Method::Get, Target::Ssh) => ssh_upgrade(&head, conn).await,
             (Method::Get, Target::InfoRefs(repo)) => self.git.info_refs(&head, conn, repo).await,
             (Method::Post, Target::Rpc(repo, service)) => {
                 self.git.rpc(&head, conn, repo, service).await
@@ -139,6 +143,65 @@ async fn take_proxy_header(conn: &mut Conn, limits: &crate::config::HttpLimits) 
             conn.shutdown().await;
             false
         }
+    }
+}
+
+/// `GET /ssh` with a WebSocket upgrade: answers 101 and hands the socket to an SSH sidecar,
+/// which runs the WebSocket and SSH over it (see [`crate::ssh::websocket`]).
+async fn ssh_upgrade(head: &RequestHead, conn: &mut Conn) -> io::Result<Reuse> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    METRICS.request(Route::Other);
+    let key = match (
+        head.websocket_upgrade,
+        head.websocket_key.as_deref(),
+        head.websocket_version.as_deref(),
+    ) {
+        (true, Some(key), Some("13")) if conn.buffered().is_empty() => key,
+        _ => {
+            conn.close_after_response();
+            conn.respond_text(
+                426,
+                &[("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13")],
+                "SSH is carried here over a WebSocket (RFC 6455, version 13): use `gitplane ssh-proxy`\n",
+            )
+            .await?;
+            return Ok(Reuse::Close);
+        }
+    };
+    // The socket must outlive this connection's task: a second fd on it goes to the sidecar.
+    // SAFETY: F_DUPFD_CLOEXEC on our open socket returns a new fd we own, or -1.
+    let dup = unsafe { libc::fcntl(conn.stream().as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+    if dup < 0 {
+        let e = io::Error::last_os_error();
+        tracing::warn!(peer = %conn.peer, error = %e, "cannot hand an SSH WebSocket over");
+        conn.close_after_response();
+        conn.respond_text(
+            503,
+            &[("Retry-After", "1")],
+            "cannot take the connection now\n",
+        )
+        .await?;
+        return Ok(Reuse::Close);
+    }
+    // SAFETY: dup is a fresh fd that nothing else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(dup) };
+    let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let (written, _) = conn
+        .write_all(
+            format!(
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+            )
+            .into_bytes(),
+        )
+        .await;
+    written?;
+    match crate::ssh::websocket::hand_off(crate::ssh::websocket::Handoff {
+        socket,
+        peer: conn.peer,
+    }) {
+        Ok(()) => Ok(Reuse::HandedOff),
+        // No SSH service: the dropped fd and the closed connection end it.
+        Err(_) => Ok(Reuse::Close),
     }
 }
 

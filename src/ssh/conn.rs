@@ -185,7 +185,7 @@ pub(super) async fn serve(
     shared: Arc<SshShared>,
     mut stream: TcpStream,
     peer: SocketAddr,
-    mut stop: StopSignal,
+    stop: StopSignal,
 ) {
     let _gauge = ConnGauge::new();
     let fd = stream.as_raw_fd();
@@ -210,6 +210,39 @@ pub(super) async fn serve(
     } else {
         peer
     };
+    let local = stream.local_addr().ok();
+    serve_after(shared, stream, fd, peer, local, deadline, stop).await;
+}
+
+/// Serves SSH over `stream` (a TCP connection, or a WebSocket over one: `fd` is the TCP socket
+/// under it, which the supervisor cuts), from admission on, with the pre-auth deadline starting
+/// now.
+pub(super) async fn serve_transport<S>(
+    shared: Arc<SshShared>,
+    stream: S,
+    fd: RawFd,
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+    stop: StopSignal,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let _gauge = ConnGauge::new();
+    let deadline = Instant::now() + shared.limits.handshake_timeout;
+    serve_after(shared, stream, fd, peer, local, deadline, stop).await;
+}
+
+async fn serve_after<S>(
+    shared: Arc<SshShared>,
+    stream: S,
+    fd: RawFd,
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+    deadline: Instant,
+    mut stop: StopSignal,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let slot = match admit(&shared, peer, deadline, &mut stop).await {
         Ok(s) => s,
         Err(reason) => {
@@ -231,7 +264,6 @@ pub(super) async fn serve(
             return;
         }
     };
-    let local = stream.local_addr().ok();
     let (phase_tx, mut phase) = watch::channel(Phase::default());
     let (dead_tx, dead_rx) = watch::channel(false);
     let handler = ConnHandler::new(

@@ -24,6 +24,8 @@ pub mod keys;
 pub mod lfs;
 mod lfs_transfer;
 mod phase;
+pub mod websocket;
+pub mod ws_client;
 
 pub use gitplane_wire::ssh::{command, lfs_transfer as lfs_transfer_proto};
 
@@ -202,9 +204,10 @@ impl SidecarService for SshService {
     ) -> Pin<Box<dyn Future<Output = ()>>> {
         let listener = self.listeners.take(core);
         let shared = Arc::clone(&self.shared);
+        let upgraded = websocket::register();
         Box::pin(async move {
             let Some(listener) = listener else { return };
-            serve_core(core, shared, listener, stop, grace).await;
+            serve_core(core, shared, listener, upgraded, stop, grace).await;
         })
     }
 }
@@ -222,6 +225,7 @@ async fn serve_core(
     core: usize,
     shared: Arc<SshShared>,
     listener: std::net::TcpListener,
+    mut upgraded: tokio::sync::mpsc::UnboundedReceiver<websocket::Handoff>,
     mut stop: StopSignal,
     grace: Duration,
 ) {
@@ -237,6 +241,17 @@ async fn serve_core(
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
+            Some(handoff) = upgraded.recv() => {
+                // SSH over WebSocket, upgraded by the HTTP listener.
+                active.fetch_add(1, Ordering::SeqCst);
+                let guard = Active(Arc::clone(&active));
+                let (shared, stop) = (Arc::clone(&shared), stop.clone());
+                tokio::spawn(async move {
+                    websocket::serve(shared, handoff, stop).await;
+                    drop(guard);
+                });
+                continue;
+            }
             _ = stopped(&mut stop) => break,
         };
         let (stream, peer) = match accepted {

@@ -69,6 +69,11 @@ pub struct RequestHead {
     pub user_agent: Option<String>,
     /// Every `X-Forwarded-For` header, joined with `", "` in order.
     pub x_forwarded_for: Option<String>,
+    /// A WebSocket opening handshake (RFC 6455 §4.2.1): `Upgrade: websocket` with `upgrade`
+    /// among the `Connection` options.
+    pub websocket_upgrade: bool,
+    pub websocket_key: Option<String>,
+    pub websocket_version: Option<String>,
 }
 
 // Returned once per request and destructured at once: boxing the head would only add an
@@ -239,9 +244,12 @@ enum Field {
     Host,
     UserAgent,
     XForwardedFor,
+    Upgrade,
+    WebSocketKey,
+    WebSocketVersion,
 }
 
-const FIELDS: [(&str, Field); 12] = [
+const FIELDS: [(&str, Field); 15] = [
     ("Content-Length", Field::ContentLength),
     ("Transfer-Encoding", Field::TransferEncoding),
     ("Content-Encoding", Field::ContentEncoding),
@@ -254,6 +262,9 @@ const FIELDS: [(&str, Field); 12] = [
     ("Host", Field::Host),
     ("User-Agent", Field::UserAgent),
     ("X-Forwarded-For", Field::XForwardedFor),
+    ("Upgrade", Field::Upgrade),
+    ("Sec-WebSocket-Key", Field::WebSocketKey),
+    ("Sec-WebSocket-Version", Field::WebSocketVersion),
 ];
 
 fn build(req: &httparse::Request<'_, '_>) -> Result<RequestHead, HeadError> {
@@ -293,8 +304,12 @@ fn build(req: &httparse::Request<'_, '_>) -> Result<RequestHead, HeadError> {
         host: None,
         user_agent: None,
         x_forwarded_for: None,
+        websocket_upgrade: false,
+        websocket_key: None,
+        websocket_version: None,
     };
     let mut content_length: Option<u64> = None;
+    let (mut upgrade_option, mut upgrade_websocket) = (false, false);
     let (mut chunked, mut content_encoding_seen) = (false, false);
     let (mut close, mut keep_alive) = (false, false);
 
@@ -358,6 +373,7 @@ fn build(req: &httparse::Request<'_, '_>) -> Result<RequestHead, HeadError> {
                 for option in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
                     close |= option.eq_ignore_ascii_case(b"close");
                     keep_alive |= option.eq_ignore_ascii_case(b"keep-alive");
+                    upgrade_option |= option.eq_ignore_ascii_case(b"upgrade");
                 }
             }
             Field::XForwardedFor => {
@@ -376,8 +392,16 @@ fn build(req: &httparse::Request<'_, '_>) -> Result<RequestHead, HeadError> {
             Field::Range => set_once(&mut head.range, name, value)?,
             Field::Host => set_once(&mut head.host, name, value)?,
             Field::UserAgent => set_once(&mut head.user_agent, name, value)?,
+            Field::Upgrade => {
+                upgrade_websocket |= value
+                    .split(|&b| b == b',')
+                    .any(|p| p.trim_ascii().eq_ignore_ascii_case(b"websocket"));
+            }
+            Field::WebSocketKey => set_once(&mut head.websocket_key, name, value)?,
+            Field::WebSocketVersion => set_once(&mut head.websocket_version, name, value)?,
         }
     }
+    head.websocket_upgrade = upgrade_option && upgrade_websocket && !http10;
 
     if chunked && http10 {
         // RFC 9112 §6.1: the framing of such a message cannot be trusted.
@@ -579,8 +603,29 @@ mod tests {
                 host: Some("git.example.com".into()),
                 user_agent: Some("git/2.43.0".into()),
                 x_forwarded_for: None,
+                websocket_upgrade: false,
+                websocket_key: None,
+                websocket_version: None,
             }
         );
+    }
+
+    #[test]
+    fn websocket_opening_handshake() {
+        let head = head_of(
+            b"GET /ssh HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n\
+              Connection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+              Sec-WebSocket-Version: 13\r\n\r\n",
+        );
+        assert!(head.websocket_upgrade);
+        assert_eq!(
+            head.websocket_key.as_deref(),
+            Some("dGhlIHNhbXBsZSBub25jZQ==")
+        );
+        assert_eq!(head.websocket_version.as_deref(), Some("13"));
+        // Without `Connection: upgrade` it is a plain request.
+        let head = head_of(b"GET /ssh HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n\r\n");
+        assert!(!head.websocket_upgrade);
     }
 
     #[test]
