@@ -6,13 +6,16 @@ server --pg-admin-url names, dropped at the end) with LFS in moto's S3, then mea
   1. push latency, replication factor 1 against 3: --pushes small pushes (one commit each) to
      one repository of each, alternated, p50/p99;
   2. clones through a node that relays against clones from the node holding the copy: the
-     relaying node's CPU per clone (its process tree: the server, its `cluster-exec` relays)
-     against the holder's (server, upload-pack, pack-objects), gitplane-load clone at --clients
-     for --seconds each, the same repository (pushed with `git push --mirror`);
+     relaying node's CPU per clone (its process tree: the server and its relay threads) against
+     the holder's (server, upload-pack, pack-objects), gitplane-load clone at --clients for
+     --seconds each, the same repository (pushed with `git push --mirror`); the relay's added
+     CPU is the relaying node's minus the front end's that any node runs for a clone (the
+     holder's own process CPU, git excluded, when it serves the clone itself);
   3. repair time against missed pushes: node 3 SIGSTOPped, M pushes, SIGCONT, time until
      `gitplane cluster status` says every copy agrees.
 
     python3 bench/cluster.py [--pushes 40] [--clients 8] [--seconds 15] [--missed 10,50,200]
+                             [--perf FILE]   # the relaying node's profile: perf report -i FILE
 
 Bounded: each phase is bounded in count or time; nodes are stopped and the database dropped.
 """
@@ -29,7 +32,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench", "lib"))
-from probe import BIN, make_history, tree_cpu_seconds, pct, require_binary, run, start_server  # noqa: E402
+from probe import BIN, make_history, own_cpu_seconds, tree_cpu_seconds, pct, require_binary, run, start_server  # noqa: E402
 
 LOAD = os.path.join(ROOT, "target", "release", "gitplane-load")
 
@@ -104,7 +107,7 @@ def push_latency(c, work, pushes):
     return times
 
 
-def clone_relay(c, history, clients, seconds):
+def clone_relay(c, history, clients, seconds, perf=None):
     out = c.admin("repo", "create", "admin/relay", "--replication-factor", "1")
     holder = next(i for i in range(3) if f"n{i + 1}" in out)
     relay = (holder + 1) % 3
@@ -118,15 +121,25 @@ def clone_relay(c, history, clients, seconds):
                             "--user", "admin", "-c", "2", "-d", "3s", "-q"], check=True,
                            capture_output=True, env={**os.environ, "GITPLANE_LOAD_PASSWORD": c.password})
             before, before_h = tree_cpu_seconds(pid), tree_cpu_seconds(holder_pid)
+            before_own = own_cpu_seconds(pid)
+            recorder = None
+            if perf and name == "relay":
+                recorder = subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-g", "-q", "-o", perf,
+                                             "-p", str(pid)], stdout=subprocess.DEVNULL)
             subprocess.run([LOAD, "clone", "--url", c.url(node, "admin/relay", auth=False),
                             "--user", "admin", "-c", str(clients), "-d", f"{seconds}s", "-q",
                             "--json", rep.name], check=True, capture_output=True,
                            env={**os.environ, "GITPLANE_LOAD_PASSWORD": c.password})
             cpu, cpu_h = tree_cpu_seconds(pid) - before, tree_cpu_seconds(holder_pid) - before_h
+            own = own_cpu_seconds(pid) - before_own
+            if recorder:
+                recorder.send_signal(signal.SIGINT)
+                recorder.wait(timeout=60)
             r = json.load(open(rep.name))
         n = max(r["ok"], 1)
         res[name] = {"clones_per_s": r["throughput"], "errors": r["errors_total"],
                      "entry_cpu_ms": 1000 * cpu / n, "holder_cpu_ms": 1000 * cpu_h / n,
+                     "entry_own_cpu_ms": 1000 * own / n,
                      "p99_ms": r["latency_ms"]["p99"]}
     return res
 
@@ -163,6 +176,7 @@ def main():
     ap.add_argument("--seconds", type=int, default=15)
     ap.add_argument("--commits", type=int, default=300)
     ap.add_argument("--missed", default="10,50,200")
+    ap.add_argument("--perf", help="record the relaying node's CPU profile (perf, cpu-clock) to this file")
     ap.add_argument("--pg-admin-url", default=os.environ.get(
         "GITPLANE_TEST_PG_ADMIN_URL", "postgres://postgres@127.0.0.1:5432/postgres"))
     args = ap.parse_args()
@@ -194,14 +208,20 @@ def main():
             print(f"  replication factor {rf}: p50 {pct(ms, 50):.0f}  p99 {pct(ms, 99):.0f}")
         history = os.path.join(work, "history")
         make_history(history, args.commits)
-        relay = clone_relay(c, history, args.clients, args.seconds)
+        relay = clone_relay(c, history, args.clients, args.seconds, args.perf)
         print(f"clones at {args.clients} clients for {args.seconds} s, {args.commits}-commit repository:")
         for name, r in relay.items():
             print(f"  through the {name:6}: {r['clones_per_s']:.1f} clones/s, p99 {r['p99_ms']:.0f} ms, "
                   f"{r['errors']} errors; entry node CPU {r['entry_cpu_ms']:.2f} ms/clone, "
                   f"holder CPU {r['holder_cpu_ms']:.2f} ms/clone")
-        added = relay["relay"]["entry_cpu_ms"] / max(relay["holder"]["holder_cpu_ms"], 1e-9)
-        print(f"  relay's added CPU per clone: {100 * added:.1f}% of the serving node's")
+        serving = max(relay["holder"]["holder_cpu_ms"], 1e-9)
+        front = relay["holder"]["entry_own_cpu_ms"]
+        total = relay["relay"]["entry_cpu_ms"]
+        print(f"  relaying node's CPU per clone: {100 * total / serving:.1f}% of the serving node's")
+        print(f"  of it, the front end any node runs (HTTP, auth, access check, routing, splicing the "
+              f"response: the serving node's own process CPU): {front:.2f} ms")
+        print(f"  the relay's added CPU per clone: {total - front:.2f} ms = "
+              f"{100 * (total - front) / serving:.1f}% of the serving node's")
         missed = [int(x) for x in args.missed.split(",")]
         for m, secs in repair_times(c, work, missed).items():
             print(f"repair after {m:4} missed pushes: {secs:.2f} s")

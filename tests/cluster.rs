@@ -421,7 +421,7 @@ fn draining_a_node_under_clone_load_fails_no_clone() {
 }
 
 #[test]
-fn grpc_reads_only_current_copies_and_refuses_unreplicated_ref_changes() {
+fn grpc_reads_only_current_copies_and_votes_its_ref_changes_like_pushes() {
     use common::grpc::{call, connect, frame, runtime};
     use gitplane::rpc::pb::v1 as pb;
     use prost::Message;
@@ -482,19 +482,55 @@ fn grpc_reads_only_current_copies_and_refuses_unreplicated_ref_changes() {
         "{}",
         a.grpc_message()
     );
-    let create = pb::CreateBranchRequest {
-        repository: "admin/api".into(),
-        name: "via-api".into(),
-        start_point: "main".into(),
-    }
-    .encode_to_vec();
+    let create = |name: &str| {
+        pb::CreateBranchRequest {
+            repository: "admin/api".into(),
+            name: name.into(),
+            start_point: "main".into(),
+        }
+        .encode_to_vec()
+    };
+    // A branch made through the API lands on both copies, as a push would.
     let a = ask(
         holder,
         "/gitplane.v1.RepositoryService/CreateBranch",
-        create,
+        create("via-api"),
     );
-    assert_eq!(a.grpc_status(), Some(9), "{a:?}");
-    assert!(!ls_remote(work.path(), &c.url(0, "admin/api")).contains("via-api"));
+    assert_eq!(a.grpc_status(), Some(0), "{a:?}");
+    let other = (holder + 1) % 3;
+    let other = if other == outsider {
+        (other + 1) % 3
+    } else {
+        other
+    };
+    assert!(c
+        .refs_on_disk(holder, "admin/api")
+        .contains("refs/heads/via-api"));
+    assert_eq!(
+        c.refs_on_disk(other, "admin/api"),
+        c.refs_on_disk(holder, "admin/api")
+    );
+    assert!(ls_remote(work.path(), &c.url(outsider, "admin/api")).contains("via-api"));
+    assert!(c.status().contains("every repository's replicas agree"));
+
+    // With the other copy's node down, two copies have no majority without it: the call fails
+    // and nothing changes, here or there.
+    c.nodes[other].signal(libc::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(3500));
+    let a = ask(
+        holder,
+        "/gitplane.v1.RepositoryService/CreateBranch",
+        create("no-majority"),
+    );
+    c.nodes[other].signal(libc::SIGCONT);
+    assert_eq!(a.grpc_status(), Some(14), "UNAVAILABLE expected: {a:?}");
+    assert!(
+        a.grpc_message().contains("replicas"),
+        "{}",
+        a.grpc_message()
+    );
+    assert!(!c.refs_on_disk(holder, "admin/api").contains("no-majority"));
+    assert!(!c.refs_on_disk(other, "admin/api").contains("no-majority"));
 }
 
 #[test]

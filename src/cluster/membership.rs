@@ -8,6 +8,9 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use gitplane_wire::cluster::Op;
+
+use super::auth::Secret;
 use crate::git::process::RemoteExec;
 use crate::store::cluster::NodeRecord;
 use crate::store::{Location, Store, StoreError};
@@ -72,15 +75,23 @@ impl Routing {
         }
         // Spread the relayed load; a draining node only when nothing else is current.
         candidates.sort_by_key(|n| (n.draining, rand::random::<u32>()));
-        Ok(match candidates.first() {
-            Some(n) => Route::Remote(RemoteExec {
-                node: n.id.clone(),
-                addr: n.cluster_addr.clone(),
-                secret_file: self.secret_file.clone(),
-                repo: repo.to_owned(),
-            }),
-            None => Route::NoCurrentReplica,
-        })
+        let Some(n) = candidates.first() else {
+            return Ok(Route::NoCurrentReplica);
+        };
+        // Read per request (a small file), so a rotated secret takes effect without a restart.
+        let secret = match Secret::load(&self.secret_file) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, repo, "cannot relay: the cluster secret is unreadable");
+                return Ok(Route::NoCurrentReplica);
+            }
+        };
+        Ok(Route::Remote(RemoteExec {
+            node: n.id.clone(),
+            addr: n.cluster_addr.clone(),
+            token: secret.token(Op::Exec, repo),
+            repo: repo.to_owned(),
+        }))
     }
 }
 

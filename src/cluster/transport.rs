@@ -5,7 +5,7 @@
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,6 +19,7 @@ use super::auth::Secret;
 use crate::git::process::{GitCommand, Mode, Service};
 use crate::git::repo::RepoRoot;
 use crate::git::repo_name::RepoName;
+use crate::git::splice::{pipe_wait_readable, splice_exact};
 
 /// How long a peer may take to connect or to send its header.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -185,7 +186,7 @@ fn run_git(
         Ok(s) => s,
         Err(e) => return send_error(&conn, &e.to_string()),
     };
-    let pid = spawned.pid;
+    let child = spawned.child.clone();
     let writer = Arc::new(Mutex::new(conn.try_clone()?));
     // stdin: what the reader already buffered, then the socket, until the peer half-closes.
     if let Some(mut stdin) = spawned.stdin {
@@ -201,21 +202,34 @@ fn run_git(
     let stderr_pump = std::thread::Builder::new()
         .name("gitplane-cluster-err".into())
         .spawn(move || pump(&mut stderr, &stderr_writer, Kind::Stderr))?;
-    crate::git::process::set_nonblocking(spawned.stdout.as_raw_fd(), false)?;
-    // SAFETY: we own the fd; the File takes it over.
-    let mut stdout = unsafe { std::fs::File::from_raw_fd(spawned.stdout.into_raw_fd()) };
-    let relayed = pump(&mut stdout, &writer, Kind::Stdout);
+    let relayed = splice_stdout(&spawned.stdout, &writer);
     let _ = stderr_pump.join();
     if relayed.is_err() {
         // The peer is gone: so is the point of the command.
-        crate::git::process::kill_group(pid);
+        child.kill();
     }
-    let code = wait(pid);
-    drop(spawned.pidfd);
+    let code = child.wait_blocking();
+    drop(spawned.ended);
     let w = writer.lock().unwrap_or_else(|p| p.into_inner());
     let sent = send_frame(&*w, Kind::Exit, &exit_payload(code));
     let _ = w.shutdown(std::net::Shutdown::Both);
     sent
+}
+
+/// git's stdout to the peer as frames whose payload is spliced from the pipe into the socket:
+/// the bytes waiting (FIONREAD), a frame head, then exactly that many bytes, never through user
+/// space.
+fn splice_stdout(stdout: &OwnedFd, to: &Mutex<TcpStream>) -> io::Result<()> {
+    let fd = stdout.as_raw_fd();
+    loop {
+        let waiting = pipe_wait_readable(fd)?.min(MAX_FRAME);
+        if waiting == 0 {
+            return Ok(());
+        }
+        let w = to.lock().unwrap_or_else(|p| p.into_inner());
+        (&*w).write_all(&frame_head(Kind::Stdout, waiting))?;
+        splice_exact(fd, w.as_raw_fd(), waiting)?;
+    }
 }
 
 fn pump(from: &mut impl Read, to: &Mutex<TcpStream>, kind: Kind) -> io::Result<()> {
@@ -229,20 +243,6 @@ fn pump(from: &mut impl Read, to: &Mutex<TcpStream>, kind: Kind) -> io::Result<(
         };
         let w = to.lock().unwrap_or_else(|p| p.into_inner());
         send_frame(&*w, kind, &buf[..n])?;
-    }
-}
-
-fn wait(pid: libc::pid_t) -> i32 {
-    let mut status = 0;
-    // SAFETY: reaping our own child.
-    let r = unsafe { libc::waitpid(pid, &mut status, 0) };
-    if r != pid {
-        return 128;
-    }
-    if libc::WIFEXITED(status) {
-        libc::WEXITSTATUS(status)
-    } else {
-        128 + libc::WTERMSIG(status)
     }
 }
 

@@ -1,12 +1,16 @@
 //! Everything git-facing that every front end shares: repository names and paths, the pkt-line
 //! codec, spawning `git` service processes, the pack concurrency limiter, the pack-objects cache
-//! and its counters, and streaming a child's output to a socket with splice.
+//! and its counters, relaying git to another node of a cluster, and streaming a child's output to a
+//! socket with splice.
 
+pub mod child;
 pub mod limiter;
 pub mod pack_cache;
 pub mod pack_cache_stats;
 pub mod process;
+pub mod relay;
 pub mod repo;
+pub mod splice;
 pub mod stream;
 pub mod tokio_child;
 

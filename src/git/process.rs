@@ -16,6 +16,9 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use super::child::Child;
+use super::relay::{self, RelayRequest, RelayStdio};
+
 pub use gitplane_wire::git::service::Service;
 
 /// How the service talks.
@@ -107,51 +110,24 @@ pub struct GitCommand<'a> {
     pub remote: Option<&'a RemoteExec>,
 }
 
-/// A node's copy of a repository to run git on, through `gitplane cluster-exec`.
+/// A node's copy of a repository to run git on, through the cluster transport
+/// ([`super::relay`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemoteExec {
     pub node: String,
     /// Its `--cluster-listen` address.
     pub addr: String,
-    pub secret_file: PathBuf,
+    /// The cluster token for `exec` on `repo`, made when the request was routed.
+    pub token: String,
     /// `OWNER/NAME`.
     pub repo: String,
 }
 
-impl RemoteExec {
-    /// The relay command: its stdio is the remote git's, as if it ran here.
-    fn command(&self, service: Service, mode: Mode) -> Command {
-        let mut cmd = Command::new(&*crate::lifecycle::exe());
-        cmd.env_clear().env(
-            "PATH",
-            std::env::var_os("PATH").unwrap_or_else(|| OsString::from("/usr/bin:/bin")),
-        );
-        cmd.arg("cluster-exec")
-            .arg("--addr")
-            .arg(&self.addr)
-            .arg("--secret-file")
-            .arg(&self.secret_file)
-            .arg("--repo")
-            .arg(&self.repo)
-            .arg(format!("git-{}", service.subcommand()));
-        match mode {
-            Mode::AdvertiseRefs => {
-                cmd.args(["--stateless-rpc", "--advertise-refs"]);
-            }
-            Mode::StatelessRpc if service != Service::UploadArchive => {
-                cmd.arg("--stateless-rpc");
-            }
-            _ => {}
-        }
-        cmd
-    }
-}
-
 /// The parent's ends of a running git child.
 pub struct SpawnedGit {
-    pub pid: libc::pid_t,
-    /// Readable when the child exits (pidfd), so waiting never blocks a thread.
-    pub pidfd: OwnedFd,
+    pub child: Child,
+    /// Readable when the child ends (a pidfd, or a relay's pipe), so waiting never blocks.
+    pub ended: OwnedFd,
     /// Our end of the child's stdin (a socketpair); None in advertise mode.
     pub stdin: Option<UnixStream>,
     /// The read end of the child's stdout pipe: non-blocking, close-on-exec, enlarged.
@@ -231,28 +207,41 @@ impl GitCommand<'_> {
     pub fn spawn(&self) -> Result<SpawnedGit, SpawnError> {
         let (stdout_read, stdout_write) = stdout_pipe().map_err(SpawnError::Pipes)?;
         let (stderr_ours, stderr_child) = UnixStream::pair().map_err(SpawnError::Pipes)?;
-        let (stdin_ours, stdin_child) = match self.mode {
-            Mode::AdvertiseRefs => (None, Stdio::null()),
+        let (stdin_ours, stdin_child_end) = match self.mode {
+            Mode::AdvertiseRefs => (None, None),
             _ => {
                 let (ours, child) = UnixStream::pair().map_err(SpawnError::Pipes)?;
-                (Some(ours), Stdio::from(OwnedFd::from(child)))
+                (Some(ours), Some(child))
             }
         };
 
-        // A relayed git inherits nothing either: only the variables set here.
-        let mut cmd = match self.remote {
-            Some(remote) => {
-                let mut cmd = remote.command(self.service, self.mode);
-                if let Some(p) = self.protocol {
-                    cmd.env("GIT_PROTOCOL", p);
-                }
-                for (k, v) in self.env {
-                    cmd.env(k, v);
-                }
-                cmd
-            }
-            None => self.local_command(),
+        if let Some(remote) = self.remote {
+            let request = RelayRequest {
+                remote,
+                service: self.service,
+                mode: self.mode,
+                protocol: self.protocol,
+                env: self.env,
+            };
+            let stdio = RelayStdio {
+                stdin: stdin_child_end,
+                stdout: stdout_write,
+                stderr: stderr_child,
+            };
+            let (ending, ended) = relay::start(&request, stdio).map_err(SpawnError::Pipes)?;
+            return Ok(SpawnedGit {
+                child: Child::Relay(ending),
+                ended,
+                stdin: stdin_ours,
+                stdout: stdout_read,
+                stderr: stderr_ours,
+            });
+        }
+        let stdin_child = match stdin_child_end {
+            Some(end) => Stdio::from(OwnedFd::from(end)),
+            None => Stdio::null(),
         };
+        let mut cmd = self.local_command();
         cmd.stdin(stdin_child)
             .stdout(Stdio::from(stdout_write))
             .stderr(Stdio::from(OwnedFd::from(stderr_child)));
@@ -339,8 +328,8 @@ impl GitCommand<'_> {
             }
         };
         Ok(SpawnedGit {
-            pid,
-            pidfd,
+            child: Child::Process(pid),
+            ended: pidfd,
             stdin: stdin_ours,
             stdout: stdout_read,
             stderr: stderr_ours,
@@ -358,15 +347,32 @@ pub fn kill_group(pid: libc::pid_t) {
 
 /// Reaps the child if it has exited; Some(exit code, or 128+signal) when reaped.
 pub fn try_reap(pid: libc::pid_t) -> Option<i32> {
+    reap(pid, libc::WNOHANG)
+}
+
+/// Blocks until the child exits and reaps it: its exit code, or 128+signal.
+pub fn wait_blocking(pid: libc::pid_t) -> i32 {
+    loop {
+        match reap(pid, 0) {
+            Some(code) => return code,
+            // Only EINTR gets here without a status.
+            None => continue,
+        }
+    }
+}
+
+fn reap(pid: libc::pid_t, flags: libc::c_int) -> Option<i32> {
     let mut status = 0;
     // SAFETY: waitpid on our own child with a valid status pointer.
-    let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+    let r = unsafe { libc::waitpid(pid, &mut status, flags) };
     if r == pid {
         Some(if libc::WIFEXITED(status) {
             libc::WEXITSTATUS(status)
         } else {
             128 + libc::WTERMSIG(status)
         })
+    } else if r < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+        None
     } else if r < 0 {
         // ECHILD: already reaped elsewhere; nothing left to wait for.
         Some(-1)

@@ -18,7 +18,9 @@ use std::os::unix::net::UnixStream as StdUnixStream;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::{TcpStream, UnixStream};
 
-use super::process::{kill_group, set_nonblocking, try_reap, SpawnedGit};
+use super::child::Child;
+use super::process::{set_nonblocking, SpawnedGit};
+use super::splice::{pipe_available, pipe_hung_up};
 use crate::metrics::METRICS;
 use crate::progress::{PeerClock, ProgressRules, Stall};
 
@@ -56,7 +58,7 @@ const STDERR_KEEP: usize = 8 * 1024;
 
 thread_local! {
     /// Killed children not yet reaped, per shard thread.
-    static ORPHANS: RefCell<Vec<libc::pid_t>> = const { RefCell::new(Vec::new()) };
+    static ORPHANS: RefCell<Vec<Child>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Reaps killed children that have exited; returns how many remain. Call periodically, and with
@@ -64,13 +66,12 @@ thread_local! {
 pub fn reap_orphans(block: bool) -> usize {
     ORPHANS.with(|o| {
         let mut o = o.borrow_mut();
-        o.retain(|&pid| {
+        o.retain(|child| {
             if block {
-                // SAFETY: waiting for our own SIGKILLed child.
-                unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+                child.wait_blocking();
                 false
             } else {
-                try_reap(pid).is_none()
+                child.try_reap().is_none()
             }
         });
         o.len()
@@ -84,9 +85,9 @@ fn poll_handle(fd: OwnedFd) -> io::Result<UnixStream> {
 }
 
 pub struct RunningGit {
-    pid: libc::pid_t,
+    child: Child,
     reaped: bool,
-    pidfd: UnixStream,
+    ended: UnixStream,
     stdin: Option<UnixStream>,
     stdout: UnixStream,
     stderr: Option<monoio::task::JoinHandle<String>>,
@@ -96,9 +97,9 @@ impl RunningGit {
     /// Takes over a spawned child. Must run inside a monoio runtime.
     pub fn start(child: SpawnedGit) -> io::Result<Self> {
         let mut running = Self {
-            pid: child.pid,
+            child: child.child,
             reaped: false,
-            pidfd: poll_handle(child.pidfd)?,
+            ended: poll_handle(child.ended)?,
             stdin: None,
             stdout: poll_handle(child.stdout)?,
             stderr: None,
@@ -110,10 +111,6 @@ impl RunningGit {
         let stderr = UnixStream::from_std(child.stderr)?;
         running.stderr = Some(monoio::spawn(drain_stderr(stderr)));
         Ok(running)
-    }
-
-    pub fn pid(&self) -> libc::pid_t {
-        self.pid
     }
 
     /// Writes request bytes to git's stdin. An error means git stopped reading (it exited).
@@ -232,10 +229,10 @@ impl RunningGit {
     pub async fn wait(mut self) -> ExitInfo {
         self.close_stdin().await;
         let code = loop {
-            if let Some(code) = try_reap(self.pid) {
+            if let Some(code) = self.child.try_reap() {
                 break code;
             }
-            if self.pidfd.readable(false).await.is_err() {
+            if self.ended.readable(false).await.is_err() {
                 // Cannot poll: fall back to a short sleep between checks.
                 monoio::time::sleep(std::time::Duration::from_millis(5)).await;
             }
@@ -257,9 +254,9 @@ impl Drop for RunningGit {
         }
         METRICS.git_processes.dec();
         METRICS.git_killed.inc();
-        kill_group(self.pid);
-        if try_reap(self.pid).is_none() {
-            ORPHANS.with(|o| o.borrow_mut().push(self.pid));
+        self.child.kill();
+        if self.child.try_reap().is_none() {
+            ORPHANS.with(|o| o.borrow_mut().push(self.child.clone()));
         }
     }
 }
@@ -280,27 +277,6 @@ async fn drain_stderr(mut stderr: UnixStream) -> String {
         }
     }
     String::from_utf8_lossy(&kept).into_owned()
-}
-
-fn pipe_available(fd: libc::c_int) -> io::Result<usize> {
-    let mut n: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int.
-    if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(n.max(0) as usize)
-}
-
-/// True once the write end is closed and the pipe is empty.
-fn pipe_hung_up(fd: libc::c_int) -> bool {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, zero timeout.
-    let r = unsafe { libc::poll(&mut p, 1, 0) };
-    r > 0 && p.revents & libc::POLLHUP != 0 && p.revents & libc::POLLIN == 0
 }
 
 /// Writes `[\r\n]{len:x}\r\n` into `out`, returning its length.

@@ -19,7 +19,8 @@ use tokio::io::unix::AsyncFd;
 use tokio::net::unix::pipe;
 use tokio::net::UnixStream;
 
-use super::process::{kill_group, try_reap, SpawnedGit};
+use super::child::Child;
+use super::process::SpawnedGit;
 use crate::metrics::METRICS;
 
 #[derive(Debug, thiserror::Error)]
@@ -35,8 +36,8 @@ pub enum ChildError {
 ///
 /// [`wait`]: TokioGit::wait
 pub struct TokioGit {
-    pid: libc::pid_t,
-    pidfd: Option<AsyncFd<OwnedFd>>,
+    child: Child,
+    ended: Option<AsyncFd<OwnedFd>>,
     reaped: bool,
     pub stdin: Option<UnixStream>,
     pub stdout: Option<pipe::Receiver>,
@@ -48,8 +49,8 @@ impl TokioGit {
     /// the child has been killed and reaped.
     pub fn start(child: SpawnedGit) -> Result<Self, ChildError> {
         let mut git = Self {
-            pid: child.pid,
-            pidfd: None,
+            child: child.child,
+            ended: None,
             reaped: false,
             stdin: None,
             stdout: None,
@@ -59,9 +60,9 @@ impl TokioGit {
         METRICS.git_processes.inc();
         let reg = |what| move |source| ChildError::Register { what, source };
         // SAFETY: an OwnedFd stays open and keeps its number until the AsyncFd drops it.
-        let pidfd =
-            unsafe { AsyncFd::register_with_interest(child.pidfd, tokio::io::Interest::READABLE) };
-        git.pidfd = Some(pidfd.map_err(|e| reg("pidfd")(io::Error::from(e)))?);
+        let ended =
+            unsafe { AsyncFd::register_with_interest(child.ended, tokio::io::Interest::READABLE) };
+        git.ended = Some(ended.map_err(|e| reg("exit fd")(io::Error::from(e)))?);
         git.stdout = Some(pipe::Receiver::from_owned_fd(child.stdout).map_err(reg("stdout pipe"))?);
         git.stderr = Some(stream(child.stderr).map_err(reg("stderr"))?);
         if let Some(stdin) = child.stdin {
@@ -70,8 +71,8 @@ impl TokioGit {
         Ok(git)
     }
 
-    pub fn pid(&self) -> libc::pid_t {
-        self.pid
+    pub fn child(&self) -> &Child {
+        &self.child
     }
 
     /// Waits for the child to exit and reaps it: its exit code, or 128 + signal number.
@@ -82,7 +83,7 @@ impl TokioGit {
             if let Some(code) = self.reap_now() {
                 return code;
             }
-            match self.pidfd.as_ref() {
+            match self.ended.as_ref() {
                 Some(fd) => match fd.readable().await {
                     // The pidfd stays readable once the child has exited; the next try_reap
                     // succeeds, so clearing readiness is only needed for a spurious wake.
@@ -98,7 +99,7 @@ impl TokioGit {
         if self.reaped {
             return Some(-1);
         }
-        let code = try_reap(self.pid)?;
+        let code = self.child.try_reap()?;
         self.reaped = true;
         METRICS.git_processes.dec();
         Some(code)
@@ -117,13 +118,13 @@ impl Drop for TokioGit {
         }
         METRICS.git_processes.dec();
         METRICS.git_killed.inc();
-        kill_group(self.pid);
-        if try_reap(self.pid).is_some() {
+        self.child.kill();
+        if self.child.try_reap().is_some() {
             return;
         }
         let reaper = Reaper {
-            pid: self.pid,
-            pidfd: self.pidfd.take(),
+            child: self.child.clone(),
+            ended: self.ended.take(),
             done: false,
         };
         match tokio::runtime::Handle::try_current() {
@@ -139,19 +140,19 @@ impl Drop for TokioGit {
 /// Reaps one SIGKILLed child. If the runtime drops it before it ran (shutdown), Drop waits
 /// synchronously: the child was SIGKILLed, so that wait is short.
 struct Reaper {
-    pid: libc::pid_t,
-    pidfd: Option<AsyncFd<OwnedFd>>,
+    child: Child,
+    ended: Option<AsyncFd<OwnedFd>>,
     done: bool,
 }
 
 impl Reaper {
     async fn run(mut self) {
         for _ in 0..2000 {
-            if try_reap(self.pid).is_some() {
+            if self.child.try_reap().is_some() {
                 self.done = true;
                 return;
             }
-            match self.pidfd.as_ref() {
+            match self.ended.as_ref() {
                 Some(fd) => {
                     let ready =
                         tokio::time::timeout(Duration::from_millis(50), fd.readable()).await;
@@ -171,12 +172,11 @@ impl Drop for Reaper {
         if self.done {
             return;
         }
-        // Deregister before closing: the pidfd must not be closed under the reactor.
-        if let Some(fd) = self.pidfd.take() {
+        // Deregister before closing: the fd must not be closed under the reactor.
+        if let Some(fd) = self.ended.take() {
             drop(fd.into_inner());
         }
-        // SAFETY: waiting for our own SIGKILLed child.
-        unsafe { libc::waitpid(self.pid, std::ptr::null_mut(), 0) };
+        self.child.wait_blocking();
     }
 }
 
@@ -259,7 +259,7 @@ mod tests {
                 remote: None,
             };
             let git = TokioGit::start(cmd.spawn().unwrap()).unwrap();
-            let pid = git.pid();
+            let pid = git.child().pid().unwrap();
             assert!(alive(pid));
             drop(git);
             // Let the reaper task run.

@@ -22,6 +22,7 @@ use super::pb::{health, v1 as pb};
 use super::pool::{CallCtx, GitPool};
 use super::status::{Code, Status};
 use crate::cluster::membership::Route;
+use crate::cluster::replicate;
 use crate::config::{HousekeepingConfig, RpcLimits};
 use crate::git::repo::RepoRoot;
 use crate::git::repo_name::RepoName;
@@ -176,21 +177,20 @@ impl CallEnv {
     /// Runs `op`, which writes one ref: the change is recorded as pending (durably) right before
     /// libgit2 writes the ref, and becomes its hook event once the op is done, so webhooks and
     /// indexing see merges and branches made through the API too, even across a crash.
+    ///
+    /// In a cluster the update is voted as a push's is: libgit2 writes refs without git's
+    /// reference-transaction hook, so the call itself does what the hook does for a push
+    /// ([`crate::cluster::replicate::prepared`]: the new objects and the update, leased on the
+    /// old value, pushed to the other current copies; a majority or nothing), right before the
+    /// local write, and closes the window after it.
     fn changing_ref<T>(
         &self,
         method: &str,
         repo: &Repository,
         op: impl FnOnce(ops::BeforeRefWrite<'_>) -> OpResult<T>,
     ) -> OpResult<T> {
-        if self.routing.is_some() {
-            // libgit2 writes refs without git's reference-transaction hook, so nothing would
-            // replicate the change: refused rather than left on one copy.
-            return Err(ops::OpError::Status(Status::new(
-                Code::FailedPrecondition,
-                format!("{method} changes refs, which the gRPC API does not replicate in a cluster yet: push the change with git"),
-            )));
-        }
         let change = ServerChange::new(&self.store, &self.name, format!("grpc:{method}"));
+        let voted = std::cell::RefCell::new(Vec::new());
         let result = op(&|update: &RefUpdate| {
             change.prepare(update).map_err(|e| {
                 ops::OpError::Status(Status::new(
@@ -200,8 +200,32 @@ impl CallEnv {
                         update.refname
                     ),
                 ))
-            })
+            })?;
+            if let Some(routing) = &self.routing {
+                let updates = [replicate::RefUpdate {
+                    before: update.before.clone(),
+                    after: update.after.clone(),
+                    refname: update.refname.clone(),
+                }];
+                replicate::prepared(&self.store, routing, &self.name, repo.path(), &updates)
+                    .map_err(|e| {
+                        ops::OpError::Status(Status::new(
+                            Code::Unavailable,
+                            format!("{method} did not change {}: {e}", update.refname),
+                        ))
+                    })?;
+                voted.borrow_mut().extend(updates);
+            }
+            Ok(())
         });
+        let voted = voted.into_inner();
+        if !voted.is_empty() {
+            if let Err(e) =
+                replicate::finished(&self.store, &self.name, repo.path(), &voted, result.is_ok())
+            {
+                tracing::warn!(repo = %self.name, method, error = %e, "closing a replicated write");
+            }
+        }
         let current = |name: &str| {
             ops::refs::ref_target(repo, name)
                 .ok()

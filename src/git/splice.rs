@@ -1,0 +1,112 @@
+//! Pipe and splice(2) primitives shared by the shard's pack path and the cluster relay.
+
+use std::io;
+
+/// Bytes waiting in a pipe (FIONREAD).
+pub fn pipe_available(fd: libc::c_int) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n.max(0) as usize)
+}
+
+/// True once the write end is closed and the pipe is empty.
+pub fn pipe_hung_up(fd: libc::c_int) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, zero timeout.
+    let r = unsafe { libc::poll(&mut p, 1, 0) };
+    r > 0 && p.revents & libc::POLLHUP != 0 && p.revents & libc::POLLIN == 0
+}
+
+/// Waits (blocking) until the pipe has bytes or is hung up; returns the bytes waiting, 0 at EOF.
+pub fn pipe_wait_readable(fd: libc::c_int) -> io::Result<usize> {
+    loop {
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let r = unsafe { libc::poll(&mut p, 1, -1) };
+        if r < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        match pipe_available(fd)? {
+            0 if p.revents & (libc::POLLHUP | libc::POLLERR) != 0 => return Ok(0),
+            0 => continue,
+            n => return Ok(n),
+        }
+    }
+}
+
+/// Moves exactly `len` bytes from `from` to `to` (one of them a pipe) with blocking splices.
+/// Fails with UnexpectedEof if `from` ends first.
+pub fn splice_exact(from: libc::c_int, to: libc::c_int, mut len: usize) -> io::Result<()> {
+    while len > 0 {
+        // SAFETY: splice between two open fds, no offsets.
+        let n = unsafe {
+            libc::splice(
+                from,
+                std::ptr::null_mut(),
+                to,
+                std::ptr::null_mut(),
+                len,
+                libc::SPLICE_F_MOVE,
+            )
+        };
+        match n {
+            n if n > 0 => len -= n as usize,
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            _ => {
+                let err = io::Error::last_os_error();
+                if err.kind() != io::ErrorKind::Interrupted {
+                    return Err(err);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn splices_exactly_and_reports_a_short_source() {
+        let (mut a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut fds = [0; 2];
+        // SAFETY: a valid array of two ints.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        a.write_all(b"hello world").unwrap();
+        splice_exact(b.as_raw_fd(), fds[1], 5).unwrap();
+        assert_eq!(pipe_available(fds[0]).unwrap(), 5);
+        assert_eq!(pipe_wait_readable(fds[0]).unwrap(), 5);
+        // SAFETY: fds[0] is the pipe's read end, owned by this test from here on.
+        let mut read = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fds[0]) };
+        let mut got = [0u8; 5];
+        read.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hello");
+        drop(a);
+        let short = splice_exact(b.as_raw_fd(), fds[1], 100).unwrap_err();
+        assert_eq!(short.kind(), io::ErrorKind::UnexpectedEof);
+        // SAFETY: closing the write end we own; the read end then reports EOF.
+        unsafe { libc::close(fds[1]) };
+        let mut rest = Vec::new();
+        read.read_to_end(&mut rest).unwrap();
+        assert_eq!(rest, b" world");
+        assert_eq!(pipe_wait_readable(read.as_raw_fd()).unwrap(), 0);
+    }
+}
