@@ -3,6 +3,7 @@
 #
 #   FUZZ_SECONDS=60 scripts/fuzz.sh            # all targets, 60 s each (default 20)
 #   scripts/fuzz.sh chunked pktline            # only these targets
+#   scripts/fuzz.sh --build-only               # build every target, run none
 #
 # Seeds are read from fuzz/corpus/<target> and never written to; what the fuzzer finds goes to
 # fuzz/target/corpus/<target>, so later runs start from there. Crashes land in
@@ -26,6 +27,12 @@ export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4
 -Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing -Cdebug-assertions \
 -Coverflow-checks -Zsanitizer=address"
 
+build_only=0
+if [ "${1:-}" = "--build-only" ]; then
+    build_only=1
+    shift
+fi
+
 cd "$fuzz_dir"
 if [ "$#" -gt 0 ]; then
     targets=("$@")
@@ -36,6 +43,7 @@ fi
 # One build for all targets, so the runs below do not rebuild.
 cargo build --release --target "$triple" --bins
 bin_dir="$CARGO_TARGET_DIR/$triple/release"
+[ "$build_only" -eq 1 ] && exit 0
 
 passed=0
 failed=0
