@@ -62,12 +62,16 @@ pub struct RepoName {
 impl RepoName {
     /// Parses `owner/name` or `owner/name.git`.
     pub fn parse(s: &str) -> Result<RepoName, RepoNameError> {
-        let mut parts = s.split('/');
-        let (Some(owner), Some(name), None) = (parts.next(), parts.next(), parts.next()) else {
+        // Split at the only '/' by hand: with `str::split` this path's count rose 5.6% when another
+        // module of the crate began splitting on a char (codegen of the shared generic changed),
+        // and the byte scan is 26% cheaper still (bench/icount.sh, repo_name/parse-16).
+        let mut slashes = s.bytes().enumerate().filter(|&(_, b)| b == b'/');
+        let (Some((slash, _)), None) = (slashes.next(), slashes.next()) else {
             return Err(RepoNameError::SegmentCount {
-                segments: s.split('/').count(),
+                segments: 1 + s.bytes().filter(|&b| b == b'/').count(),
             });
         };
+        let (owner, name) = (&s[..slash], &s[slash + 1..]);
         check_segment(Segment::Owner, owner)?;
         let name = name.strip_suffix(GIT_SUFFIX).unwrap_or(name);
         check_segment(Segment::Name, name)?;
