@@ -9,8 +9,8 @@ server --pg-admin-url names, dropped at the end) with LFS in moto's S3, then mea
      relaying node's CPU per clone (its process tree: the server and its relay threads) against
      the holder's (server, upload-pack, pack-objects), gitplane-load clone at --clients for
      --seconds each, the same repository (pushed with `git push --mirror`); the relay's added
-     CPU is the relaying node's minus the front end's that any node runs for a clone (the
-     holder's own process CPU, git excluded, when it serves the clone itself);
+     CPU is what the cluster spends on a relayed clone (relaying node + holder) minus what the
+     holder spends on a clone it serves itself (the front end then runs there instead);
   3. repair time against missed pushes: node 3 SIGSTOPped, M pushes, SIGCONT, time until
      `gitplane cluster status` says every copy agrees.
 
@@ -32,7 +32,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench", "lib"))
-from probe import BIN, make_history, own_cpu_seconds, tree_cpu_seconds, pct, require_binary, run, start_server  # noqa: E402
+from probe import BIN, make_history, tree_cpu_seconds, pct, require_binary, run, start_server  # noqa: E402
 
 LOAD = os.path.join(ROOT, "target", "release", "gitplane-load")
 
@@ -121,7 +121,6 @@ def clone_relay(c, history, clients, seconds, perf=None):
                             "--user", "admin", "-c", "2", "-d", "3s", "-q"], check=True,
                            capture_output=True, env={**os.environ, "GITPLANE_LOAD_PASSWORD": c.password})
             before, before_h = tree_cpu_seconds(pid), tree_cpu_seconds(holder_pid)
-            before_own = own_cpu_seconds(pid)
             recorder = None
             if perf and name == "relay":
                 recorder = subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-g", "-q", "-o", perf,
@@ -131,7 +130,6 @@ def clone_relay(c, history, clients, seconds, perf=None):
                             "--json", rep.name], check=True, capture_output=True,
                            env={**os.environ, "GITPLANE_LOAD_PASSWORD": c.password})
             cpu, cpu_h = tree_cpu_seconds(pid) - before, tree_cpu_seconds(holder_pid) - before_h
-            own = own_cpu_seconds(pid) - before_own
             if recorder:
                 recorder.send_signal(signal.SIGINT)
                 recorder.wait(timeout=60)
@@ -139,7 +137,6 @@ def clone_relay(c, history, clients, seconds, perf=None):
         n = max(r["ok"], 1)
         res[name] = {"clones_per_s": r["throughput"], "errors": r["errors_total"],
                      "entry_cpu_ms": 1000 * cpu / n, "holder_cpu_ms": 1000 * cpu_h / n,
-                     "entry_own_cpu_ms": 1000 * own / n,
                      "p99_ms": r["latency_ms"]["p99"]}
     return res
 
@@ -214,14 +211,13 @@ def main():
             print(f"  through the {name:6}: {r['clones_per_s']:.1f} clones/s, p99 {r['p99_ms']:.0f} ms, "
                   f"{r['errors']} errors; entry node CPU {r['entry_cpu_ms']:.2f} ms/clone, "
                   f"holder CPU {r['holder_cpu_ms']:.2f} ms/clone")
-        serving = max(relay["holder"]["holder_cpu_ms"], 1e-9)
-        front = relay["holder"]["entry_own_cpu_ms"]
-        total = relay["relay"]["entry_cpu_ms"]
-        print(f"  relaying node's CPU per clone: {100 * total / serving:.1f}% of the serving node's")
-        print(f"  of it, the front end any node runs (HTTP, auth, access check, routing, splicing the "
-              f"response: the serving node's own process CPU): {front:.2f} ms")
-        print(f"  the relay's added CPU per clone: {total - front:.2f} ms = "
-              f"{100 * (total - front) / serving:.1f}% of the serving node's")
+        direct = max(relay["holder"]["holder_cpu_ms"], 1e-9)
+        relayed = relay["relay"]["entry_cpu_ms"] + relay["relay"]["holder_cpu_ms"]
+        print(f"  cluster CPU per clone: {direct:.2f} ms served where the copy is, {relayed:.2f} ms "
+              f"relayed (relaying node {relay['relay']['entry_cpu_ms']:.2f} + holder "
+              f"{relay['relay']['holder_cpu_ms']:.2f})")
+        print(f"  the relay's added CPU per clone: {relayed - direct:.2f} ms = "
+              f"{100 * (relayed - direct) / direct:.1f}% of serving it locally")
         missed = [int(x) for x in args.missed.split(",")]
         for m, secs in repair_times(c, work, missed).items():
             print(f"repair after {m:4} missed pushes: {secs:.2f} s")

@@ -92,13 +92,6 @@ def tree_cpu_seconds(pid):
     return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
-def own_cpu_seconds(pid):
-    """User+system seconds of `pid` itself (all its threads), without its children."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return sum(int(x) for x in fields[11:13]) / os.sysconf("SC_CLK_TCK")
-
-
 def rss_kb(pid):
     """VmRSS of one process, in kB (0 once it is gone)."""
     try:
