@@ -32,7 +32,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench", "lib"))
-from probe import BIN, make_history, tree_cpu_seconds, pct, require_binary, run, start_server  # noqa: E402
+from probe import BIN, make_history, thread_cpu_seconds, tree_cpu_seconds, pct, require_binary, run, start_server  # noqa: E402
 
 LOAD = os.path.join(ROOT, "target", "release", "gitplane-load")
 
@@ -121,6 +121,7 @@ def clone_relay(c, history, clients, seconds, perf=None):
                             "--user", "admin", "-c", "2", "-d", "3s", "-q"], check=True,
                            capture_output=True, env={**os.environ, "GITPLANE_LOAD_PASSWORD": c.password})
             before, before_h = tree_cpu_seconds(pid), tree_cpu_seconds(holder_pid)
+            threads_before = thread_cpu_seconds(pid)
             recorder = None
             if perf and name == "relay":
                 recorder = subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-g", "-q", "-o", perf,
@@ -130,6 +131,7 @@ def clone_relay(c, history, clients, seconds, perf=None):
                             "--json", rep.name], check=True, capture_output=True,
                            env={**os.environ, "GITPLANE_LOAD_PASSWORD": c.password})
             cpu, cpu_h = tree_cpu_seconds(pid) - before, tree_cpu_seconds(holder_pid) - before_h
+            threads = {k: v - threads_before.get(k, 0) for k, v in thread_cpu_seconds(pid).items()}
             if recorder:
                 recorder.send_signal(signal.SIGINT)
                 recorder.wait(timeout=60)
@@ -137,7 +139,8 @@ def clone_relay(c, history, clients, seconds, perf=None):
         n = max(r["ok"], 1)
         res[name] = {"clones_per_s": r["throughput"], "errors": r["errors_total"],
                      "entry_cpu_ms": 1000 * cpu / n, "holder_cpu_ms": 1000 * cpu_h / n,
-                     "p99_ms": r["latency_ms"]["p99"]}
+                     "p99_ms": r["latency_ms"]["p99"],
+                     "threads_ms": {k: 1000 * v / n for k, v in threads.items()}}
     return res
 
 
@@ -218,6 +221,13 @@ def main():
               f"{relay['relay']['holder_cpu_ms']:.2f})")
         print(f"  the relay's added CPU per clone: {relayed - direct:.2f} ms = "
               f"{100 * (relayed - direct) / direct:.1f}% of serving it locally")
+        print("  CPU per clone of the node reached, by thread (ms; ended threads are the relays' and "
+              "other short-lived ones):")
+        names = sorted(set(relay["holder"]["threads_ms"]) | set(relay["relay"]["threads_ms"]))
+        for name in names:
+            h, r = (relay[k]["threads_ms"].get(name, 0) for k in ("holder", "relay"))
+            if max(h, r) >= 0.01:
+                print(f"    {name:22} holder {h:6.2f}  relaying {r:6.2f}")
         missed = [int(x) for x in args.missed.split(",")]
         for m, secs in repair_times(c, work, missed).items():
             print(f"repair after {m:4} missed pushes: {secs:.2f} s")

@@ -169,7 +169,9 @@ impl HttpAuth {
             let access: Option<RepoAccess> =
                 store.repo_access(&lookup_repo, lookup_user.as_deref())?;
             let route = match (&routing, &access) {
-                (Some(routing), Some(_)) => routing.route(store, &lookup_repo.to_string())?,
+                (Some(routing), Some(a)) => {
+                    routing.route_among(store, &lookup_repo.to_string(), &a.replicas)?
+                }
                 _ => Route::Local,
             };
             Ok(Some((trusted_until, access, route)))

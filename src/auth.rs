@@ -292,6 +292,7 @@ mod tests {
             public,
             user_access,
             elsewhere: None,
+            replicas: Default::default(),
         })
     }
 

@@ -92,6 +92,30 @@ def tree_cpu_seconds(pid):
     return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu_seconds(pid):
+    """User+system seconds of `pid`'s threads by name, the threads that already ended under
+    "(ended threads)" (the process total minus its live threads), its reaped children under
+    "(children)"."""
+    tck = os.sysconf("SC_CLK_TCK")
+    by_name, live = {}, 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                head, rest = f.read().rsplit(")", 1)
+        except FileNotFoundError:
+            continue
+        name = head.split("(", 1)[1].rstrip("0123456789-")
+        ticks = sum(int(x) for x in rest.split()[11:13])
+        by_name[name] = by_name.get(name, 0) + ticks / tck
+        live += ticks
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    own, children = (sum(int(x) for x in fields[i:i + 2]) for i in (11, 13))
+    by_name["(ended threads)"] = (own - live) / tck
+    by_name["(children)"] = children / tck
+    return by_name
+
+
 def rss_kb(pid):
     """VmRSS of one process, in kB (0 once it is gone)."""
     try:

@@ -12,7 +12,7 @@ use gitplane_wire::cluster::Op;
 
 use super::auth::Secret;
 use crate::git::process::RemoteExec;
-use crate::store::cluster::NodeRecord;
+use crate::store::cluster::{NodeRecord, Replicas};
 use crate::store::{Location, Store, StoreError};
 
 /// Where to run git for one request.
@@ -59,9 +59,19 @@ impl Routing {
 
     /// Where git for `repo` runs.
     pub fn route(&self, store: &Store, repo: &str) -> Result<Route, StoreError> {
-        let Some(replicas) = store.replicas(repo)? else {
-            return Ok(Route::Local);
-        };
+        match store.replicas(repo)? {
+            Some(replicas) => self.route_among(store, repo, &replicas),
+            None => Ok(Route::Local),
+        }
+    }
+
+    /// Where git for `repo` runs, given its replicas as just read (with the access check).
+    pub fn route_among(
+        &self,
+        store: &Store,
+        repo: &str,
+        replicas: &Replicas,
+    ) -> Result<Route, StoreError> {
         if replicas.replicas.is_empty() {
             return Ok(Route::Local);
         }

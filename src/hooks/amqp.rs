@@ -43,13 +43,12 @@ use lapin::{
 use super::db::DbError;
 use super::event::PushEvent;
 use super::jobs::JobKind;
+use super::poll::IdleBackoff;
 use super::worker::{Outcome, Worker};
 use crate::config::HookConfig;
 use crate::metrics::METRICS;
 use crate::runtime::sidecar::{stopped, StopSignal};
 
-/// Idle wait between outbox polls of the relay.
-const POLL: Duration = Duration::from_millis(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(2);
@@ -350,6 +349,7 @@ async fn relay(worker: Rc<Worker>, ch: Channel, mut stop: StopSignal) -> Result<
     let mut window: Window = VecDeque::with_capacity(max_window);
     // Highest outbox id published on this channel; rows above it are next.
     let mut last_published = 0i64;
+    let mut idle = IdleBackoff::default();
     loop {
         if *stop.borrow() {
             return Ok(());
@@ -367,6 +367,9 @@ async fn relay(worker: Rc<Worker>, ch: Channel, mut stop: StopSignal) -> Result<
             let rows = db
                 .call(move |s| s.outbox_after(last_published, room))
                 .await?;
+            if !rows.is_empty() {
+                idle.found();
+            }
             for row in rows {
                 let props = BasicProperties::default()
                     .with_delivery_mode(2)
@@ -392,7 +395,7 @@ async fn relay(worker: Rc<Worker>, ch: Channel, mut stop: StopSignal) -> Result<
         }
         if window.is_empty() {
             tokio::select! {
-                _ = tokio::time::sleep(POLL) => {}
+                _ = tokio::time::sleep(idle.empty()) => {}
                 _ = stopped(&mut stop) => return Ok(()),
             }
             continue;

@@ -18,12 +18,11 @@ use tokio::sync::mpsc;
 
 use super::event::PushEvent;
 use super::jobs::JobKind;
+use super::poll::IdleBackoff;
 use super::worker::{Outcome, Worker};
 use crate::metrics::METRICS;
 use crate::runtime::sidecar::{stopped, StopSignal};
 
-/// Idle wait between outbox polls.
-const POLL: Duration = Duration::from_millis(10);
 /// Per-core queue of dispatched jobs.
 const CHANNEL: usize = 4096;
 
@@ -131,6 +130,7 @@ async fn dispatch(worker: Rc<Worker>, cores: Vec<mpsc::Sender<Task>>, mut stop: 
     let mut depth_at = Instant::now()
         .checked_sub(Duration::from_secs(1))
         .unwrap_or_else(Instant::now);
+    let mut idle = IdleBackoff::default();
     loop {
         while let Ok(id) = done_rx.try_recv() {
             finish(&mut pending, &mut finished, id);
@@ -201,10 +201,12 @@ async fn dispatch(worker: Rc<Worker>, cores: Vec<mpsc::Sender<Task>>, mut stop: 
                 Err(e) => tracing::warn!(error = %e, "cannot read the outbox"),
             }
         }
-        if got == 0 {
+        if got > 0 {
+            idle.found();
+        } else {
             tokio::select! {
                 id = done_rx.recv() => if let Some(id) = id { finish(&mut pending, &mut finished, id) },
-                _ = tokio::time::sleep(POLL) => {}
+                _ = tokio::time::sleep(idle.empty()) => {}
                 _ = stopped(&mut stop) => return,
             }
         }

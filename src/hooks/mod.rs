@@ -27,6 +27,7 @@ pub mod http_client;
 pub mod jobs;
 mod lease;
 pub mod pending;
+mod poll;
 pub mod worker;
 
 use std::future::Future;

@@ -212,7 +212,7 @@ impl ConnHandler {
         let (access, route) = with_store(self.shared.config.store.clone(), move |s| {
             let access = s.repo_access(&r, Some(&u))?;
             let route = match (&routing, &access) {
-                (Some(routing), Some(_)) => routing.route(s, &r.to_string())?,
+                (Some(routing), Some(a)) => routing.route_among(s, &r.to_string(), &a.replicas)?,
                 _ => Route::Local,
             };
             Ok((access, route))

@@ -33,7 +33,7 @@ pub struct ReplicaRecord {
 }
 
 /// A repository's replicas and the generation a current one has reached.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Replicas {
     pub generation: i64,
     pub replicas: Vec<ReplicaRecord>,
@@ -137,24 +137,31 @@ impl Store {
 
     /// The replicas of `repo`; None when the repository does not exist.
     pub fn replicas(&self, repo: &str) -> Result<Option<Replicas>, StoreError> {
-        let Some((id, generation)) = self.db.row(
-            "SELECT id, generation FROM repos WHERE owner || '/' || name = $1",
-            params![repo],
-            |r| Ok((r.int(0)?, r.int(1)?)),
-        )?
-        else {
+        // One round trip on the (owner, name) index: every relayed or local read routes through
+        // here (the repository's row and its replicas were two queries, the first a scan of
+        // `owner || '/' || name`).
+        let Some((owner, name)) = repo.split_once('/') else {
             return Ok(None);
         };
-        let replicas = self.db.rows(
-            "SELECT node, generation FROM repo_replicas WHERE repo_id = $1 ORDER BY node",
-            params![id],
-            |r| {
-                Ok(ReplicaRecord {
-                    node: r.text(0)?,
-                    generation: r.int(1)?,
-                })
-            },
+        let rows = self.db.rows(
+            "SELECT r.generation, rr.node, rr.generation
+             FROM repos r LEFT JOIN repo_replicas rr ON rr.repo_id = r.id
+             WHERE r.owner = $1 AND r.name = $2 ORDER BY rr.node",
+            params![owner, name],
+            |r| Ok((r.int(0)?, r.opt_text(1)?, r.opt_int(2)?)),
         )?;
+        let Some(&(generation, _, _)) = rows.first() else {
+            return Ok(None);
+        };
+        let replicas = rows
+            .into_iter()
+            .filter_map(|(_, node, generation)| {
+                Some(ReplicaRecord {
+                    node: node?,
+                    generation: generation?,
+                })
+            })
+            .collect();
         Ok(Some(Replicas {
             generation,
             replicas,

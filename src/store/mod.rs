@@ -147,6 +147,9 @@ pub struct RepoAccess {
     pub user_access: Option<Access>,
     /// The node the repository lives on when that is not this one: it cannot be served here.
     pub elsewhere: Option<String>,
+    /// Its copies in a cluster (none when it is not replicated), read in the same round trip so
+    /// routing a request costs no second query.
+    pub replicas: cluster::Replicas,
 }
 
 /// A registered SSH public key (see [`Store::add_ssh_key`]).
@@ -612,17 +615,31 @@ impl Store {
         repo: &RepoName,
         user: Option<&str>,
     ) -> Result<Option<RepoAccess>, StoreError> {
-        // One round trip: the repository, where it lives, and the user's grant.
-        let row = self.db.row(
-            "SELECT r.public, r.node, g.access FROM repos r
+        // One round trip: the repository, where it lives, the user's grant, and its replicas
+        // (one row per replica, at least one row).
+        let rows = self.db.rows(
+            "SELECT r.public, r.node, g.access, r.generation, rr.node, rr.generation FROM repos r
              LEFT JOIN users u ON u.name = $3
              LEFT JOIN grants g ON g.repo_id = r.id AND g.user_id = u.id
-             WHERE r.owner = $1 AND r.name = $2",
+             LEFT JOIN repo_replicas rr ON rr.repo_id = r.id
+             WHERE r.owner = $1 AND r.name = $2 ORDER BY rr.node",
             params![repo.owner(), repo.name(), user.unwrap_or("")],
-            |r| Ok((r.bool(0)?, r.text(1)?, r.opt_int(2)?)),
+            |r| {
+                let replica = match (r.opt_text(4)?, r.opt_int(5)?) {
+                    (Some(node), Some(generation)) => {
+                        Some(cluster::ReplicaRecord { node, generation })
+                    }
+                    _ => None,
+                };
+                Ok((r.bool(0)?, r.text(1)?, r.opt_int(2)?, r.int(3)?, replica))
+            },
         )?;
-        let Some((public, node, grant)) = row else {
+        let Some((public, node, grant, generation, _)) = rows.first().cloned() else {
             return Ok(None);
+        };
+        let replicas = cluster::Replicas {
+            generation,
+            replicas: rows.into_iter().filter_map(|row| row.4).collect(),
         };
         let user_access = match user {
             None => None,
@@ -634,6 +651,7 @@ impl Store {
             public,
             user_access,
             elsewhere,
+            replicas,
         }))
     }
 }
