@@ -24,6 +24,7 @@ pub mod lfs;
 pub mod lifecycle;
 pub mod metrics;
 pub mod progress;
+pub mod reused_threads;
 pub mod rpc;
 pub mod runtime;
 pub mod server;

@@ -20,6 +20,7 @@ use crate::git::process::{GitCommand, Mode, Service};
 use crate::git::repo::RepoRoot;
 use crate::git::repo_name::RepoName;
 use crate::git::splice::{pipe_wait_readable, splice_exact};
+use crate::reused_threads;
 
 /// How long a peer may take to connect or to send its header.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -54,16 +55,14 @@ pub fn serve(listener: TcpListener, ctx: Arc<ServerContext>) -> io::Result<()> {
                 let Ok(conn) = conn else { continue };
                 let (ctx, active) = (Arc::clone(&ctx), Arc::clone(&active));
                 let n = active.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-                let spawned = std::thread::Builder::new()
-                    .name("gitplane-cluster-conn".into())
-                    .spawn(move || {
-                        if n >= MAX_CONNECTIONS {
-                            let _ = send_error(&conn, "too many cluster connections");
-                        } else if let Err(e) = handle(conn, &ctx) {
-                            tracing::debug!(error = %e, "cluster connection ended");
-                        }
-                        active.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-                    });
+                let spawned = reused_threads::run(move || {
+                    if n >= MAX_CONNECTIONS {
+                        let _ = send_error(&conn, "too many cluster connections");
+                    } else if let Err(e) = handle(conn, &ctx) {
+                        tracing::debug!(error = %e, "cluster connection ended");
+                    }
+                    active.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+                });
                 if spawned.is_err() {
                     tracing::warn!("cannot start a thread for a cluster connection");
                 }
@@ -190,20 +189,21 @@ fn run_git(
     let writer = Arc::new(Mutex::new(conn.try_clone()?));
     // stdin: what the reader already buffered, then the socket, until the peer half-closes.
     if let Some(mut stdin) = spawned.stdin {
-        std::thread::Builder::new()
-            .name("gitplane-cluster-in".into())
-            .spawn(move || {
-                let _ = io::copy(&mut reader, &mut stdin);
-                let _ = stdin.shutdown(std::net::Shutdown::Write);
-            })?;
+        reused_threads::run(move || {
+            let _ = io::copy(&mut reader, &mut stdin);
+            let _ = stdin.shutdown(std::net::Shutdown::Write);
+        })?;
     }
     let stderr_writer = Arc::clone(&writer);
     let mut stderr = spawned.stderr;
-    let stderr_pump = std::thread::Builder::new()
-        .name("gitplane-cluster-err".into())
-        .spawn(move || pump(&mut stderr, &stderr_writer, Kind::Stderr))?;
+    let (pumped_tx, pumped) = std::sync::mpsc::sync_channel::<()>(1);
+    reused_threads::run(move || {
+        let _ = pump(&mut stderr, &stderr_writer, Kind::Stderr);
+        let _ = pumped_tx.send(());
+    })?;
     let relayed = splice_stdout(&spawned.stdout, &writer);
-    let _ = stderr_pump.join();
+    // Every stderr frame goes out before the exit frame (a disconnect also means done).
+    let _ = pumped.recv();
     if relayed.is_err() {
         // The peer is gone: so is the point of the command.
         child.kill();
@@ -233,7 +233,8 @@ fn splice_stdout(stdout: &OwnedFd, to: &Mutex<TcpStream>) -> io::Result<()> {
 }
 
 fn pump(from: &mut impl Read, to: &Mutex<TcpStream>, kind: Kind) -> io::Result<()> {
-    let mut buf = vec![0u8; 256 * 1024];
+    // stderr is progress and error lines: a small buffer, not a pack's.
+    let mut buf = vec![0u8; 16 * 1024];
     loop {
         let n = match from.read(&mut buf) {
             Ok(0) => return Ok(()),

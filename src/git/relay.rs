@@ -134,26 +134,24 @@ pub fn start(request: &RelayRequest<'_>, stdio: RelayStdio) -> io::Result<(Arc<E
     let addr = request.remote.addr.clone();
     let node = request.remote.node.clone();
     let thread_ending = Arc::clone(&ending);
-    std::thread::Builder::new()
-        .name("gitplane-relay".into())
-        .spawn(move || {
-            let RelayStdio {
-                stdin,
-                stdout,
-                mut stderr,
-            } = stdio;
-            let code = match relay(&addr, &header, stdin, stdout, &mut stderr, &thread_ending) {
-                Ok(code) => code,
-                Err(e) => {
-                    let _ = writeln!(stderr, "gitplane: relay to node {node} ({addr}): {e}");
-                    RELAY_FAILED
-                }
-            };
-            drop(stderr);
-            thread_ending.finish(code);
-            // Last: the shard wakes on this and finds the code set.
-            drop(done_write);
-        })?;
+    crate::reused_threads::run(move || {
+        let RelayStdio {
+            stdin,
+            stdout,
+            mut stderr,
+        } = stdio;
+        let code = match relay(&addr, &header, stdin, stdout, &mut stderr, &thread_ending) {
+            Ok(code) => code,
+            Err(e) => {
+                let _ = writeln!(stderr, "gitplane: relay to node {node} ({addr}): {e}");
+                RELAY_FAILED
+            }
+        };
+        drop(stderr);
+        thread_ending.finish(code);
+        // Last: the shard wakes on this and finds the code set.
+        drop(done_write);
+    })?;
     Ok((ending, done_read))
 }
 
@@ -177,12 +175,10 @@ fn relay(
     match stdin {
         Some(mut stdin) => {
             let mut up = conn.try_clone()?;
-            std::thread::Builder::new()
-                .name("gitplane-relay-in".into())
-                .spawn(move || {
-                    let _ = io::copy(&mut stdin, &mut up);
-                    let _ = up.shutdown(Shutdown::Write);
-                })?;
+            crate::reused_threads::run(move || {
+                let _ = io::copy(&mut stdin, &mut up);
+                let _ = up.shutdown(Shutdown::Write);
+            })?;
         }
         None => conn.shutdown(Shutdown::Write)?,
     }
