@@ -31,5 +31,6 @@ pub mod server;
 pub mod smart_http;
 pub mod ssh;
 pub mod store;
+pub mod tls_client;
 pub mod token;
 pub mod tune;

@@ -81,13 +81,16 @@ enum Command {
     #[command(subcommand)]
     Node(NodeCommand),
     /// SSH over WebSocket for OpenSSH's ProxyCommand:
-    /// `ssh -o ProxyCommand='gitplane ssh-proxy ws://HOST:PORT/ssh' git@HOST`.
+    /// `ssh -o ProxyCommand='gitplane ssh-proxy ws://HOST:PORT/ssh' git@HOST` (or `wss://`).
     SshProxy {
         /// ws://HOST[:PORT]/ssh
         url: String,
         /// An extra request header, e.g. for an identity-aware proxy: `Authorization: Bearer ...`.
         #[arg(long = "header")]
         headers: Vec<String>,
+        /// For wss://: trust the certificates in this PEM file instead of the system's roots.
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
     },
     /// Runs git on another node's copy of a repository, stdio relayed (git and gitplane run it,
     /// not people).
@@ -435,8 +438,12 @@ fn main() -> anyhow::Result<()> {
             print!("{}", gitplane::cluster::status::render(&location)?);
             Ok(())
         }
-        Command::SshProxy { url, headers } => {
-            gitplane::ssh::ws_client::run(&url, &headers)
+        Command::SshProxy {
+            url,
+            headers,
+            ca_file,
+        } => {
+            gitplane::ssh::ws_client::run(&url, &headers, ca_file.as_deref())
                 .with_context(|| format!("ssh-proxy {url}"))?;
             Ok(())
         }

@@ -236,3 +236,133 @@ fn extra_headers_reach_the_server() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A TLS-terminating balancer in front of the HTTP port, as `wss://` meets in production: Python's
+/// `ssl` (OpenSSL) accepts TLS and forwards the plaintext to `backend`, both ways.
+const TLS_BALANCER: &str = r#"
+import socket, ssl, sys, threading
+cert, key, backend = sys.argv[1], sys.argv[2], int(sys.argv[3])
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(cert, key)
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen(16)
+print(listener.getsockname()[1], flush=True)
+def pipe(a, b):
+    try:
+        while True:
+            data = a.recv(65536)
+            if not data:
+                break
+            b.sendall(data)
+    except OSError:
+        pass
+    for s in (a, b):
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+def serve(raw):
+    try:
+        tls = ctx.wrap_socket(raw, server_side=True)
+    except (ssl.SSLError, OSError):
+        raw.close()
+        return
+    up = socket.create_connection(("127.0.0.1", backend))
+    threading.Thread(target=pipe, args=(tls, up), daemon=True).start()
+    pipe(up, tls)
+for _ in range(32):
+    raw, _ = listener.accept()
+    threading.Thread(target=serve, args=(raw,), daemon=True).start()
+"#;
+
+#[test]
+fn clone_over_wss_through_a_tls_terminating_balancer() {
+    require_tool("ssh");
+    require_tool("python3");
+    let server = Server::start();
+    let work = tempfile::tempdir().unwrap();
+    common::test_certificates(work.path());
+    let mut balancer = Command::new("python3")
+        .arg("-c")
+        .arg(TLS_BALANCER)
+        .arg(work.path().join("server.crt"))
+        .arg(work.path().join("server.key"))
+        .arg(server.addr.port().to_string())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut port = String::new();
+    {
+        let out = balancer.stdout.as_mut().unwrap();
+        let mut byte = [0u8; 1];
+        while out.read(&mut byte).unwrap_or(0) == 1 && byte[0] != b'\n' {
+            port.push(byte[0] as char);
+        }
+    }
+    let port: u16 = port.trim().parse().expect("the balancer's port");
+
+    let known_hosts = ssh_known_hosts(&server, work.path());
+    let key = ssh_keygen(work.path(), "admin_key");
+    server.admin(
+        &["key", "add", "admin", &format!("{}.pub", key.display())],
+        None,
+    );
+    server.create_repo("admin/proj", false);
+    let ssh_via = |extra: &str| {
+        format!(
+            "ssh -F /dev/null -i {} -o IdentitiesOnly=yes -o IdentityAgent=none -o UserKnownHostsFile={} -o StrictHostKeyChecking=yes -o BatchMode=yes -o ConnectTimeout=10 -o ProxyCommand='{BIN} ssh-proxy {extra} wss://127.0.0.1:{port}/ssh'",
+            key.display(),
+            known_hosts.display(),
+        )
+    };
+    let trusted = ssh_via(&format!(
+        "--ca-file {}",
+        work.path().join("ca.crt").display()
+    ));
+    let src = work.path().join("src");
+    make_worktree(&src, 3);
+    let out = git_raw(
+        &src,
+        &["push", "-q", &url(&server, "admin/proj"), "main"],
+        &[("GIT_SSH_COMMAND", trusted.as_str())],
+    );
+    assert!(
+        out.status.success(),
+        "push over wss: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = git_raw(
+        work.path(),
+        &["clone", "-q", &url(&server, "admin/proj"), "c"],
+        &[("GIT_SSH_COMMAND", trusted.as_str())],
+    );
+    assert!(
+        out.status.success(),
+        "clone over wss: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        git(&work.path().join("c"), &["rev-parse", "HEAD"]),
+        git(&src, &["rev-parse", "HEAD"])
+    );
+
+    // Without the CA the balancer's certificate is not trusted: the proxy refuses to go on.
+    let untrusted = ssh_via("");
+    let out = git_raw(
+        work.path(),
+        &["clone", "-q", &url(&server, "admin/proj"), "u"],
+        &[("GIT_SSH_COMMAND", untrusted.as_str())],
+    );
+    assert!(
+        !out.status.success(),
+        "cloned through an untrusted certificate"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("certificate") || err.contains("UnknownIssuer"),
+        "{err}"
+    );
+    let _ = balancer.kill();
+    let _ = balancer.wait();
+}

@@ -1,17 +1,20 @@
-//! `gitplane ssh-proxy ws://HOST:PORT/ssh`: OpenSSH's `ProxyCommand` for SSH over WebSocket
-//! (#16). Connects, upgrades (with extra headers for an identity-aware proxy, as wsgate-client
-//! does), then carries stdin to binary messages and binary messages to stdout until either side
-//! ends. Blocking I/O: one process per SSH connection, two threads.
+//! `gitplane ssh-proxy ws://HOST:PORT/ssh` (or `wss://` through a TLS-terminating balancer):
+//! OpenSSH's `ProxyCommand` for SSH over WebSocket (#16). Connects (TLS by rustls for `wss://`,
+//! trusting the system's roots or `--ca-file`), upgrades (with extra headers for an
+//! identity-aware proxy, as wsgate-client does), then carries stdin to binary messages and
+//! binary messages to stdout until either side ends. Blocking I/O: one process per SSH
+//! connection, two threads.
 
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
-use std::sync::mpsc;
+use std::path::Path;
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use tungstenite::client::IntoClientRequest;
 use tungstenite::http::{HeaderName, HeaderValue};
 use tungstenite::protocol::WebSocketConfig;
-use tungstenite::Message;
+use tungstenite::{Message, WebSocket};
 
 use super::websocket::MAX_MESSAGE;
 
@@ -23,10 +26,10 @@ const CHUNK: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
-    #[error("{0}: expected ws://HOST[:PORT]/PATH")]
+    #[error("{0}: expected ws://HOST[:PORT]/PATH or wss://HOST[:PORT]/PATH")]
     Url(String),
-    #[error("wss:// is not built in yet: put a TLS-terminating proxy in front, or use ws://")]
-    Tls,
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("bad --header `{0}`: expected `Name: value`")]
     Header(String),
     #[error("connecting to {addr}: {source}")]
@@ -43,20 +46,26 @@ impl From<tungstenite::Error> for ProxyError {
     }
 }
 
-/// Runs the proxy on this process's stdin and stdout.
-pub fn run(url: &str, headers: &[String]) -> Result<(), ProxyError> {
-    if url.starts_with("wss://") {
-        return Err(ProxyError::Tls);
-    }
-    let rest = url
-        .strip_prefix("ws://")
-        .ok_or_else(|| ProxyError::Url(url.to_owned()))?;
+/// Runs the proxy on this process's stdin and stdout; `ca_file` replaces the system's roots for
+/// `wss://`.
+pub fn run(url: &str, headers: &[String], ca_file: Option<&Path>) -> Result<(), ProxyError> {
+    let (tls, rest) = match (url.strip_prefix("wss://"), url.strip_prefix("ws://")) {
+        (Some(rest), _) => (true, rest),
+        (None, Some(rest)) => (false, rest),
+        (None, None) => return Err(ProxyError::Url(url.to_owned())),
+    };
     let authority = rest.split('/').next().unwrap_or_default();
     if authority.is_empty() {
         return Err(ProxyError::Url(url.to_owned()));
     }
-    let target = if authority.contains(':') {
+    let host = match authority.rsplit_once(':') {
+        Some((host, port)) if !port.is_empty() && !port.contains(']') => host,
+        _ => authority,
+    };
+    let target = if host.len() < authority.len() {
         authority.to_owned()
+    } else if tls {
+        format!("{authority}:443")
     } else {
         format!("{authority}:80")
     };
@@ -84,19 +93,51 @@ pub fn run(url: &str, headers: &[String]) -> Result<(), ProxyError> {
         .ok_or_else(|| connect_err(io::Error::new(io::ErrorKind::NotFound, "no address")))?;
     let stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(connect_err)?;
     stream.set_nodelay(true)?;
+    // Reads time out so that the loop looks at stdin's side again; the handshake waits longer.
+    stream.set_read_timeout(Some(CONNECT_TIMEOUT))?;
+    let socket = stream.try_clone()?;
+    if tls {
+        let config =
+            crate::tls_client::trusting(ca_file).map_err(|e| ProxyError::Tls(e.to_string()))?;
+        let name = rustls::pki_types::ServerName::try_from(
+            host.trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned(),
+        )
+        .map_err(|e| ProxyError::Tls(format!("server name {host}: {e}")))?;
+        let conn = rustls::ClientConnection::new(Arc::new(config), name)
+            .map_err(|e| ProxyError::Tls(e.to_string()))?;
+        relay(
+            handshake(request, rustls::StreamOwned::new(conn, stream))?,
+            &socket,
+        )
+    } else {
+        relay(handshake(request, stream)?, &socket)
+    }
+}
+
+fn handshake<S: Read + Write>(
+    request: tungstenite::handshake::client::Request,
+    stream: S,
+) -> Result<WebSocket<S>, ProxyError> {
     let config = WebSocketConfig::default()
         .max_message_size(Some(MAX_MESSAGE))
         .max_frame_size(Some(MAX_MESSAGE));
-    let (mut ws, _response) =
-        tungstenite::client::client_with_config(request, stream.try_clone()?, Some(config))
-            .map_err(|e| match e {
-                tungstenite::HandshakeError::Failure(e) => ProxyError::from(e),
-                tungstenite::HandshakeError::Interrupted(_) => ProxyError::Io(io::Error::new(
-                    io::ErrorKind::WouldBlock,
-                    "handshake interrupted",
-                )),
-            })?;
-    stream.set_read_timeout(Some(POLL))?;
+    tungstenite::client::client_with_config(request, stream, Some(config))
+        .map(|(ws, _response)| ws)
+        .map_err(|e| match e {
+            tungstenite::HandshakeError::Failure(e) => ProxyError::from(e),
+            tungstenite::HandshakeError::Interrupted(_) => ProxyError::Io(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "handshake interrupted",
+            )),
+        })
+}
+
+/// stdin to binary messages, binary messages to stdout, until either side ends; `socket` is the
+/// TCP connection under `ws`, for its read timeout.
+fn relay<S: Read + Write>(mut ws: WebSocket<S>, socket: &TcpStream) -> Result<(), ProxyError> {
+    socket.set_read_timeout(Some(POLL))?;
 
     // stdin on its own thread: a read there blocks for as long as ssh has nothing to say.
     let (tx, rx) = mpsc::sync_channel::<Option<Vec<u8>>>(8);

@@ -10,6 +10,8 @@ use postgres::error::SqlState;
 use postgres::{Client, Statement};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
+use crate::tls_client::TlsConfigError;
+
 use super::{DbErrorKind, StoreError};
 
 /// How long one connection attempt may take (a host that does not answer).
@@ -281,37 +283,21 @@ pub fn redact(url: &str) -> String {
 
 fn tls_config(url: &PgUrl) -> Result<rustls::ClientConfig, StoreError> {
     let bad = |why: String| StoreError::Internal(format!("TLS for {}: {why}", url.redacted));
-    let mut roots = rustls::RootCertStore::empty();
-    if url.wants_tls() {
-        match &url.root_cert {
-            Some(path) => {
-                let pem = std::fs::read(path)
-                    .map_err(|e| bad(format!("reading sslrootcert {}: {e}", path.display())))?;
-                for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-                    let cert = cert.map_err(|e| bad(format!("{}: {e}", path.display())))?;
-                    roots
-                        .add(cert)
-                        .map_err(|e| bad(format!("{}: {e}", path.display())))?;
-                }
+    let config = if url.wants_tls() {
+        crate::tls_client::trusting(url.root_cert.as_deref()).map_err(|e| match e {
+            TlsConfigError::NoRoots => {
+                bad("no trusted root certificates (set sslrootcert=PATH in the URL)".into())
             }
-            None => {
-                for cert in rustls_native_certs::load_native_certs().certs {
-                    let _ = roots.add(cert);
-                }
+            TlsConfigError::Read { path, source } => {
+                bad(format!("reading sslrootcert {path}: {source}"))
             }
-        }
-        if roots.is_empty() {
-            return Err(bad(
-                "no trusted root certificates (set sslrootcert=PATH in the URL)".into(),
-            ));
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| bad(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
+            other => bad(other.to_string()),
+        })?
+    } else {
+        crate::tls_client::with_roots(rustls::RootCertStore::empty())
+            .map_err(|e| bad(e.to_string()))?
+    };
+    Ok(config)
 }
 
 #[cfg(test)]

@@ -798,6 +798,66 @@ pub struct PrivatePostgres {
     pub tls_cert: Option<PathBuf>,
 }
 
+/// Makes, in `dir`, a CA (`ca.crt`) and a server certificate for IP 127.0.0.1 it signed
+/// (`server.crt`, `server.key`) with the `openssl` CLI. A self-signed certificate marked CA is
+/// refused as a server's by rustls, rightly, hence the two.
+pub fn test_certificates(dir: &Path) {
+    require_tool("openssl");
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .expect("openssl");
+        assert!(out.status.success(), "openssl {args:?}: {out:?}");
+    };
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").expect("ext");
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=gitplane-test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.crt",
+    ]);
+}
+
 impl PrivatePostgres {
     pub fn start() -> Self {
         Self::launch(false)
@@ -826,64 +886,8 @@ impl PrivatePostgres {
             tls_cert: None,
         };
         if tls {
-            require_tool("openssl");
-            // A CA and a server certificate it signed (a self-signed certificate marked CA is
-            // refused as a server's by rustls, rightly).
-            let d = pg.dir.path();
-            let openssl = |args: &[&str]| {
-                let out = Command::new("openssl")
-                    .current_dir(d)
-                    .args(args)
-                    .output()
-                    .expect("openssl");
-                assert!(out.status.success(), "openssl {args:?}: {out:?}");
-            };
-            std::fs::write(d.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").expect("ext");
-            openssl(&[
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=gitplane-test-ca",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.crt",
-            ]);
-            openssl(&[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-subj",
-                "/CN=127.0.0.1",
-                "-keyout",
-                "server.key",
-                "-out",
-                "server.csr",
-            ]);
-            openssl(&[
-                "x509",
-                "-req",
-                "-in",
-                "server.csr",
-                "-CA",
-                "ca.crt",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-days",
-                "2",
-                "-extfile",
-                "san.ext",
-                "-out",
-                "server.crt",
-            ]);
-            let cert = d.join("ca.crt");
+            test_certificates(pg.dir.path());
+            let cert = pg.dir.path().join("ca.crt");
             pg.tls_cert = Some(cert);
         }
         // initdb refuses to run as root: run the server as the package's `postgres` user.
