@@ -1087,3 +1087,84 @@ fn stalled_channels_are_cut_and_their_git_is_gone() {
         &["clone", "-q", &s.url("admin/big"), dest.to_str().unwrap()],
     );
 }
+
+/// 500 connections from one address that never send a byte, with the default per-address cap
+/// (32 handshakes) and queue: at most the cap are in the handshake (only those got the server's
+/// version line), all are cut at the deadline, and clones from another address work meanwhile.
+#[test]
+fn five_hundred_silent_connections_from_one_address_hold_only_its_share() {
+    const DEADLINE: Duration = Duration::from_secs(3);
+    const CAP: usize = 32;
+    let s = Ssh::start_with(ServerOptions {
+        config: Some("[ssh]\nhandshake_timeout_secs = 3\n".into()),
+        ..ServerOptions::default()
+    });
+    s.server.create_repo("admin/proj", false);
+    let src = s.work.path().join("src");
+    make_worktree(&src, 2);
+    let other_address = format!("{} -o BindAddress=127.0.0.2", s.ssh_base(&s.admin_key));
+    let out = git_raw(
+        &src,
+        &["push", "-q", &s.url("admin/proj"), "main"],
+        &s.git_env(&other_address),
+    );
+    assert!(
+        out.status.success(),
+        "push: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let opened = Instant::now();
+    let mut silent: Vec<TcpStream> = (0..500)
+        .map(|_| TcpStream::connect(s.addr()).expect("connect"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(1000));
+    let in_handshake = silent
+        .iter()
+        .filter(|c| {
+            c.set_nonblocking(true).unwrap();
+            let mut b = [0u8; 8];
+            let got = matches!(c.peek(&mut b), Ok(n) if n > 0);
+            c.set_nonblocking(false).unwrap();
+            got
+        })
+        .count();
+    eprintln!("{in_handshake} of 500 in the handshake");
+    assert!(
+        (1..=CAP).contains(&in_handshake),
+        "{in_handshake} of 500 connections from one address were in the handshake (cap {CAP})"
+    );
+    // Another address is not held up by them.
+    let dest = s.work.path().join("other-address");
+    let out = git_raw(
+        s.work.path(),
+        &["clone", "-q", &s.url("admin/proj"), dest.to_str().unwrap()],
+        &s.git_env(&other_address),
+    );
+    assert!(
+        out.status.success(),
+        "clone from 127.0.0.2 during the stall: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        opened.elapsed() < DEADLINE,
+        "the clone must finish inside the stall window; took {:?}",
+        opened.elapsed()
+    );
+    // All 500 are cut at the deadline, none long before it.
+    let limit = opened + DEADLINE + Duration::from_secs(10);
+    for c in silent.iter_mut() {
+        let closed = wait_closed(c, limit).expect("connection still open well past the deadline");
+        assert!(
+            closed.duration_since(opened) + Duration::from_millis(500) >= DEADLINE,
+            "closed after {:?}, before the {DEADLINE:?} deadline",
+            closed.duration_since(opened)
+        );
+    }
+    // And the address that stalled is served again.
+    let again = s.work.path().join("after-stall");
+    s.git_ok(
+        s.work.path(),
+        &["clone", "-q", &s.url("admin/proj"), again.to_str().unwrap()],
+    );
+}
