@@ -7,6 +7,8 @@
 
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
@@ -19,8 +21,8 @@ use tungstenite::{Message, WebSocket};
 use super::websocket::MAX_MESSAGE;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a read waits before the loop looks at stdin's side again.
-const POLL: Duration = Duration::from_millis(10);
+/// How long a read waits for the rest of a frame (or TLS record) poll(2) saw begin to arrive.
+const READ_WAIT: Duration = Duration::from_millis(1);
 /// Bytes read from stdin at a time (one binary message each).
 const CHUNK: usize = 64 * 1024;
 
@@ -137,7 +139,13 @@ fn handshake<S: Read + Write>(
 /// stdin to binary messages, binary messages to stdout, until either side ends; `socket` is the
 /// TCP connection under `ws`, for its read timeout.
 fn relay<S: Read + Write>(mut ws: WebSocket<S>, socket: &TcpStream) -> Result<(), ProxyError> {
-    socket.set_read_timeout(Some(POLL))?;
+    // A read waits at most READ_WAIT for the rest of what poll(2) said had arrived; the loop
+    // otherwise sleeps in poll(2) on the socket and the stdin thread's wake socket, so stdin's
+    // bytes go out at once instead of after the server's side times out.
+    socket.set_read_timeout(Some(READ_WAIT))?;
+    let (wake_rx, wake_tx) = UnixStream::pair()?;
+    wake_rx.set_nonblocking(true)?;
+    wake_tx.set_nonblocking(true)?;
 
     // stdin on its own thread: a read there blocks for as long as ssh has nothing to say.
     let (tx, rx) = mpsc::sync_channel::<Option<Vec<u8>>>(8);
@@ -147,16 +155,18 @@ fn relay<S: Read + Write>(mut ws: WebSocket<S>, socket: &TcpStream) -> Result<()
             let mut stdin = io::stdin().lock();
             let mut buf = vec![0u8; CHUNK];
             loop {
-                match stdin.read(&mut buf) {
-                    Ok(0) | Err(_) => {
-                        let _ = tx.send(None);
-                        return;
-                    }
-                    Ok(n) => {
-                        if tx.send(Some(buf[..n].to_vec())).is_err() {
-                            return;
-                        }
-                    }
+                let chunk = match stdin.read(&mut buf) {
+                    Ok(0) | Err(_) => None,
+                    Ok(n) => Some(buf[..n].to_vec()),
+                };
+                let last = chunk.is_none();
+                if tx.send(chunk).is_err() {
+                    return;
+                }
+                // A full wake socket already says "wake".
+                let _ = (&wake_tx).write(&[1]);
+                if last {
+                    return;
                 }
             }
         })?;
@@ -174,32 +184,72 @@ fn relay<S: Read + Write>(mut ws: WebSocket<S>, socket: &TcpStream) -> Result<()
                 Err(mpsc::TryRecvError::Empty) => break,
             }
         }
-        match ws.read() {
-            Ok(Message::Binary(data)) => {
-                stdout.write_all(&data)?;
-                stdout.flush()?;
-            }
-            Ok(Message::Close(_)) => {
-                let _ = ws.flush();
-                return Ok(());
-            }
-            Ok(_) => {}
-            Err(tungstenite::Error::Io(e))
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                // Nothing from the server within POLL: flush pongs, look at stdin again.
-                match ws.flush() {
-                    Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    other => other?,
+        let wake = stdin_open.then(|| wake_rx.as_raw_fd());
+        if !wait_readable(socket.as_raw_fd(), wake)? {
+            // Only stdin's side: drain the wake socket and send.
+            let mut sink = [0u8; 64];
+            while matches!((&wake_rx).read(&mut sink), Ok(n) if n > 0) {}
+            continue;
+        }
+        // The server's side: every message already here, then back to waiting.
+        loop {
+            match ws.read() {
+                Ok(Message::Binary(data)) => {
+                    stdout.write_all(&data)?;
+                    stdout.flush()?;
                 }
+                Ok(Message::Close(_)) => {
+                    let _ = ws.flush();
+                    return Ok(());
+                }
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    // Nothing more for now: flush pongs, look at stdin again.
+                    match ws.flush() {
+                        Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                        }
+                        other => other?,
+                    }
+                    break;
+                }
+                Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
+                    return Ok(())
+                }
+                Err(e) => return Err(e.into()),
             }
-            Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
-                return Ok(())
-            }
-            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Blocks until `socket` (true) or `wake` (false) is readable; a hang-up counts as readable.
+fn wait_readable(socket: RawFd, wake: Option<RawFd>) -> io::Result<bool> {
+    let mut fds = [
+        libc::pollfd {
+            fd: socket,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            // poll(2) ignores a negative fd: stdin is done.
+            fd: wake.unwrap_or(-1),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: two valid pollfds.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if r >= 0 {
+            return Ok(fds[0].revents != 0);
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
         }
     }
 }
