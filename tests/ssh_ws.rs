@@ -6,7 +6,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -16,12 +16,50 @@ use common::{
 };
 
 fn ssh_command(server: &Server, key: &Path, known_hosts: &Path) -> String {
+    ssh_command_via(key, known_hosts, &format!("ws://{}/ssh", server.addr))
+}
+
+/// OpenSSH with only our options, its bytes carried by `gitplane ssh-proxy PROXY_ARGS`.
+fn ssh_command_via(key: &Path, known_hosts: &Path, proxy_args: &str) -> String {
     format!(
-        "ssh -F /dev/null -i {} -o IdentitiesOnly=yes -o IdentityAgent=none -o UserKnownHostsFile={} -o StrictHostKeyChecking=yes -o BatchMode=yes -o ConnectTimeout=10 -o ProxyCommand='{BIN} ssh-proxy ws://{}/ssh'",
+        "ssh -F /dev/null -i {} -o IdentitiesOnly=yes -o IdentityAgent=none -o UserKnownHostsFile={} -o StrictHostKeyChecking=yes -o BatchMode=yes -o ConnectTimeout=10 -o ProxyCommand='{BIN} ssh-proxy {proxy_args}'",
         key.display(),
         known_hosts.display(),
-        server.addr
     )
+}
+
+/// Pushes a `commits`-commit history to admin/proj with `ssh`, clones it back into `work/c`,
+/// and checks the clone's HEAD is the pushed one; returns the clone's directory.
+fn push_then_clone(server: &Server, work: &Path, ssh: &str, commits: usize) -> PathBuf {
+    let env = [("GIT_SSH_COMMAND", ssh)];
+    let src = work.join("src");
+    make_worktree(&src, commits);
+    let out = git_raw(
+        &src,
+        &["push", "-q", &url(server, "admin/proj"), "main"],
+        &env,
+    );
+    assert!(
+        out.status.success(),
+        "push: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = git_raw(
+        work,
+        &["clone", "-q", &url(server, "admin/proj"), "c"],
+        &env,
+    );
+    assert!(
+        out.status.success(),
+        "clone: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let clone = work.join("c");
+    assert_eq!(
+        git(&clone, &["rev-parse", "HEAD"]),
+        git(&src, &["rev-parse", "HEAD"])
+    );
+    clone
 }
 
 /// The repository URL: the SSH port only names the host key; the bytes go over the WebSocket.
@@ -45,35 +83,8 @@ fn clone_and_push_through_the_websocket_and_unknown_keys_are_refused() {
     );
     server.create_repo("admin/proj", false);
     let ssh = ssh_command(&server, &key, &known_hosts);
-    let env = [("GIT_SSH_COMMAND", ssh.as_str())];
-
-    let src = work.path().join("src");
-    make_worktree(&src, 5);
-    let out = git_raw(
-        &src,
-        &["push", "-q", &url(&server, "admin/proj"), "main"],
-        &env,
-    );
-    assert!(
-        out.status.success(),
-        "push: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = git_raw(
-        work.path(),
-        &["clone", "-q", &url(&server, "admin/proj"), "c"],
-        &env,
-    );
-    assert!(
-        out.status.success(),
-        "clone: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    git(&work.path().join("c"), &["fsck", "--full"]);
-    assert_eq!(
-        git(&work.path().join("c"), &["rev-parse", "HEAD"]),
-        git(&src, &["rev-parse", "HEAD"])
-    );
+    let clone = push_then_clone(&server, work.path(), &ssh, 5);
+    git(&clone, &["fsck", "--full"]);
 
     let stranger = ssh_keygen(work.path(), "stranger");
     let ssh = ssh_command(&server, &stranger, &known_hosts);
@@ -310,42 +321,17 @@ fn clone_over_wss_through_a_tls_terminating_balancer() {
     );
     server.create_repo("admin/proj", false);
     let ssh_via = |extra: &str| {
-        format!(
-            "ssh -F /dev/null -i {} -o IdentitiesOnly=yes -o IdentityAgent=none -o UserKnownHostsFile={} -o StrictHostKeyChecking=yes -o BatchMode=yes -o ConnectTimeout=10 -o ProxyCommand='{BIN} ssh-proxy {extra} wss://127.0.0.1:{port}/ssh'",
-            key.display(),
-            known_hosts.display(),
+        ssh_command_via(
+            &key,
+            &known_hosts,
+            &format!("{extra} wss://127.0.0.1:{port}/ssh"),
         )
     };
     let trusted = ssh_via(&format!(
         "--ca-file {}",
         work.path().join("ca.crt").display()
     ));
-    let src = work.path().join("src");
-    make_worktree(&src, 3);
-    let out = git_raw(
-        &src,
-        &["push", "-q", &url(&server, "admin/proj"), "main"],
-        &[("GIT_SSH_COMMAND", trusted.as_str())],
-    );
-    assert!(
-        out.status.success(),
-        "push over wss: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = git_raw(
-        work.path(),
-        &["clone", "-q", &url(&server, "admin/proj"), "c"],
-        &[("GIT_SSH_COMMAND", trusted.as_str())],
-    );
-    assert!(
-        out.status.success(),
-        "clone over wss: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        git(&work.path().join("c"), &["rev-parse", "HEAD"]),
-        git(&src, &["rev-parse", "HEAD"])
-    );
+    push_then_clone(&server, work.path(), &trusted, 3);
 
     // Without the CA the balancer's certificate is not trusted: the proxy refuses to go on.
     let untrusted = ssh_via("");
