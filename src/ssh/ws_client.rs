@@ -95,7 +95,7 @@ pub fn run(url: &str, headers: &[String], ca_file: Option<&Path>) -> Result<(), 
         .ok_or_else(|| connect_err(io::Error::new(io::ErrorKind::NotFound, "no address")))?;
     let stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(connect_err)?;
     stream.set_nodelay(true)?;
-    // Reads time out so that the loop looks at stdin's side again; the handshake waits longer.
+    // The handshake may wait this long for the server; the relay loop shortens it (READ_WAIT).
     stream.set_read_timeout(Some(CONNECT_TIMEOUT))?;
     let socket = stream.try_clone()?;
     if tls {
