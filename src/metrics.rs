@@ -148,6 +148,9 @@ pub struct Metrics {
     pub bytes_written: Counter,
     pub bytes_received: Counter,
     pub git_spawned: Counter,
+    /// Protocol v2 requests answered without spawning git ([`crate::git::v2`]).
+    pub v2_advertisements_served: Counter,
+    pub v2_ls_refs_answered: Counter,
     pub git_killed: Counter,
     pub git_processes: Gauge,
     pub pack_running: Gauge,
@@ -183,6 +186,8 @@ impl Metrics {
             bytes_written: Counter::new(),
             bytes_received: Counter::new(),
             git_spawned: Counter::new(),
+            v2_advertisements_served: Counter::new(),
+            v2_ls_refs_answered: Counter::new(),
             git_killed: Counter::new(),
             git_processes: Gauge::new(),
             pack_running: Gauge::new(),
@@ -275,7 +280,7 @@ impl Metrics {
                 g.get()
             );
         }
-        let scalars: [(&str, &str, &str, i64); 15] = [
+        let scalars: [(&str, &str, &str, i64); 17] = [
             (
                 "gitplane_http_connections_accepted_total",
                 "counter",
@@ -323,6 +328,18 @@ impl Metrics {
                 "counter",
                 "git processes started.",
                 self.git_spawned.get() as i64,
+            ),
+            (
+                "gitplane_git_v2_advertisements_total",
+                "counter",
+                "Protocol v2 capability advertisements served without spawning git.",
+                self.v2_advertisements_served.get() as i64,
+            ),
+            (
+                "gitplane_git_v2_ls_refs_total",
+                "counter",
+                "Protocol v2 ls-refs requests answered without spawning git.",
+                self.v2_ls_refs_answered.get() as i64,
             ),
             (
                 "gitplane_git_killed_total",

@@ -25,6 +25,7 @@ use crate::git::process::{sanitize_git_protocol, GitCommand, Mode, Service};
 use crate::git::repo::RepoRoot;
 use crate::git::repo_name::RepoName;
 use crate::git::stream::{Framing, RunningGit, StreamError};
+use crate::git::v2;
 use crate::http::body::{BodyError, BodyReader};
 use crate::http::conn::Conn;
 use crate::http::forwarded::client_addr;
@@ -54,12 +55,23 @@ pub struct AppState {
     pub limiter: Arc<PackLimiter>,
     /// Anonymous pack requests, running or waiting, node-wide and per client address.
     anonymous: Arc<AddressLimiter>,
+    /// What git advertises under protocol v2, captured at start-up; None if that failed, and
+    /// then every advertisement spawns git.
+    v2_advertisement: Option<Vec<u8>>,
 }
 
 impl AppState {
     pub fn new(config: Arc<ServeConfig>) -> Self {
         let g = &config.git;
+        let v2_advertisement = match v2::capture_advertisement(&g.binary, &config.data_dir) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot capture git's protocol v2 advertisement; git will answer each one");
+                None
+            }
+        };
         Self {
+            v2_advertisement,
             repos: RepoRoot::new(&config.data_dir),
             limiter: PackLimiter::new(
                 g.max_concurrent,
@@ -223,15 +235,25 @@ impl SmartHttp {
             Ok(w) => w,
             Err(refusal) => return respond_refusal(conn, &refusal).await,
         };
+        let content_type = format!("application/x-{}-advertisement", service.wire_name());
+        let v2 = speaks_v2(head);
+        if v2 && service == Service::UploadPack && who.remote.is_none() {
+            if let Some(advertisement) = &self.state.v2_advertisement {
+                let config = monoio::fs::read(self.state.repos.path_of(&repo).join("config")).await;
+                if config.is_ok_and(|c| !v2::config_needs_git(&c)) {
+                    METRICS.v2_advertisements_served.inc();
+                    let mut headers = Vec::with_capacity(1 + NO_CACHE.len());
+                    headers.push(("Content-Type", content_type.as_str()));
+                    headers.extend_from_slice(&NO_CACHE);
+                    conn.respond(200, &headers, advertisement).await?;
+                    return Ok(Reuse::KeepAlive);
+                }
+            }
+        }
         let mut git = match self.spawn_git(head, conn, &repo, service, Mode::AdvertiseRefs, &who) {
             Ok(g) => g,
             Err(e) => return self.internal_error(conn, &e).await,
         };
-        let content_type = format!("application/x-{}-advertisement", service.wire_name());
-        let v2 = head
-            .git_protocol
-            .as_deref()
-            .is_some_and(|p| p.contains("version=2"));
         let mut prefix = Vec::new();
         if !v2 {
             // Smart HTTP v0/v1 starts with a service announcement that git itself does not print.
@@ -296,6 +318,12 @@ impl SmartHttp {
             Ok(more) => more,
             Err(e) => return body_failed(conn, &repo, e).await,
         };
+        if !more && service == Service::UploadPack && speaks_v2(head) && who.remote.is_none() {
+            buf = match self.ls_refs(conn, &repo, buf).await? {
+                LsRefs::Answered(reuse) => return Ok(reuse),
+                LsRefs::ToGit(b) => b,
+            };
+        }
         let requester = if who.user.is_some() {
             Requester::Authenticated
         } else {
@@ -349,6 +377,43 @@ impl SmartHttp {
         let exit = git.wait().await;
         log_exit(&repo, service, &exit);
         Ok(Reuse::KeepAlive)
+    }
+
+    /// Answers a v2 `ls-refs` request from the refs on disk ([`v2::answer`]), on the blocking
+    /// pool. Anything else, or anything that module leaves to git, is handed back for git.
+    async fn ls_refs(&self, conn: &mut Conn, repo: &RepoName, body: Vec<u8>) -> io::Result<LsRefs> {
+        // Clients send the command first; a fetch never pays for the hop to the pool.
+        if !body.starts_with(b"0014command=ls-refs\n") {
+            return Ok(LsRefs::ToGit(body));
+        }
+        let dir = self.state.repos.path_of(repo);
+        let job = monoio::spawn_blocking(move || {
+            let answer = match gitplane_wire::git::ls_refs::parse_request(&body) {
+                Ok(request) => v2::answer(&dir, &request).map_err(|e| e.to_string()),
+                Err(decline) => Err(decline.to_string()),
+            };
+            (body, answer)
+        });
+        let Ok((body, answer)) = job.await else {
+            return self
+                .internal_error(conn, "ls-refs task panicked")
+                .await
+                .map(LsRefs::Answered);
+        };
+        match answer {
+            Ok(refs) => {
+                METRICS.v2_ls_refs_answered.inc();
+                let mut headers = Vec::with_capacity(1 + NO_CACHE.len());
+                headers.push(("Content-Type", "application/x-git-upload-pack-result"));
+                headers.extend_from_slice(&NO_CACHE);
+                conn.respond(200, &headers, &refs).await?;
+                Ok(LsRefs::Answered(Reuse::KeepAlive))
+            }
+            Err(why) => {
+                tracing::debug!(%repo, %why, "ls-refs goes to git");
+                Ok(LsRefs::ToGit(body))
+            }
+        }
     }
 
     /// Sends a 200 head, an optional user-space prefix, then git's stdout by splice.
@@ -411,6 +476,20 @@ impl SmartHttp {
         conn.respond_text(500, &[], "internal error\n").await?;
         Ok(Reuse::Close)
     }
+}
+
+/// What became of an `ls-refs` request.
+enum LsRefs {
+    Answered(Reuse),
+    /// git answers: the request body, untouched.
+    ToGit(Vec<u8>),
+}
+
+/// Whether the client asked for protocol v2 (`Git-Protocol: version=2`).
+fn speaks_v2(head: &RequestHead) -> bool {
+    head.git_protocol
+        .as_deref()
+        .is_some_and(|p| p.contains("version=2"))
 }
 
 /// Reads the request body before a pack slot is taken: all of a fetch negotiation (up to

@@ -1,7 +1,7 @@
 //! Everything git-facing that every front end shares: repository names and paths, the pkt-line
 //! codec, spawning `git` service processes, the pack concurrency limiter, the pack-objects cache
-//! and its counters, relaying git to another node of a cluster, and streaming a child's output to a
-//! socket with splice.
+//! and its counters, relaying git to another node of a cluster, streaming a child's output to a
+//! socket with splice, and the protocol v2 answers given without git.
 
 pub mod child;
 pub mod limiter;
@@ -13,6 +13,7 @@ pub mod repo;
 pub mod splice;
 pub mod stream;
 pub mod tokio_child;
+pub mod v2;
 
 pub use gitplane_wire::git::{pktline, repo_name};
 

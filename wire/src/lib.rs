@@ -17,6 +17,7 @@ pub mod http {
 }
 
 pub mod git {
+    pub mod ls_refs;
     pub mod pktline;
     pub mod repo_name;
     pub mod service;
