@@ -5,7 +5,8 @@
 //!
 //! Cancelling (SIGTERM) kills the running git's process group. Git writes every pack, index and
 //! graph to a temporary file and renames it into place, so the repository stays consistent; the
-//! temporaries it leaves are removed as stale by a later pass.
+//! temporaries it leaves are removed as stale by a later pass, and the lock files only
+//! maintenance takes are removed at once (the next pass would otherwise fail on them).
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -263,6 +264,7 @@ impl Runner<'_> {
         let mut child = cmd.spawn().map_err(|e| failed(e.to_string()))?;
         let status = self.wait(&mut child).map_err(|e| failed(e.to_string()))?;
         let Some(status) = status else {
+            remove_locks_of_killed(dir, args);
             return Err(HousekeepingError::Cancelled);
         };
         if status.success() {
@@ -288,6 +290,25 @@ impl Runner<'_> {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+/// Removes the lock files a maintenance git killed mid-write leaves behind. Left in place, a
+/// `multi-pack-index.lock` makes every repack fail until it counts as stale (an hour at least):
+/// after a restart, the repository would go unmaintained for that long. Only locks that nothing
+/// but maintenance takes, and only once the git that held them is reaped; `packed-refs.lock`
+/// stays, since a push may hold it, and ages out as stale.
+fn remove_locks_of_killed(dir: &Path, args: &[&str]) {
+    let locks: &[&str] = match args.first() {
+        Some(&"repack") | Some(&"multi-pack-index") => &["objects/pack/multi-pack-index.lock"],
+        Some(&"commit-graph") => &[
+            "objects/info/commit-graph.lock",
+            "objects/info/commit-graphs/commit-graph-chain.lock",
+        ],
+        _ => &[],
+    };
+    for lock in locks {
+        remove(&dir.join(lock));
     }
 }
 
