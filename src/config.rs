@@ -511,6 +511,9 @@ pub struct HousekeepingSection {
     /// Pushes after which the commit-graph is rewritten (a repack always rewrites it).
     /// Default 16.
     pub commit_graph_pushes: u64,
+    /// Pushes after which a geometric repack runs, so that what they brought is packed and
+    /// covered by the bitmap again. Default 32.
+    pub repack_pushes: u64,
     /// Loose refs that trigger `git pack-refs`. Default 256.
     pub loose_refs_limit: u64,
     /// Git temporary object files (`tmp_*`, `.tmp-*`) older than this are removed, in seconds.
@@ -540,6 +543,7 @@ impl Default for HousekeepingSection {
             full_repack_cooldown_secs: 86_400,
             cruft_expiration_secs: 14 * 86_400,
             commit_graph_pushes: 16,
+            repack_pushes: 32,
             loose_refs_limit: 256,
             stale_tmp_secs: 86_400,
             stale_lock_secs: 3600,
@@ -563,6 +567,7 @@ pub struct HousekeepingConfig {
     pub full_repack_cooldown: Duration,
     pub cruft_expiration: Duration,
     pub commit_graph_pushes: u64,
+    pub repack_pushes: u64,
     pub loose_refs_limit: u64,
     pub stale_tmp: Duration,
     pub stale_lock: Duration,
@@ -622,6 +627,7 @@ impl HousekeepingConfig {
                 "housekeeping.commit_graph_pushes",
                 h.commit_graph_pushes,
             )?,
+            repack_pushes: at_least_one_u64("housekeeping.repack_pushes", h.repack_pushes)?,
             loose_refs_limit: at_least_one_u64(
                 "housekeeping.loose_refs_limit",
                 h.loose_refs_limit,

@@ -110,6 +110,7 @@ impl Housekeeper {
                 s.pushes_since_run += 1;
                 s.pushes_since_full += 1;
                 s.pushes_since_graph += 1;
+                s.pushes_since_repack += 1;
             })
             .map(|_| true)
             .map_err(|source| HousekeepingError::Io {

@@ -70,6 +70,12 @@ pub fn decide(c: &HousekeepingConfig, s: &Stats, st: &State, now: u64, full: boo
             s.loose_objects, c.loose_objects_limit
         ));
         Some(Repack::Geometric)
+    } else if has_objects && st.pushes_since_repack >= c.repack_pushes {
+        why(format!(
+            "{} pushes since the last repack (their objects are outside the bitmap)",
+            st.pushes_since_repack
+        ));
+        Some(Repack::Geometric)
     } else if !s.has_bitmap && !s.packs.is_empty() {
         why("no bitmap".into());
         Some(Repack::Geometric)
@@ -187,6 +193,22 @@ mod tests {
             decide(&c, &s, &State::default(), 1 << 30, false).repack,
             Some(Repack::Geometric)
         );
+    }
+
+    #[test]
+    fn small_pushes_are_packed_every_repack_pushes() {
+        let c = config();
+        let mut s = maintained();
+        s.loose_objects = 3 * (c.repack_pushes - 1);
+        let mut st = State {
+            pushes_since_repack: c.repack_pushes - 1,
+            ..State::default()
+        };
+        assert_eq!(decide(&c, &s, &st, 1 << 30, false).repack, None);
+        st.pushes_since_repack = c.repack_pushes;
+        let p = decide(&c, &s, &st, 1 << 30, false);
+        assert_eq!(p.repack, Some(Repack::Geometric));
+        assert!(p.commit_graph);
     }
 
     #[test]

@@ -183,6 +183,11 @@ impl Runner<'_> {
                     .saturating_sub(snapshot.pushes_since_full);
                 s.last_full = unix(now);
             }
+            if plan.repack.is_some() {
+                s.pushes_since_repack = s
+                    .pushes_since_repack
+                    .saturating_sub(snapshot.pushes_since_repack);
+            }
             if plan.commit_graph {
                 s.pushes_since_graph = s
                     .pushes_since_graph

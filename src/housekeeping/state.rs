@@ -15,6 +15,7 @@ pub struct State {
     pub pushes_since_run: u64,
     pub pushes_since_full: u64,
     pub pushes_since_graph: u64,
+    pub pushes_since_repack: u64,
     /// Unix seconds of the last run and the last full repack (0 = never).
     pub last_run: u64,
     pub last_full: u64,
@@ -32,6 +33,7 @@ impl State {
                 "pushes_since_run" => s.pushes_since_run = v,
                 "pushes_since_full" => s.pushes_since_full = v,
                 "pushes_since_graph" => s.pushes_since_graph = v,
+                "pushes_since_repack" => s.pushes_since_repack = v,
                 "last_run" => s.last_run = v,
                 "last_full" => s.last_full = v,
                 _ => {}
@@ -42,8 +44,8 @@ impl State {
 
     fn render(&self) -> String {
         format!(
-            "pushes_since_run {}\npushes_since_full {}\npushes_since_graph {}\nlast_run {}\nlast_full {}\n",
-            self.pushes_since_run, self.pushes_since_full, self.pushes_since_graph, self.last_run, self.last_full
+            "pushes_since_run {}\npushes_since_full {}\npushes_since_graph {}\npushes_since_repack {}\nlast_run {}\nlast_full {}\n",
+            self.pushes_since_run, self.pushes_since_full, self.pushes_since_graph, self.pushes_since_repack, self.last_run, self.last_full
         )
     }
 }
