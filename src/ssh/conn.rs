@@ -254,6 +254,28 @@ async fn serve_after<S>(
             return;
         }
     };
+    // Boxed: a connection waiting in the queue above holds only the admission's small state,
+    // not the handshake's and session's, which a spawned task would otherwise reserve up front.
+    Box::pin(handshake_and_session(
+        shared, stream, fd, peer, local, deadline, stop, slot,
+    ))
+    .await;
+}
+
+/// The SSH handshake and session of an admitted connection, holding its pre-auth `slot`.
+#[allow(clippy::too_many_arguments)]
+async fn handshake_and_session<S>(
+    shared: Arc<SshShared>,
+    stream: S,
+    fd: RawFd,
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+    deadline: Instant,
+    mut stop: StopSignal,
+    slot: crate::admission::AddressSlot,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     METRICS.ssh.handshakes_started.inc();
     let cutter = match Cutter::new(fd) {
         Ok(c) => c,
