@@ -199,22 +199,24 @@ impl Store {
 
     /// Adds a replica of `repo` on `node` at `generation` (a move's new copy, once verified).
     pub fn add_replica(&self, repo: &str, node: &str, generation: i64) -> Result<(), StoreError> {
+        let (owner, name) = owner_and_name(repo)?;
         self.db
             .exec(
                 "INSERT INTO repo_replicas (repo_id, node, generation)
-                 SELECT id, $2, $3 FROM repos WHERE owner || '/' || name = $1
+                 SELECT id, $3, $4 FROM repos WHERE owner = $1 AND name = $2
                  ON CONFLICT (repo_id, node) DO UPDATE SET generation = excluded.generation",
-                params![repo, node, generation],
+                params![owner, name, node, generation],
             )
             .map(drop)
     }
 
     pub fn remove_replica(&self, repo: &str, node: &str) -> Result<(), StoreError> {
+        let (owner, name) = owner_and_name(repo)?;
         self.db
             .exec(
-                "DELETE FROM repo_replicas WHERE node = $2
-                 AND repo_id = (SELECT id FROM repos WHERE owner || '/' || name = $1)",
-                params![repo, node],
+                "DELETE FROM repo_replicas WHERE node = $3
+                 AND repo_id = (SELECT id FROM repos WHERE owner = $1 AND name = $2)",
+                params![owner, name, node],
             )
             .map(drop)
     }
@@ -226,11 +228,12 @@ impl Store {
         node: &str,
         generation: i64,
     ) -> Result<(), StoreError> {
+        let (owner, name) = owner_and_name(repo)?;
         self.db
             .exec(
-                "UPDATE repo_replicas SET generation = $3 WHERE node = $2
-                 AND repo_id = (SELECT id FROM repos WHERE owner || '/' || name = $1)",
-                params![repo, node, generation],
+                "UPDATE repo_replicas SET generation = $4 WHERE node = $3
+                 AND repo_id = (SELECT id FROM repos WHERE owner = $1 AND name = $2)",
+                params![owner, name, node, generation],
             )
             .map(drop)
     }
@@ -238,13 +241,14 @@ impl Store {
     /// A write committed on `nodes`: the repository's generation goes up by one, and so do those
     /// replicas'; every other replica is now outdated. Returns the new generation.
     pub fn commit_generation(&self, repo: &str, nodes: &[&str]) -> Result<i64, StoreError> {
+        let (owner, name) = owner_and_name(repo)?;
         self.db.nested(|| {
             let generation = self
                 .db
                 .row(
                     "UPDATE repos SET generation = generation + 1
-                     WHERE owner || '/' || name = $1 RETURNING generation",
-                    params![repo],
+                     WHERE owner = $1 AND name = $2 RETURNING generation",
+                    params![owner, name],
                     |r| r.int(0),
                 )?
                 .ok_or_else(|| StoreError::NoSuchRepo(repo.to_owned()))?;
@@ -317,4 +321,11 @@ impl Store {
             )
             .map(drop)
     }
+}
+
+/// `OWNER/NAME` as the two columns of the (owner, name) index, which a match on
+/// `owner || '/' || name` cannot use.
+pub(super) fn owner_and_name(repo: &str) -> Result<(&str, &str), StoreError> {
+    repo.split_once('/')
+        .ok_or_else(|| StoreError::NoSuchRepo(repo.to_owned()))
 }

@@ -382,9 +382,10 @@ impl Store {
 
     /// Adds a webhook to a repository known to the store; returns its id.
     pub fn add_webhook(&self, repo: &str, url: &str, secret: &str) -> Result<i64, StoreError> {
+        let (owner, name) = super::cluster::owner_and_name(repo)?;
         let known = self.db.row(
-            "SELECT id FROM repos WHERE owner || '/' || name = $1",
-            params![repo],
+            "SELECT id FROM repos WHERE owner = $1 AND name = $2",
+            params![owner, name],
             |r| r.int(0),
         )?;
         if known.is_none() {
