@@ -374,3 +374,87 @@ fn a_v2_clone_and_ls_remote_spawn_git_only_for_the_pack() {
     // ls-remote.
     assert!(metric(&server, "gitplane_git_spawned_total") - spawned <= 1);
 }
+
+#[test]
+fn ls_refs_never_misses_a_ref_while_pushes_and_pack_refs_run() {
+    // Housekeeping packs refs after nearly every push: loose refs move into packed-refs while
+    // ls-refs reads them.
+    let server = Server::start_with(ServerOptions {
+        config: Some(
+            "[housekeeping]\nsweep_interval_secs = 0\nloose_refs_limit = 2\n\
+             [hooks.concurrency]\nhousekeeping = 2\n"
+                .into(),
+        ),
+        ..ServerOptions::default()
+    });
+    server.create_repo("admin/busy", true);
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    make_worktree(&src, 2);
+    let url = server.admin_url("admin/busy");
+    let stable: Vec<String> = (0..20).map(|i| format!("refs/heads/stable-{i}")).collect();
+    let mut refspecs = vec!["main".to_owned()];
+    refspecs.extend(stable.iter().map(|r| format!("HEAD:{r}")));
+    let mut args = vec!["push", "-q", url.as_str()];
+    args.extend(refspecs.iter().map(String::as_str));
+    git(&src, &args);
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Each push moves every stable branch too: it is loose again until the next pack-refs moves
+    // it into packed-refs, so the stable names keep crossing from one store to the other.
+    let pusher = {
+        let (src, url, stop) = (src.clone(), url.clone(), std::sync::Arc::clone(&stop));
+        let refspecs = refspecs.clone();
+        std::thread::spawn(move || {
+            for i in 0..30 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                git(
+                    &src,
+                    &["commit", "-q", "--allow-empty", "-m", &format!("n{i}")],
+                );
+                let new = format!("HEAD:refs/heads/new-{i}");
+                let mut args = vec!["push", "-q", url.as_str(), new.as_str()];
+                args.extend(refspecs.iter().map(String::as_str));
+                git(&src, &args);
+            }
+        })
+    };
+    let request = &ls_refs_requests()[2]; // every ref, no arguments
+    let started = std::time::Instant::now();
+    let mut answers = 0;
+    while !pusher.is_finished() && started.elapsed() < Duration::from_secs(120) {
+        let answer =
+            String::from_utf8_lossy(&post_upload_pack(&server, "admin/busy", request)).into_owned();
+        for name in &stable {
+            assert!(
+                answer.contains(&format!(" {name}\n")),
+                "{name} missing from an ls-refs answer during pushes:\n{answer}"
+            );
+        }
+        answers += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    pusher.join().expect("pusher");
+    let packed = metric(
+        &server,
+        "gitplane_housekeeping_runs_total{task=\"pack_refs\",outcome=\"ok\"}",
+    );
+    eprintln!("{answers} ls-refs answers during 30 pushes and {packed} pack-refs runs");
+    assert!(answers >= 10, "only {answers} answers during the pushes");
+    assert!(
+        packed >= 3,
+        "only {packed} pack-refs runs: the race was not exercised"
+    );
+    // And once quiet, the answer is git's.
+    let repo = server.repo_path("admin/busy");
+    assert!(wait_for(Duration::from_secs(30), || metric(
+        &server,
+        "gitplane_housekeeping_running"
+    ) == 0));
+    assert_eq!(
+        post_upload_pack(&server, "admin/busy", request),
+        git_upload_pack(&repo, false, request)
+    );
+}
