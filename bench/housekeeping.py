@@ -25,17 +25,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench", "lib"))
-from probe import BIN, metric, metrics, require_binary, run, start_server  # noqa: E402
+from probe import BIN, GIT_ENV, fixture, metric, metrics, require_binary, run, start_server, stop  # noqa: E402
+from servertree import CLK_TCK, Measurement, snapshot, tree_cpu_ticks  # noqa: E402
 
 LOAD = os.path.join(ROOT, "target", "release", "gitplane-load")
-FIXTURE_DIR = os.path.join(ROOT, "bench", "fixture", "cache")
-FIXTURE = os.path.join(FIXTURE_DIR, "fixture.git")
-GIT_ENV = {**os.environ, "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null"}
 CLEAN = "[git]\npack_cache = false\nanonymous_max_concurrent = 64\nanonymous_max_per_ip = 64\n"
 
 
@@ -51,64 +48,10 @@ def git(*args, cwd=None, timeout=600):
                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def tree_pids(root):
-    children = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(name))
-    out, todo = [], [root]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(children.get(p, []))
-    return out
-
-
 def tree_cpu(root):
-    """User+system seconds of every process of the tree (zombies included), each with the
-    children it has reaped: git daemon runs under a `git` parent and reaps its own children,
-    so its time is not in the root's counters until it exits."""
-    ticks = 0
-    for pid in tree_pids(root):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                ticks += sum(int(x) for x in f.read().rsplit(")", 1)[1].split()[11:15])
-        except (FileNotFoundError, ProcessLookupError):
-            pass
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def tree_rss_mb(root):
-    total = 0
-    for pid in tree_pids(root):
-        try:
-            with open(f"/proc/{pid}/statm") as f:
-                total += int(f.read().split()[1])
-        except (FileNotFoundError, ProcessLookupError):
-            pass
-    return total * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-class PeakRss:
-    def __init__(self, root):
-        self.root, self.peak, self.done = root, 0.0, threading.Event()
-        self.thread = threading.Thread(target=self.sample, daemon=True)
-        self.thread.start()
-
-    def sample(self):
-        while not self.done.wait(0.05):
-            self.peak = max(self.peak, tree_rss_mb(self.root))
-
-    def stop(self):
-        self.done.set()
-        self.thread.join()
-        return self.peak
+    """User+system seconds of the process tree under `root`, each process with the children it
+    has reaped (git daemon runs under a `git` parent and reaps its own children)."""
+    return tree_cpu_ticks(snapshot([root])) / CLK_TCK
 
 
 def wait_maintained(addr, repo, limit=600):
@@ -145,12 +88,12 @@ def duration_sum(text):
                if line.startswith("gitplane_housekeeping_duration_seconds_sum"))
 
 
-def push_round(housekeeping):
+def push_round(source, housekeeping):
     work = tempfile.mkdtemp(prefix="gp-hk-")
     proc, addr, url, repo = new_server(work, housekeeping)
     try:
         t0 = time.monotonic()
-        git("--git-dir", FIXTURE, "push", "-q", "--mirror", url)
+        git("--git-dir", source, "push", "-q", "--mirror", url)
         wall = time.monotonic() - t0
         row = {"push_s": wall}
         if housekeeping:
@@ -161,22 +104,20 @@ def push_round(housekeeping):
             row["pass_cpu_s"] = tree_cpu(proc.pid) - cpu0
         return row
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        stop(proc, timeout=60)
         shutil.rmtree(work, ignore_errors=True)
 
 
 def clone_load(url, clients, clones, root):
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        time.sleep(0.5)
-        cpu0 = tree_cpu(root)
-        rss = PeakRss(root)
+        measured = Measurement([root])
+        measured.start()
         subprocess.run([LOAD, "clone", "--url", url, "-c", str(clients), "-n", str(clones),
                         "-t", "1", "-q", "--timeout", "300s", "--json", out.name],
                        check=True, capture_output=True, timeout=900)
-        peak = rss.stop()
-        time.sleep(0.5)  # every git child reaped: its CPU is in the parent's cutime/cstime
-        cpu = tree_cpu(root) - cpu0
+        # Waits until every git child is reaped: its CPU is in the parent's cutime/cstime.
+        result = measured.stop()
+        cpu, peak = result["server_cpu_s"], result["peak_rss_bytes"] / 2**20
         report = json.load(open(out.name))
     ok = report["ok"]
     return {"clones": ok, "errors": report["errors_total"], "clones_per_s": report["throughput"],
@@ -189,12 +130,12 @@ def free_port():
         return s.getsockname()[1]
 
 
-def after_small_pushes(args):
+def after_small_pushes(source, args):
     work = tempfile.mkdtemp(prefix="gp-hk-small-")
     proc, addr, url, repo = new_server(work, True)
     daemon = None
     try:
-        git("--git-dir", FIXTURE, "push", "-q", "--mirror", url)
+        git("--git-dir", source, "push", "-q", "--mirror", url)
         wait_maintained(addr, repo)
         wt = os.path.join(work, "wt")
         git("clone", "-q", url, wt)
@@ -244,10 +185,8 @@ def after_small_pushes(args):
         return state, rows
     finally:
         if daemon:
-            daemon.terminate()
-            daemon.wait(timeout=30)
-        proc.terminate()
-        proc.wait(timeout=60)
+            stop(daemon)
+        stop(proc, timeout=60)
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -260,14 +199,12 @@ def main():
     require_binary()
     if not os.path.exists(LOAD):
         sys.exit(f"{LOAD} missing: cargo build --release -p gitplane-load")
-    if not os.path.isdir(FIXTURE):
-        subprocess.run([os.path.join(ROOT, "bench", "fixture", "make_repo.sh"), FIXTURE_DIR],
-                       check=True)
+    source = fixture()
 
     on, off = [], []
     for r in range(args.rounds):
         for housekeeping in ((True, False) if r % 2 == 0 else (False, True)):
-            row = push_round(housekeeping)
+            row = push_round(source, housekeeping)
             (on if housekeeping else off).append(row)
             print(json.dumps({"housekeeping": housekeeping, **row}), flush=True)
     med = lambda rows, k: statistics.median(r[k] for r in rows)  # noqa: E731
@@ -278,7 +215,7 @@ def main():
           f" (each round on/off: {pairs})")
     print(f"- the pass after it: {med(on, 'pass_s'):.2f} s wall, {med(on, 'pass_cpu_s'):.2f} CPU-s")
 
-    state, rows = after_small_pushes(args)
+    state, rows = after_small_pushes(source, args)
     print(f"\n## after {state['small_pushes']} small pushes ({state['pushes_wall_s']:.1f} s of pushing)")
     print(f"- packs {state['packs']}, loose objects {state['loose_objects']}; passes: {state['housekeeping_runs']}")
     print("\n| server | concurrency | clones | errors | CPU-s per clone | peak RSS MB |")

@@ -22,7 +22,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench", "lib"))
-from probe import BIN, rss_kb, start_server  # noqa: E402
+from probe import BIN, rss_kb, start_server, stop  # noqa: E402
 
 
 REQUEST = b"GET /healthz HTTP/1.1\r\nHost: bench\r\n\r\n"
@@ -88,11 +88,7 @@ def main():
         for s in socks:
             s.close()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc, timeout=20)
         shutil.rmtree(data, ignore_errors=True)
 
 

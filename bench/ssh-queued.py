@@ -22,7 +22,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench", "lib"))
-from probe import require_binary, rss_kb, start_server  # noqa: E402
+from probe import require_binary, rss_kb, start_server, stop  # noqa: E402
 
 
 def banners(socks):
@@ -67,8 +67,7 @@ def main():
         for s in socks:
             s.close()
         if proc:
-            proc.terminate()
-            proc.wait(timeout=30)
+            stop(proc)
         shutil.rmtree(work, ignore_errors=True)
 
 

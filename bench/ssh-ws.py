@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench", "lib"))
-from probe import BIN, admin, make_history, require_binary, run, start_server, tree_cpu_seconds  # noqa: E402
+from probe import BIN, admin, make_history, require_binary, run, start_server, stop, tree_cpu_seconds  # noqa: E402
 
 
 def main():
@@ -89,11 +89,7 @@ def main():
               f"CPU per clone {(b[2] / max(b[0], 1)) / (a[2] / max(a[0], 1)):.2f}")
     finally:
         if proc:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc)
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -29,7 +29,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench", "lib"))
-from probe import BIN, make_history, tree_cpu_seconds, require_binary, run, start_server  # noqa: E402
+from probe import BIN, make_history, tree_cpu_seconds, require_binary, run, start_server, stop  # noqa: E402
 
 LOAD = os.path.join(ROOT, "target", "release", "gitplane-load")
 
@@ -84,11 +84,7 @@ def one_backend(name, database_url, args, history):
                 }
             return results
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -24,11 +24,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench", "lib"))
-from probe import BIN, metric, metrics, require_binary, run, start_server, tree_cpu_seconds  # noqa: E402
+from probe import BIN, GIT_ENV, fixture, metric, metrics, require_binary, run, start_server, stop, tree_cpu_seconds  # noqa: E402
 
 LOAD = os.path.join(ROOT, "target", "release", "gitplane-load")
-FIXTURE = os.path.join(ROOT, "bench", "fixture", "cache", "fixture.git")
-GIT_ENV = {**os.environ, "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null"}
 
 
 def fetch_noop(url, clients, seconds):
@@ -46,9 +44,7 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
     require_binary()
-    if not os.path.isdir(FIXTURE):
-        subprocess.run([os.path.join(ROOT, "bench", "fixture", "make_repo.sh"),
-                        os.path.dirname(FIXTURE)], check=True)
+    source = fixture()
     work = tempfile.mkdtemp(prefix="gp-v2-")
     proc = None
     try:
@@ -59,7 +55,7 @@ def main():
         urls = {}
         for name in ("served", "to-git"):
             run([BIN, "--data-dir", data, "repo", "create", f"admin/{name}", "--public"])
-            subprocess.run(["git", "--git-dir", FIXTURE, "push", "-q", "--mirror",
+            subprocess.run(["git", "--git-dir", source, "push", "-q", "--mirror",
                             f"http://admin:{password}@{host}:{port}/admin/{name}.git"],
                            env=GIT_ENV, check=True, timeout=600)
             urls[name] = f"http://{host}:{port}/admin/{name}.git"
@@ -84,7 +80,7 @@ def main():
         med = {n: {k: statistics.median(r[k] for r in rows)
                    for k in ("fetches_per_s", "cpu_ms_per_fetch", "git_spawned_per_fetch")}
                for n, rows in results.items()}
-        print(f"\n| answered by | fetches/s | CPU ms per fetch | git spawned per fetch |")
+        print("\n| answered by | fetches/s | CPU ms per fetch | git spawned per fetch |")
         print("|---|---:|---:|---:|")
         for n, label in (("served", "gitplane (git::v2)"), ("to-git", "git upload-pack")):
             m = med[n]
@@ -95,8 +91,7 @@ def main():
               f" (medians of {args.rounds} rounds, {args.clients} clients, {args.seconds} s each)")
     finally:
         if proc:
-            proc.terminate()
-            proc.wait(timeout=60)
+            stop(proc, timeout=60)
         shutil.rmtree(work, ignore_errors=True)
 
 

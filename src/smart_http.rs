@@ -242,10 +242,8 @@ impl SmartHttp {
                 let config = monoio::fs::read(self.state.repos.path_of(&repo).join("config")).await;
                 if config.is_ok_and(|c| !v2::config_needs_git(&c)) {
                     METRICS.v2_advertisements_served.inc();
-                    let mut headers = Vec::with_capacity(1 + NO_CACHE.len());
-                    headers.push(("Content-Type", content_type.as_str()));
-                    headers.extend_from_slice(&NO_CACHE);
-                    conn.respond(200, &headers, advertisement).await?;
+                    conn.respond(200, &git_headers(&content_type), advertisement)
+                        .await?;
                     return Ok(Reuse::KeepAlive);
                 }
             }
@@ -403,9 +401,7 @@ impl SmartHttp {
         match answer {
             Ok(refs) => {
                 METRICS.v2_ls_refs_answered.inc();
-                let mut headers = Vec::with_capacity(1 + NO_CACHE.len());
-                headers.push(("Content-Type", "application/x-git-upload-pack-result"));
-                headers.extend_from_slice(&NO_CACHE);
+                let headers = git_headers("application/x-git-upload-pack-result");
                 conn.respond(200, &headers, &refs).await?;
                 Ok(LsRefs::Answered(Reuse::KeepAlive))
             }
@@ -431,9 +427,7 @@ impl SmartHttp {
         } else {
             (Framing::Chunked, BodyLength::Chunked)
         };
-        let mut headers = Vec::with_capacity(1 + NO_CACHE.len());
-        headers.push(("Content-Type", content_type));
-        headers.extend_from_slice(&NO_CACHE);
+        let headers = git_headers(content_type);
         let mut out = Vec::with_capacity(512 + prefix.len());
         encode_head(&mut out, 200, &headers, length, conn.reusable());
         if !prefix.is_empty() {
@@ -483,6 +477,14 @@ enum LsRefs {
     Answered(Reuse),
     /// git answers: the request body, untouched.
     ToGit(Vec<u8>),
+}
+
+/// The headers of every git response: its type, and never cached.
+fn git_headers(content_type: &str) -> Vec<(&str, &str)> {
+    let mut headers = Vec::with_capacity(1 + NO_CACHE.len());
+    headers.push(("Content-Type", content_type));
+    headers.extend_from_slice(&NO_CACHE);
+    headers
 }
 
 /// Whether the client asked for protocol v2 (`Git-Protocol: version=2`).

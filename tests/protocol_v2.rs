@@ -72,7 +72,13 @@ fn pkt(lines: &[&str]) -> Vec<u8> {
     out
 }
 
+/// The body of a 200 answer to a v2 upload-pack POST.
 fn post_upload_pack(server: &Server, repo: &str, body: &[u8]) -> Vec<u8> {
+    response_body(&post_upload_pack_raw(server, repo, body))
+}
+
+/// The whole answer, head included, to a v2 upload-pack POST.
+fn post_upload_pack_raw(server: &Server, repo: &str, body: &[u8]) -> Vec<u8> {
     let mut request = format!(
         "POST /{repo}.git/git-upload-pack HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\
          Git-Protocol: version=2\r\nContent-Type: application/x-git-upload-pack-request\r\n\
@@ -81,7 +87,7 @@ fn post_upload_pack(server: &Server, repo: &str, body: &[u8]) -> Vec<u8> {
     )
     .into_bytes();
     request.extend_from_slice(body);
-    response_body(&raw_request(server.addr, &request, Duration::from_secs(20)))
+    raw_request(server.addr, &request, Duration::from_secs(20))
 }
 
 fn get_advertisement(server: &Server, repo: &str) -> Vec<u8> {
@@ -301,17 +307,7 @@ fn what_git_must_decide_goes_to_git() {
     git(&repo, &["config", "--unset", "uploadpack.hideRefs"]);
     let answered_before_unusual = metric(&server, "gitplane_git_v2_ls_refs_total");
     for body in &unusual {
-        let raw = {
-            let mut request = format!(
-                "POST /admin/hidden.git/git-upload-pack HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\
-                 Git-Protocol: version=2\r\nContent-Type: application/x-git-upload-pack-request\r\n\
-                 Content-Length: {}\r\n\r\n",
-                body.len()
-            )
-            .into_bytes();
-            request.extend_from_slice(body);
-            raw_request(server.addr, &request, Duration::from_secs(20))
-        };
+        let raw = post_upload_pack_raw(&server, "admin/hidden", body);
         assert!(!raw.is_empty(), "no answer to {}", body.escape_ascii());
         assert!(
             !String::from_utf8_lossy(&raw).contains("refs/heads/main"),

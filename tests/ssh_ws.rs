@@ -11,8 +11,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    git, git_raw, make_worktree, require_tool, ssh_keygen, ssh_known_hosts, Server, ServerOptions,
-    BIN,
+    git, git_env, git_raw, make_worktree, require_tool, ssh_keygen, ssh_known_hosts, Server,
+    ServerOptions, BIN,
 };
 
 fn ssh_command(server: &Server, key: &Path, known_hosts: &Path) -> String {
@@ -34,25 +34,15 @@ fn push_then_clone(server: &Server, work: &Path, ssh: &str, commits: usize) -> P
     let env = [("GIT_SSH_COMMAND", ssh)];
     let src = work.join("src");
     make_worktree(&src, commits);
-    let out = git_raw(
+    git_env(
         &src,
         &["push", "-q", &url(server, "admin/proj"), "main"],
         &env,
     );
-    assert!(
-        out.status.success(),
-        "push: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = git_raw(
+    git_env(
         work,
         &["clone", "-q", &url(server, "admin/proj"), "c"],
         &env,
-    );
-    assert!(
-        out.status.success(),
-        "clone: {}",
-        String::from_utf8_lossy(&out.stderr)
     );
     let clone = work.join("c");
     assert_eq!(
@@ -60,6 +50,19 @@ fn push_then_clone(server: &Server, work: &Path, ssh: &str, commits: usize) -> P
         git(&src, &["rev-parse", "HEAD"])
     );
     clone
+}
+
+/// An SSH key for admin (registered) and a known_hosts file for the server, both in `dir`, and
+/// the private repository admin/proj.
+fn admin_key_and_repo(server: &Server, dir: &Path) -> (PathBuf, PathBuf) {
+    let known_hosts = ssh_known_hosts(server, dir);
+    let key = ssh_keygen(dir, "admin_key");
+    server.admin(
+        &["key", "add", "admin", &format!("{}.pub", key.display())],
+        None,
+    );
+    server.create_repo("admin/proj", false);
+    (key, known_hosts)
 }
 
 /// The repository URL: the SSH port only names the host key; the bytes go over the WebSocket.
@@ -75,13 +78,7 @@ fn clone_and_push_through_the_websocket_and_unknown_keys_are_refused() {
     require_tool("ssh");
     let server = Server::start();
     let work = tempfile::tempdir().unwrap();
-    let known_hosts = ssh_known_hosts(&server, work.path());
-    let key = ssh_keygen(work.path(), "admin_key");
-    server.admin(
-        &["key", "add", "admin", &format!("{}.pub", key.display())],
-        None,
-    );
-    server.create_repo("admin/proj", false);
+    let (key, known_hosts) = admin_key_and_repo(&server, work.path());
     let ssh = ssh_command(&server, &key, &known_hosts);
     let clone = push_then_clone(&server, work.path(), &ssh, 5);
     git(&clone, &["fsck", "--full"]);
@@ -313,13 +310,7 @@ fn clone_over_wss_through_a_tls_terminating_balancer() {
     }
     let port: u16 = port.trim().parse().expect("the balancer's port");
 
-    let known_hosts = ssh_known_hosts(&server, work.path());
-    let key = ssh_keygen(work.path(), "admin_key");
-    server.admin(
-        &["key", "add", "admin", &format!("{}.pub", key.display())],
-        None,
-    );
-    server.create_repo("admin/proj", false);
+    let (key, known_hosts) = admin_key_and_repo(&server, work.path());
     let ssh_via = |extra: &str| {
         ssh_command_via(
             &key,

@@ -1,8 +1,8 @@
-"""What the Python benches share: starting target/release/gitplane on loopback, running its
-admin commands, a generated history to push, reading /metrics and RSS, percentiles.
+"""What the Python benches share: starting and stopping target/release/gitplane on loopback,
+running its admin commands, a generated history or the bench fixture to push, reading /metrics
+and RSS, percentiles.
 
-Used by bench/store-compare.py, cluster.py, stall-attack.py, lfs-stall-attack.py, rpc-idle-attack.py, upgrade-load.py,
-conn-churn.py and idle-conns.py (each does `sys.path.insert(0, "bench/lib")`)."""
+Used by the Python scripts in bench/ (each does `sys.path.insert(0, "bench/lib")`)."""
 import os
 import re
 import socket
@@ -48,6 +48,29 @@ def start_server(data, shards=2, config=None, extra=()):
         sys.exit("server did not start")
     threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
     return proc, addrs
+
+
+def stop(proc, timeout=30):
+    """Stops a server (SIGTERM, then SIGKILL if it has not exited within `timeout` s)."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+# git with no system or user config, as the benches run it.
+GIT_ENV = {**os.environ, "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null"}
+FIXTURE = os.path.join(ROOT, "bench", "fixture", "cache", "fixture.git")
+
+
+def fixture():
+    """The bench fixture (bench/fixture/make_repo.sh: 52 MB, 302 commits), built if missing."""
+    if not os.path.isdir(FIXTURE):
+        subprocess.run([os.path.join(ROOT, "bench", "fixture", "make_repo.sh"),
+                        os.path.dirname(FIXTURE)], check=True)
+    return FIXTURE
 
 
 def admin(data, *args, stdin=None):
