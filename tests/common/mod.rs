@@ -550,12 +550,27 @@ pub fn status_of(raw: &[u8]) -> u16 {
 }
 
 /// A loopback port nothing listens on right now (bound and released: for servers such as
-/// `git daemon` that cannot listen on port 0 and report the port).
+/// `git daemon` that cannot listen on port 0 and report the port). Taken below the kernel's
+/// ephemeral range: a port from `bind(:0)` is one the kernel may hand, a moment later, to any
+/// test's outgoing connection as its local port, and the server then cannot bind it.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOWEST: u32 = 10_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768);
+    let span = ephemeral_low.saturating_sub(LOWEST).max(1);
+    // Processes start at different places; calls in one process never repeat a port.
+    let start = std::process::id().wrapping_mul(7_919);
+    for _ in 0..span {
+        let port = LOWEST + start.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        if std::net::TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return port as u16;
+        }
+    }
+    panic!("no free loopback port in {LOWEST}..{ephemeral_low}");
 }
 
 /// A real `git daemon` serving every repository under `base` (read-only, `--export-all`) on
