@@ -137,9 +137,10 @@ impl Housekeeper {
             }
             inflight.insert(dir.clone(), Pending::default());
         }
-        let _done = Inflight {
+        let mut inflight_entry = Inflight {
             hk: self,
             dir: &dir,
+            armed: true,
         };
         let mut full = full;
         loop {
@@ -147,6 +148,10 @@ impl Housekeeper {
             let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
             let p = inflight.entry(dir.clone()).or_default();
             if !p.again {
+                // Under the same lock as the check: a request arriving after it starts a pass of
+                // its own instead of folding into this one, which is ending (it was lost).
+                inflight.remove(&dir);
+                inflight_entry.armed = false;
                 return Ok(Requested::Ran(report));
             }
             full = p.full;
@@ -270,14 +275,19 @@ pub fn maintain_now(
     .maintain(&dir, full)
 }
 
-/// Removes a repository from the in-flight set however its pass ends (error, cancel, panic).
+/// Removes a repository from the in-flight set when its pass ends early (error, cancel, panic);
+/// a pass that ends normally removes it itself, under the lock of its last check.
 struct Inflight<'a> {
     hk: &'a Housekeeper,
     dir: &'a Path,
+    armed: bool,
 }
 
 impl Drop for Inflight<'_> {
     fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
         self.hk
             .inflight
             .lock()
