@@ -618,7 +618,13 @@ fn a_burst_of_128_clones_from_one_address_all_succeed_with_the_defaults() {
     let url = s.url("admin/proj");
     let cmd = s.ssh_base(&s.admin_key);
     let work = s.work.path().to_owned();
-    let start = std::sync::Arc::new(std::sync::Barrier::new(128));
+    // 31 silent connections hold all but one of the address's 32 handshake slots while the
+    // burst starts, so that it surely exceeds the share (on a fast machine 128 OpenSSH clients
+    // may otherwise never have 32 handshakes open at once); they close a moment later.
+    let silent: Vec<TcpStream> = (0..31)
+        .map(|_| TcpStream::connect(s.addr()).expect("connect"))
+        .collect();
+    let start = std::sync::Arc::new(std::sync::Barrier::new(129));
     let handles: Vec<_> = (0..128)
         .map(|i| {
             let (url, cmd, work, start) = (url.clone(), cmd.clone(), work.clone(), start.clone());
@@ -634,6 +640,9 @@ fn a_burst_of_128_clones_from_one_address_all_succeed_with_the_defaults() {
             })
         })
         .collect();
+    start.wait();
+    std::thread::sleep(Duration::from_secs(1));
+    drop(silent);
     let failed: Vec<String> = handles
         .into_iter()
         .map(|h| h.join().expect("clone thread"))
