@@ -228,7 +228,7 @@ def main():
             h, r = (relay[k]["threads_ms"].get(name, 0) for k in ("holder", "relay"))
             if max(h, r) >= 0.01:
                 print(f"    {name:22} holder {h:6.2f}  relaying {r:6.2f}")
-        missed = [int(x) for x in args.missed.split(",")]
+        missed = [int(x) for x in args.missed.split(",") if x]  # "": no repair phase
         for m, secs in repair_times(c, work, missed).items():
             print(f"repair after {m:4} missed pushes: {secs:.2f} s")
     finally:

@@ -57,19 +57,12 @@ pub struct AppState {
     anonymous: Arc<AddressLimiter>,
     /// What git advertises under protocol v2, captured at start-up; None if that failed, and
     /// then every advertisement spawns git.
-    v2_advertisement: Option<Vec<u8>>,
+    v2_advertisement: Option<Arc<[u8]>>,
 }
 
 impl AppState {
-    pub fn new(config: Arc<ServeConfig>) -> Self {
+    pub fn new(config: Arc<ServeConfig>, v2_advertisement: Option<Arc<[u8]>>) -> Self {
         let g = &config.git;
-        let v2_advertisement = match v2::capture_advertisement(&g.binary, &config.data_dir) {
-            Ok(a) => Some(a),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot capture git's protocol v2 advertisement; git will answer each one");
-                None
-            }
-        };
         Self {
             v2_advertisement,
             repos: RepoRoot::new(&config.data_dir),
@@ -381,15 +374,12 @@ impl SmartHttp {
     /// pool. Anything else, or anything that module leaves to git, is handed back for git.
     async fn ls_refs(&self, conn: &mut Conn, repo: &RepoName, body: Vec<u8>) -> io::Result<LsRefs> {
         // Clients send the command first; a fetch never pays for the hop to the pool.
-        if !body.starts_with(b"0014command=ls-refs\n") {
+        if !body.starts_with(v2::LS_REFS_COMMAND) {
             return Ok(LsRefs::ToGit(body));
         }
         let dir = self.state.repos.path_of(repo);
         let job = monoio::spawn_blocking(move || {
-            let answer = match gitplane_wire::git::ls_refs::parse_request(&body) {
-                Ok(request) => v2::answer(&dir, &request).map_err(|e| e.to_string()),
-                Err(decline) => Err(decline.to_string()),
-            };
+            let answer = v2::answer_body(&dir, &body);
             (body, answer)
         });
         let Ok((body, answer)) = job.await else {

@@ -299,10 +299,37 @@ fn ssh_and_lfs_through_a_node_that_holds_no_copy() {
         work.path(),
         &["push", "-q", &c.url(outsider, "admin/media"), "main"],
     );
+    // A relayed v2 clone spawns git on the holder only for its pack: the holder answers the
+    // advertisement and ls-refs from memory and disk, as it does for its own clients.
+    let holders: Vec<usize> = (0..3).filter(|i| *i != outsider).collect();
+    let v2_answers = |nodes: &[usize]| -> [u64; 2] {
+        let sum = |series| {
+            nodes
+                .iter()
+                .map(|&i| common::metric(&c.nodes[i], series))
+                .sum()
+        };
+        [
+            sum("gitplane_git_v2_advertisements_total"),
+            sum("gitplane_git_v2_ls_refs_total"),
+        ]
+    };
+    let (by_holders, by_outsider) = (v2_answers(&holders), v2_answers(&[outsider]));
     let clone = tempfile::tempdir().unwrap();
     git(
         clone.path(),
         &["clone", "-q", &c.url(outsider, "admin/media"), "c"],
+    );
+    let after = v2_answers(&holders);
+    assert_eq!(
+        [after[0] - by_holders[0], after[1] - by_holders[1]],
+        [1, 1],
+        "a holder answers the relayed clone's advertisement and ls-refs itself"
+    );
+    assert_eq!(
+        v2_answers(&[outsider]),
+        by_outsider,
+        "the node without a copy answers no v2 request itself"
     );
     let copy = clone.path().join("c");
     git(&copy, &["lfs", "install", "--local"]);
@@ -343,11 +370,34 @@ fn ssh_and_lfs_through_a_node_that_holds_no_copy() {
         !c.nodes[outsider].repo_path("admin/media").exists(),
         "a copy appeared on the outsider"
     );
-    let holders: Vec<usize> = (0..3).filter(|i| *i != outsider).collect();
     assert_eq!(
         c.refs_on_disk(holders[0], "admin/media"),
         c.refs_on_disk(holders[1], "admin/media")
     );
+
+    // A copy whose own config changes what upload-pack shows is left to git on the holder.
+    for &h in &holders {
+        git(
+            &c.nodes[h].repo_path("admin/media"),
+            &["config", "uploadpack.hideRefs", "refs/heads/hidden"],
+        );
+    }
+    git(
+        work.path(),
+        &[
+            "push",
+            "-q",
+            &c.url(outsider, "admin/media"),
+            "main:refs/heads/hidden",
+        ],
+    );
+    let before = v2_answers(&holders);
+    let listed = ls_remote(work.path(), &c.url(outsider, "admin/media"));
+    assert!(
+        listed.contains("refs/heads/main") && !listed.contains("refs/heads/hidden"),
+        "{listed}"
+    );
+    assert_eq!(v2_answers(&holders), before, "git answered, not gitplane");
 }
 
 #[test]

@@ -12,7 +12,8 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BIN = os.path.join(ROOT, "target", "release", "gitplane")
+# GITPLANE_BIN: another build to measure (an A/B of two commits), else the release build.
+BIN = os.environ.get("GITPLANE_BIN") or os.path.join(ROOT, "target", "release", "gitplane")
 
 
 def run(args, cwd=None, stdin=None):

@@ -6,8 +6,9 @@
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use gitplane_wire::cluster::{
@@ -19,7 +20,7 @@ use super::auth::Secret;
 use crate::git::process::{GitCommand, Mode, Service};
 use crate::git::repo::RepoRoot;
 use crate::git::repo_name::RepoName;
-use crate::git::splice::{pipe_wait_readable, splice_exact};
+use crate::git::splice::{pipe_available, splice_exact};
 use crate::reused_threads;
 
 /// How long a peer may take to connect or to send its header.
@@ -27,6 +28,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most connections served at once; past it new ones get an error frame.
 const MAX_CONNECTIONS: usize = 1024;
+/// An `ls-refs` request longer than this (ref prefixes) is left to git.
+const MAX_LS_REFS_REQUEST: u64 = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -43,6 +46,8 @@ pub struct ServerContext {
     pub secret: Secret,
     pub repos: RepoRoot,
     pub git: PathBuf,
+    /// git's protocol v2 advertisement ([`crate::git::v2`]); None: git answers each one.
+    pub v2_advertisement: Option<Arc<[u8]>>,
 }
 
 /// Accepts on `listener` until the process exits.
@@ -172,6 +177,18 @@ fn run_git(
         .iter()
         .find(|(k, _)| k == "GIT_PROTOCOL")
         .and_then(|(_, v)| crate::git::process::sanitize_git_protocol(v));
+    // A relayed v2 clone's first two requests are answered as the front end answers them:
+    // the clone spawns git only for its pack, as it does on the node holding the copy.
+    let mut consumed = Vec::new();
+    if service == Service::UploadPack && protocol.is_some_and(|p| p.contains("version=2")) {
+        match answer_v2(ctx, &dir, mode, &mut reader)? {
+            V2Answer::Answered(bytes) => {
+                send_frame(&conn, Kind::Stdout, &bytes)?;
+                return send_frame(&conn, Kind::Exit, &exit_payload(0));
+            }
+            V2Answer::ToGit(read) => consumed = read,
+        }
+    }
     let cmd = GitCommand {
         git: &ctx.git,
         service,
@@ -186,65 +203,145 @@ fn run_git(
         Err(e) => return send_error(&conn, &e.to_string()),
     };
     let child = spawned.child.clone();
-    let writer = Arc::new(Mutex::new(conn.try_clone()?));
-    // stdin: what the reader already buffered, then the socket, until the peer half-closes.
+    // stdin: what was read already, then the socket, until the peer half-closes. upload-pack
+    // reads its whole request before it answers, so for it the copy runs first, on this
+    // thread; a push's receive-pack and an interactive (SSH) git talk while they read, so
+    // their stdin gets a thread of its own.
     if let Some(mut stdin) = spawned.stdin {
-        reused_threads::run(move || {
-            let _ = io::copy(&mut reader, &mut stdin);
+        let mut feed = move || {
+            let _ = stdin
+                .write_all(&consumed)
+                .and_then(|()| io::copy(&mut reader, &mut stdin));
             let _ = stdin.shutdown(std::net::Shutdown::Write);
-        })?;
+        };
+        if service == Service::UploadPack && mode == Mode::StatelessRpc {
+            feed();
+        } else {
+            reused_threads::run(feed)?;
+        }
     }
-    let stderr_writer = Arc::clone(&writer);
-    let mut stderr = spawned.stderr;
-    let (pumped_tx, pumped) = std::sync::mpsc::sync_channel::<()>(1);
-    reused_threads::run(move || {
-        let _ = pump(&mut stderr, &stderr_writer, Kind::Stderr);
-        let _ = pumped_tx.send(());
-    })?;
-    let relayed = splice_stdout(&spawned.stdout, &writer);
-    // Every stderr frame goes out before the exit frame (a disconnect also means done).
-    let _ = pumped.recv();
+    let relayed = relay_output(&spawned.stdout, spawned.stderr, &conn);
     if relayed.is_err() {
         // The peer is gone: so is the point of the command.
         child.kill();
     }
     let code = child.wait_blocking();
     drop(spawned.ended);
-    let w = writer.lock().unwrap_or_else(|p| p.into_inner());
-    let sent = send_frame(&*w, Kind::Exit, &exit_payload(code));
-    let _ = w.shutdown(std::net::Shutdown::Both);
+    let sent = send_frame(&conn, Kind::Exit, &exit_payload(code));
+    let _ = conn.shutdown(std::net::Shutdown::Both);
     sent
 }
 
-/// git's stdout to the peer as frames whose payload is spliced from the pipe into the socket:
-/// the bytes waiting (FIONREAD), a frame head, then exactly that many bytes, never through user
-/// space.
-fn splice_stdout(stdout: &OwnedFd, to: &Mutex<TcpStream>) -> io::Result<()> {
-    let fd = stdout.as_raw_fd();
-    loop {
-        let waiting = pipe_wait_readable(fd)?.min(MAX_FRAME);
-        if waiting == 0 {
-            return Ok(());
+/// What [`answer_v2`] found.
+enum V2Answer {
+    /// git's stdout, as git would have printed it.
+    Answered(Vec<u8>),
+    /// git must answer; these bytes of its stdin were read already.
+    ToGit(Vec<u8>),
+}
+
+/// The v2 advertisement, or an `ls-refs` whose request is read whole (it is small; a fetch is
+/// told apart by its first bytes and streamed to git).
+fn answer_v2(
+    ctx: &ServerContext,
+    dir: &std::path::Path,
+    mode: Mode,
+    reader: &mut BufReader<TcpStream>,
+) -> io::Result<V2Answer> {
+    let Some(advertisement) = &ctx.v2_advertisement else {
+        return Ok(V2Answer::ToGit(Vec::new()));
+    };
+    match mode {
+        Mode::AdvertiseRefs => {
+            let config = std::fs::read(dir.join("config")).unwrap_or_default();
+            if config.is_empty() || crate::git::v2::config_needs_git(&config) {
+                return Ok(V2Answer::ToGit(Vec::new()));
+            }
+            crate::metrics::METRICS.v2_advertisements_served.inc();
+            Ok(V2Answer::Answered(advertisement.to_vec()))
         }
-        let w = to.lock().unwrap_or_else(|p| p.into_inner());
-        (&*w).write_all(&frame_head(Kind::Stdout, waiting))?;
-        splice_exact(fd, w.as_raw_fd(), waiting)?;
+        Mode::StatelessRpc => {
+            let command = crate::git::v2::LS_REFS_COMMAND;
+            let mut body = Vec::with_capacity(command.len());
+            reader
+                .by_ref()
+                .take(command.len() as u64)
+                .read_to_end(&mut body)?;
+            if body != command {
+                return Ok(V2Answer::ToGit(body));
+            }
+            reader
+                .by_ref()
+                .take(MAX_LS_REFS_REQUEST)
+                .read_to_end(&mut body)?;
+            if body.len() as u64 >= MAX_LS_REFS_REQUEST {
+                return Ok(V2Answer::ToGit(body));
+            }
+            match crate::git::v2::answer_body(dir, &body) {
+                Ok(refs) => {
+                    crate::metrics::METRICS.v2_ls_refs_answered.inc();
+                    Ok(V2Answer::Answered(refs))
+                }
+                Err(why) => {
+                    tracing::debug!(dir = %dir.display(), %why, "relayed ls-refs goes to git");
+                    Ok(V2Answer::ToGit(body))
+                }
+            }
+        }
+        Mode::Interactive => Ok(V2Answer::ToGit(Vec::new())),
     }
 }
 
-fn pump(from: &mut impl Read, to: &Mutex<TcpStream>, kind: Kind) -> io::Result<()> {
-    // stderr is progress and error lines: a small buffer, not a pack's.
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        let n = match from.read(&mut buf) {
-            Ok(0) => return Ok(()),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        let w = to.lock().unwrap_or_else(|p| p.into_inner());
-        send_frame(&*w, kind, &buf[..n])?;
+/// git's stdout and stderr to the peer as frames until both end, on this thread: stdout's
+/// payload is spliced from the pipe into the socket (the bytes waiting (FIONREAD), a frame head,
+/// then exactly that many bytes, never through user space); stderr, progress and error lines,
+/// is read and sent as it comes. All of stderr goes out before the exit frame that follows.
+fn relay_output(stdout: &OwnedFd, mut stderr: UnixStream, to: &TcpStream) -> io::Result<()> {
+    let (out, err) = (stdout.as_raw_fd(), stderr.as_raw_fd());
+    let (mut out_open, mut err_open) = (true, true);
+    let mut line = [0u8; 8 * 1024];
+    while out_open || err_open {
+        // poll skips negative fds: an ended stream is no longer watched.
+        let mut fds = [
+            libc::pollfd {
+                fd: if out_open { out } else { -1 },
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: if err_open { err } else { -1 },
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two valid pollfds.
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if fds[0].revents != 0 {
+            match pipe_available(out)?.min(MAX_FRAME) {
+                0 if fds[0].revents & (libc::POLLHUP | libc::POLLERR) != 0 => out_open = false,
+                0 => {}
+                n => {
+                    (&*to).write_all(&frame_head(Kind::Stdout, n))?;
+                    splice_exact(out, to.as_raw_fd(), n)?;
+                }
+            }
+        }
+        if fds[1].revents != 0 {
+            match stderr.read(&mut line) {
+                Ok(0) => err_open = false,
+                Ok(n) => send_frame(to, Kind::Stderr, &line[..n])?,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => err_open = false,
+            }
+        }
     }
+    Ok(())
 }
 
 /// Connects to a node's cluster listener.

@@ -131,6 +131,10 @@ pub fn start(request: &RelayRequest<'_>, stdio: RelayStdio) -> io::Result<(Arc<E
     let (done_read, done_write) = pipe()?;
     let ending = Arc::new(Ending::default());
     let header = request.header();
+    // upload-pack reads its whole request before it answers: the relay thread sends it first
+    // itself. A push and an interactive (SSH) git talk while they read: their stdin is copied
+    // up by a thread of its own.
+    let stdin_first = request.service == Service::UploadPack && request.mode == Mode::StatelessRpc;
     let addr = request.remote.addr.clone();
     let node = request.remote.node.clone();
     let thread_ending = Arc::clone(&ending);
@@ -140,6 +144,7 @@ pub fn start(request: &RelayRequest<'_>, stdio: RelayStdio) -> io::Result<(Arc<E
             stdout,
             mut stderr,
         } = stdio;
+        let stdin = stdin.map(|s| (s, stdin_first));
         let code = match relay(&addr, &header, stdin, stdout, &mut stderr, &thread_ending) {
             Ok(code) => code,
             Err(e) => {
@@ -158,7 +163,7 @@ pub fn start(request: &RelayRequest<'_>, stdio: RelayStdio) -> io::Result<(Arc<E
 fn relay(
     addr: &str,
     header: &Header,
-    stdin: Option<UnixStream>,
+    stdin: Option<(UnixStream, bool)>,
     stdout: OwnedFd,
     stderr: &mut UnixStream,
     ending: &Ending,
@@ -173,7 +178,11 @@ fn relay(
     }
     conn.write_all(&header.encode())?;
     match stdin {
-        Some(mut stdin) => {
+        Some((mut stdin, true)) => {
+            io::copy(&mut stdin, &mut conn)?;
+            conn.shutdown(Shutdown::Write)?;
+        }
+        Some((mut stdin, false)) => {
             let mut up = conn.try_clone()?;
             crate::reused_threads::run(move || {
                 let _ = io::copy(&mut stdin, &mut up);

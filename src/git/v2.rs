@@ -89,6 +89,30 @@ pub fn capture_advertisement(git: &Path, scratch_parent: &Path) -> io::Result<Ve
     Ok(advertisement)
 }
 
+/// How a v2 `ls-refs` request body starts (clients send the command first), so a fetch is told
+/// apart from its first bytes without parsing.
+pub const LS_REFS_COMMAND: &[u8] = b"0014command=ls-refs\n";
+
+/// [`capture_advertisement`], or None (logged) when git would not tell: then every
+/// advertisement spawns git.
+pub fn capture_or_warn(git: &Path, scratch_parent: &Path) -> Option<std::sync::Arc<[u8]>> {
+    match capture_advertisement(git, scratch_parent) {
+        Ok(a) => Some(a.into()),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot capture git's protocol v2 advertisement; git will answer each one");
+            None
+        }
+    }
+}
+
+/// Answers a whole `ls-refs` request body ([`answer`]); Err says why git must answer instead.
+pub fn answer_body(repo_dir: &Path, body: &[u8]) -> Result<Vec<u8>, String> {
+    match gitplane_wire::git::ls_refs::parse_request(body) {
+        Ok(request) => answer(repo_dir, &request).map_err(|e| e.to_string()),
+        Err(decline) => Err(decline.to_string()),
+    }
+}
+
 /// Whether a repository's own config may make git answer differently from the server-wide
 /// settings (it is read as bytes: a mention is enough to let git decide).
 pub fn config_needs_git(config: &[u8]) -> bool {

@@ -125,7 +125,10 @@ fn build_frontends(
         inherited,
         ..Frontends::default()
     };
-    let state = Arc::new(AppState::new(Arc::clone(config)));
+    // Captured once: the shards answer v2 advertisements with it, and so does the cluster
+    // transport for relayed requests.
+    let v2_advertisement = crate::git::v2::capture_or_warn(&config.git.binary, &config.data_dir);
+    let state = Arc::new(AppState::new(Arc::clone(config), v2_advertisement.clone()));
     let token_secret = crate::token::TokenSecret::load_or_create(&config.data_dir)?;
     crate::lfs::storage::DiskStore::new(&config.data_dir)
         .prepare()
@@ -164,7 +167,14 @@ fn build_frontends(
         .find(|(service, _)| *service == "ssh")
         .map_or(config.ssh_listen, |(_, addr)| *addr);
     if let Some(cluster) = &config.cluster {
-        start_cluster(config, cluster, &mut f, http_addr, ssh_addr)?;
+        start_cluster(
+            config,
+            cluster,
+            &mut f,
+            http_addr,
+            ssh_addr,
+            v2_advertisement,
+        )?;
     }
     let rpc_listeners = f.listen("rpc", config.rpc_listen, cores)?;
     f.shard.push(Arc::new(crate::rpc::RpcService::new(
@@ -220,6 +230,7 @@ fn start_cluster(
     f: &mut Frontends,
     http_addr: SocketAddr,
     ssh_addr: SocketAddr,
+    v2_advertisement: Option<Arc<[u8]>>,
 ) -> Result<(), ServeError> {
     let listen_err = |source| ServeError::Listen {
         service: "cluster",
@@ -245,6 +256,7 @@ fn start_cluster(
             secret: cluster.secret.clone(),
             repos: repos.clone(),
             git: config.git.binary.clone(),
+            v2_advertisement,
         }),
     )
     .map_err(|source| ServeError::Thread {
