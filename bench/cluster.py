@@ -121,7 +121,7 @@ def clone_relay(c, history, clients, seconds, perf=None):
                             "--user", "admin", "-c", "2", "-d", "3s", "-q"], check=True,
                            capture_output=True, env={**os.environ, "GITPLANE_LOAD_PASSWORD": c.password})
             before, before_h = tree_cpu_seconds(pid), tree_cpu_seconds(holder_pid)
-            threads_before = thread_cpu_seconds(pid)
+            threads_before, holder_threads_before = thread_cpu_seconds(pid), thread_cpu_seconds(holder_pid)
             recorder = None
             if perf and name == "relay":
                 recorder = subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-g", "-q", "-o", perf,
@@ -132,6 +132,8 @@ def clone_relay(c, history, clients, seconds, perf=None):
                            env={**os.environ, "GITPLANE_LOAD_PASSWORD": c.password})
             cpu, cpu_h = tree_cpu_seconds(pid) - before, tree_cpu_seconds(holder_pid) - before_h
             threads = {k: v - threads_before.get(k, 0) for k, v in thread_cpu_seconds(pid).items()}
+            holder_threads = {k: v - holder_threads_before.get(k, 0)
+                              for k, v in thread_cpu_seconds(holder_pid).items()}
             if recorder:
                 recorder.send_signal(signal.SIGINT)
                 recorder.wait(timeout=60)
@@ -140,7 +142,8 @@ def clone_relay(c, history, clients, seconds, perf=None):
         res[name] = {"clones_per_s": r["throughput"], "errors": r["errors_total"],
                      "entry_cpu_ms": 1000 * cpu / n, "holder_cpu_ms": 1000 * cpu_h / n,
                      "p99_ms": r["latency_ms"]["p99"],
-                     "threads_ms": {k: 1000 * v / n for k, v in threads.items()}}
+                     "threads_ms": {k: 1000 * v / n for k, v in threads.items()},
+                     "holder_threads_ms": {k: 1000 * v / n for k, v in holder_threads.items()}}
     return res
 
 
@@ -228,6 +231,12 @@ def main():
             h, r = (relay[k]["threads_ms"].get(name, 0) for k in ("holder", "relay"))
             if max(h, r) >= 0.01:
                 print(f"    {name:22} holder {h:6.2f}  relaying {r:6.2f}")
+        print("  the holder's CPU per clone by thread, serving its own clients against relayed ones (ms):")
+        names = sorted(set(relay["holder"]["holder_threads_ms"]) | set(relay["relay"]["holder_threads_ms"]))
+        for name in names:
+            h, r = (relay[k]["holder_threads_ms"].get(name, 0) for k in ("holder", "relay"))
+            if max(h, r) >= 0.01:
+                print(f"    {name:22} own clients {h:6.2f}  relayed {r:6.2f}")
         missed = [int(x) for x in args.missed.split(",") if x]  # "": no repair phase
         for m, secs in repair_times(c, work, missed).items():
             print(f"repair after {m:4} missed pushes: {secs:.2f} s")

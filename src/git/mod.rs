@@ -10,6 +10,7 @@ pub mod pack_cache_stats;
 pub mod process;
 pub mod relay;
 pub mod repo;
+pub mod spawn;
 pub mod splice;
 pub mod stream;
 pub mod tokio_child;

@@ -2,9 +2,9 @@
 //!
 //! The child gets a minimal environment (no inherited secrets, no user or system git config), the
 //! server-wide git settings through `GIT_CONFIG_COUNT`, and its own process group so that killing
-//! it also stops the `pack-objects` it started. Every fd above 2 is marked close-on-exec before
-//! exec: no other connection's socket or pipe may leak into a git process (monoio's pipes and some
-//! sockets are not close-on-exec).
+//! it also stops the `pack-objects` it started. It keeps no fd above 2: no other connection's
+//! socket or pipe may leak into a git process (monoio's pipes and some sockets are not
+//! close-on-exec). It is started without fork ([`super::spawn`]).
 //!
 //! Runtime-agnostic: this hands back raw fds; [`super::stream`] drives them on a shard.
 
@@ -12,9 +12,8 @@ use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use super::child::Child;
 use super::relay::{self, RelayRequest, RelayStdio};
@@ -237,15 +236,22 @@ impl GitCommand<'_> {
                 stderr: stderr_ours,
             });
         }
-        let stdin_child = match stdin_child_end {
-            Some(end) => Stdio::from(OwnedFd::from(end)),
-            None => Stdio::null(),
-        };
-        let mut cmd = self.local_command();
-        cmd.stdin(stdin_child)
-            .stdout(Stdio::from(stdout_write))
-            .stderr(Stdio::from(OwnedFd::from(stderr_child)));
-        self.start(cmd, stdin_ours, stdout_read, stderr_ours)
+        let cmd = self.local_command();
+        let spawned = super::spawn::spawn(
+            &cmd,
+            stdin_child_end.as_ref().map(AsRawFd::as_raw_fd),
+            stdout_write.as_raw_fd(),
+            stderr_child.as_raw_fd(),
+        );
+        // The child has its copies: ours must close so that EOF can reach us.
+        drop((stdin_child_end, stdout_write, stderr_child));
+        let pid = spawned.map_err(|source| SpawnError::Spawn {
+            git: self.git.to_owned(),
+            service: self.service.subcommand(),
+            repo: self.repo_dir.to_owned(),
+            source,
+        })?;
+        self.start(pid, stdin_ours, stdout_read, stderr_ours)
     }
 
     /// `git SERVICE [--stateless-rpc [--advertise-refs]] DIR` with this node's settings.
@@ -288,36 +294,11 @@ impl GitCommand<'_> {
 
     fn start(
         &self,
-        mut cmd: Command,
+        pid: libc::pid_t,
         stdin_ours: Option<UnixStream>,
         stdout_read: OwnedFd,
         stderr_ours: UnixStream,
     ) -> Result<SpawnedGit, SpawnError> {
-        // SAFETY: the closure only makes async-signal-safe syscalls.
-        unsafe {
-            cmd.pre_exec(|| {
-                // Own process group: a kill reaches pack-objects and other grandchildren too.
-                if libc::setpgid(0, 0) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                // CLOSE_RANGE_CLOEXEC (4): mark every fd above stderr close-on-exec; std's own
-                // exec-error pipe keeps working until exec.
-                if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 4u32) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().map_err(|source| SpawnError::Spawn {
-            git: self.git.to_owned(),
-            service: self.service.subcommand(),
-            repo: self.repo_dir.to_owned(),
-            source,
-        })?;
-        // The Command holds the child's ends of the pipes: drop it so EOF can reach us.
-        drop(cmd);
-        let pid = child.id() as libc::pid_t;
-        drop(child);
         let pidfd = match pidfd_open(pid) {
             Ok(fd) => fd,
             Err(e) => {
