@@ -71,9 +71,6 @@ enum Command {
         #[arg(long, default_value_t = 90)]
         timeout_secs: u64,
     },
-    /// The pack-objects cache, run by upload-pack as `uploadpack.packObjectsHook` (not by hand).
-    #[command(hide = true)]
-    PackObjectsHook(PackObjectsHookArgs),
     /// The cluster: nodes, and repositories whose replicas disagree.
     #[command(subcommand)]
     Cluster(ClusterCommand),
@@ -129,19 +126,6 @@ struct ClusterExecArgs {
     /// --stateless-rpc [--advertise-refs].
     #[arg(allow_hyphen_values = true)]
     args: Vec<String>,
-}
-
-#[derive(clap::Args)]
-struct PackObjectsHookArgs {
-    #[arg(long)]
-    dir: PathBuf,
-    #[arg(long)]
-    max_age_secs: u64,
-    #[arg(long)]
-    max_bytes: u64,
-    /// `git pack-objects ARGS`, as upload-pack appends it.
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
-    command: Vec<std::ffi::OsString>,
 }
 
 #[derive(Subcommand)]
@@ -293,7 +277,19 @@ fn parse_access(s: &str) -> Result<Access, String> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let hook_env = std::env::var_os(gitplane::git::pack_cache::HOOK_ENV);
+    if let Some((settings, command)) = gitplane::git::pack_cache::hook_invocation(&args, hook_env) {
+        // stderr reaches the client as remote progress: say what failed, nothing more.
+        match gitplane::git::pack_cache::run_hook(&settings, &command) {
+            Ok(status) => std::process::exit(status),
+            Err(e) => {
+                eprintln!("gitplane: {e}");
+                std::process::exit(128);
+            }
+        }
+    }
+    let cli = Cli::parse_from(args);
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -481,21 +477,6 @@ fn main() -> anyhow::Result<()> {
             .with_context(|| format!("maintaining {name}"))?;
             print!("{report}");
             Ok(())
-        }
-        Command::PackObjectsHook(args) => {
-            let settings = gitplane::git::pack_cache::PackCacheSettings {
-                dir: args.dir,
-                max_age: std::time::Duration::from_secs(args.max_age_secs),
-                max_bytes: args.max_bytes,
-            };
-            // stderr reaches the client as remote progress: say what failed, nothing more.
-            match gitplane::git::pack_cache::run_hook(&settings, &args.command) {
-                Ok(status) => std::process::exit(status),
-                Err(e) => {
-                    eprintln!("gitplane: {e}");
-                    std::process::exit(128);
-                }
-            }
         }
         Command::Hook(HookCommand::PostReceive) => {
             // git shows the hook's stderr to the pusher; a failure must be loud there.

@@ -3,8 +3,9 @@
 //! Generating the pack is most of a clone's CPU; serving a cached one is a sendfile.
 //!
 //! git's upload-pack runs `uploadpack.packObjectsHook` in place of `git pack-objects` (the setting
-//! is honoured only from protected config, which `GIT_CONFIG_COUNT` is). The hook is
-//! `gitplane pack-objects-hook`. It keys each request on the repository, pack-objects' arguments
+//! is honoured only from protected config, which `GIT_CONFIG_COUNT` is). The hook is the running
+//! gitplane binary's path alone, its settings in [`HOOK_ENV`]: a hook value with spaces or
+//! quotes is run through `sh -c` by git, which cost a shell per clone. It keys each request on the repository, pack-objects' arguments
 //! and its whole stdin (wants, haves, shallow boundaries): objects are immutable, so the same key
 //! always describes a valid pack. Only `--include-tag` can go stale (a tag created later onto an
 //! object in the pack), which `max_age` bounds, as Gitaly's cache does.
@@ -16,7 +17,7 @@ use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -44,7 +45,18 @@ const MAX_KEYED_INPUT: usize = 16 << 20;
 /// differ only in `--progress` share an entry.
 const STDERR_ONLY_ARGS: &[&str] = &["--progress", "--quiet", "-q", "--all-progress-implied"];
 
-static HOOK_COMMAND: RwLock<Option<OsString>> = RwLock::new(None);
+/// The variable that carries the settings to the hook (`MAX_AGE_SECS:MAX_BYTES:DIR`), and marks a
+/// run of the binary as the hook.
+pub const HOOK_ENV: &str = "GITPLANE_PACK_CACHE";
+/// Characters for which git runs a hook command through the shell (run-command.c,
+/// prepare_shell_cmd).
+const SHELL_METACHARACTERS: &[char] = &[
+    '|', '&', ';', '<', '>', '(', ')', '$', '`', '\\', '"', '\'', ' ', '\t', '\n', '*', '?', '[',
+    '#', '~', '=', '%',
+];
+
+/// The hook's `uploadpack.packObjectsHook` value and its [`HOOK_ENV`] value.
+static HOOK_COMMAND: RwLock<Option<(OsString, OsString)>> = RwLock::new(None);
 /// The server's view of the counters the hooks update.
 static STATS: OnceLock<Stats> = OnceLock::new();
 
@@ -77,15 +89,18 @@ pub fn enable(exe: &Path, settings: &PackCacheSettings) -> Result<(), PackCacheE
             path: settings.dir.clone(),
             source,
         })?;
-    // git runs the hook through the shell, with `git pack-objects ARGS` appended.
-    let command = format!(
-        "{} pack-objects-hook --dir {} --max-age-secs {} --max-bytes {}",
-        super::shell_quote(&exe.to_string_lossy()),
-        super::shell_quote(&dir.to_string_lossy()),
-        settings.max_age.as_secs(),
-        settings.max_bytes,
-    );
-    *HOOK_COMMAND.write().unwrap_or_else(|p| p.into_inner()) = Some(command.into());
+    // git appends `git pack-objects ARGS`; a path without shell metacharacters (the usual
+    // /proc/PID/exe) is run directly, any other through the shell, quoted.
+    let exe = exe.to_string_lossy();
+    let command = if exe.contains(SHELL_METACHARACTERS) {
+        super::shell_quote(&exe)
+    } else {
+        exe.into_owned()
+    };
+    let mut env = format!("{}:{}:", settings.max_age.as_secs(), settings.max_bytes).into_bytes();
+    env.extend_from_slice(dir.as_os_str().as_bytes());
+    *HOOK_COMMAND.write().unwrap_or_else(|p| p.into_inner()) =
+        Some((command.into(), OsString::from_vec(env)));
     match Stats::open(&dir) {
         Ok(stats) => {
             let _ = STATS.set(stats);
@@ -102,8 +117,8 @@ pub fn stats() -> Option<&'static Stats> {
     STATS.get()
 }
 
-/// The `uploadpack.packObjectsHook` value, when the cache is enabled.
-pub fn hook_command() -> Option<OsString> {
+/// The `uploadpack.packObjectsHook` value and the [`HOOK_ENV`] value, when the cache is enabled.
+pub fn hook_command() -> Option<(OsString, OsString)> {
     HOOK_COMMAND
         .read()
         .unwrap_or_else(|p| p.into_inner())
@@ -133,7 +148,29 @@ pub fn cache_key(repo: &Path, repo_id: (u64, u64), args: &[OsString], input: &[u
     hex::encode(h.finalize())
 }
 
-/// Runs as `gitplane pack-objects-hook ... git pack-objects ARGS` in the repository (upload-pack's
+/// The hook's settings and command when this process was started as the hook
+/// (`gitplane git pack-objects ARGS` with [`HOOK_ENV`] set), else None.
+pub fn hook_invocation(
+    args: &[OsString],
+    env: Option<OsString>,
+) -> Option<(PackCacheSettings, Vec<OsString>)> {
+    let command = args
+        .get(1..)
+        .filter(|c| c.first().is_some_and(|p| p == "git"))?;
+    let env = env?;
+    let mut parts = env.as_bytes().splitn(3, |b| *b == b':');
+    let mut number = || -> Option<u64> { std::str::from_utf8(parts.next()?).ok()?.parse().ok() };
+    let (max_age, max_bytes) = (number()?, number()?);
+    let dir = PathBuf::from(OsStr::from_bytes(parts.next()?));
+    let settings = PackCacheSettings {
+        dir,
+        max_age: Duration::from_secs(max_age),
+        max_bytes,
+    };
+    Some((settings, command.to_vec()))
+}
+
+/// Runs as `gitplane git pack-objects ARGS` ([`hook_invocation`]) in the repository (upload-pack's
 /// working directory), with upload-pack's stdin and stdout. Returns pack-objects' exit status.
 /// Anything wrong with the cache itself falls back to running pack-objects uncached: the cache
 /// may only ever make a fetch faster, never fail it.
@@ -386,6 +423,26 @@ mod tests {
 
     fn args(list: &[&str]) -> Vec<OsString> {
         list.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn the_hook_is_recognised_by_its_variable_and_command() {
+        let run = args(&["/proc/1/exe", "git", "pack-objects", "--stdout", "--revs"]);
+        let env = || Some(OsString::from("300:1048576:/var/cache/a:b"));
+        let (settings, command) = hook_invocation(&run, env()).expect("the hook");
+        assert_eq!(
+            settings,
+            PackCacheSettings {
+                dir: PathBuf::from("/var/cache/a:b"),
+                max_age: Duration::from_secs(300),
+                max_bytes: 1 << 20,
+            }
+        );
+        assert_eq!(command, run[1..].to_vec());
+        // Without the variable, or not given git's command, it is the ordinary CLI.
+        assert!(hook_invocation(&run, None).is_none());
+        assert!(hook_invocation(&args(&["gitplane", "serve"]), env()).is_none());
+        assert!(hook_invocation(&run, Some(OsString::from("x:1:/d"))).is_none());
     }
 
     #[test]

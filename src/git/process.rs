@@ -259,9 +259,10 @@ impl GitCommand<'_> {
         let mut cmd = git_command(self.git, self.repo_dir);
         let per_service = match self.service {
             Service::ReceivePack => hooks_path().map(|p| ("core.hooksPath", p.into_os_string())),
-            Service::UploadPack => {
-                super::pack_cache::hook_command().map(|c| ("uploadpack.packObjectsHook", c))
-            }
+            Service::UploadPack => super::pack_cache::hook_command().map(|(hook, settings)| {
+                cmd.env(super::pack_cache::HOOK_ENV, settings);
+                ("uploadpack.packObjectsHook", hook)
+            }),
             Service::UploadArchive => None,
         };
         let mut config_count = GIT_SETTINGS.len();
