@@ -24,6 +24,10 @@
 #   SSH_KEX=curve25519-sha256 key exchange the client asks of both servers (the same for
 #                             both: sshd 9.x would otherwise pick sntrup761x25519-sha512,
 #                             which gitplane does not offer); "default": the client's defaults
+#   SSH_CIPHERS=default       cipher list the client offers both servers (ssh -o Ciphers=...);
+#                             default: the client's own list, each server picks from it
+#                             what it offers (gitplane offers only AES-GCM on CPUs with AES
+#                             instructions, sshd also chacha20-poly1305, OpenSSH's first choice)
 #   OUT=bench/results/ssh-compare.md   Markdown result (raw JSON lines beside it, .jsonl)
 #   FIXTURE_DIR=bench/fixture/cache/fixture.git
 #   GITPLANE_BIN=target/release/gitplane
@@ -60,6 +64,7 @@ IDLE_CONNS=${IDLE_CONNS:-500}
 IDLE_PER_SOURCE=${IDLE_PER_SOURCE:-30}
 IDLE_MODE=${IDLE_MODE:-version}
 SSH_KEX=${SSH_KEX:-curve25519-sha256}
+SSH_CIPHERS=${SSH_CIPHERS:-default}
 OUT=${OUT:-$ROOT/bench/results/ssh-compare.md}
 GITPLANE_BUILD=${GITPLANE_BUILD:-auto}
 CLONE_TIMEOUT=${CLONE_TIMEOUT:-300}
@@ -213,6 +218,7 @@ prepare_fixture "$FIXTURE_DIR"
 client_ssh_key
 SSH_BASE="ssh -F /dev/null -i $TMP/client_key -o IdentitiesOnly=yes -o IdentityAgent=none -o UserKnownHostsFile=$TMP/known_hosts -o GlobalKnownHostsFile=/dev/null -o StrictHostKeyChecking=yes -o BatchMode=yes -o ControlMaster=no -o ControlPath=none -o ConnectTimeout=10 -o LogLevel=ERROR"
 [[ $SSH_KEX == default ]] || SSH_BASE+=" -o KexAlgorithms=$SSH_KEX"
+[[ $SSH_CIPHERS == default ]] || SSH_BASE+=" -o Ciphers=$SSH_CIPHERS"
 
 LOAD_START=$(loadavg)
 for s in $SERVERS; do
@@ -229,8 +235,8 @@ versions() {
     printf -- '- gitplane: %s, --shards %s\n' "$(gitplane_bin_info "$GITPLANE_BIN")" "$GITPLANE_SHARDS"
     printf -- '- fixture: %s\n' "$FIXTURE_INFO"
     printf -- '- load average (1/5/15 min) before: %s; after: %s (client and servers share the same cores)\n' "$LOAD_START" "$LOAD_END"
-    printf -- '- clones: concurrency %s, clones per level %s, fsck-verified per level %s; sessions: %s per level at concurrency %s; idle: %s connections (%s per 127.0.0.x source), mode %s; client KexAlgorithms: %s; server CPU: %s\n' \
-        "$CONCURRENCY" "${CLONES:-max(2*c, 8)}" "$FSCK_SAMPLES" "$SESSIONS" "$SESSION_CONCURRENCY" "$IDLE_CONNS" "$IDLE_PER_SOURCE" "$IDLE_MODE" "$SSH_KEX" \
+    printf -- '- clones: concurrency %s, clones per level %s, fsck-verified per level %s; sessions: %s per level at concurrency %s; idle: %s connections (%s per 127.0.0.x source), mode %s; client KexAlgorithms: %s; client Ciphers: %s; server CPU: %s\n' \
+        "$CONCURRENCY" "${CLONES:-max(2*c, 8)}" "$FSCK_SAMPLES" "$SESSIONS" "$SESSION_CONCURRENCY" "$IDLE_CONNS" "$IDLE_PER_SOURCE" "$IDLE_MODE" "$SSH_KEX" "$SSH_CIPHERS" \
         "$([[ $BENCH_CGROUP == 1 ]] && echo "each server's cgroup counter" || echo "/proc tree")"
     local k
     for k in "${!EXTRA[@]}"; do printf -- '- %s: %s\n' "$k" "${EXTRA[$k]}"; done | sort

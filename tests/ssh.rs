@@ -155,12 +155,32 @@ fn clone_v0_and_v2_negotiate_the_asked_protocol() {
         s.git_ok(s.work.path(), &["clone", "-q", url, dest.to_str().unwrap()]);
         assert_eq!(rev_count(&dest, "HEAD"), 3);
     }
-    let out = s.ssh(&s.admin_key, &[], &["git-upload-pack", "'admin/proj.git'"]);
+    let out = s.ssh(
+        &s.admin_key,
+        &["-v"],
+        &["git-upload-pack", "'admin/proj.git'"],
+    );
     // Without input, upload-pack advertises and exits when stdin closes.
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("refs/heads/main"),
         "{out:?}"
     );
+    // The cipher OpenSSH ends up with: AES-GCM where this CPU has AES and carry-less multiply
+    // instructions (chacha20-poly1305, OpenSSH's first choice, is then not offered).
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").expect("/proc/cpuinfo");
+    let hardware_aes = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("flags"))
+        .is_some_and(|l| {
+            let flags: Vec<&str> = l.split_whitespace().collect();
+            flags.contains(&"aes") && flags.contains(&"pclmulqdq")
+        });
+    let expected = if hardware_aes {
+        "cipher: aes128-gcm@openssh.com"
+    } else {
+        "cipher: chacha20-poly1305@openssh.com"
+    };
+    assert!(stderr(&out).contains(expected), "{}", stderr(&out));
 }
 
 #[test]
