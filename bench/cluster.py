@@ -172,6 +172,15 @@ def repair_times(c, work, missed_list):
     return out
 
 
+def print_threads(relay, key, direct_label, relayed_label):
+    """One line per thread name: its CPU per clone in the direct phase and in the relayed one."""
+    names = sorted(set(relay["holder"][key]) | set(relay["relay"][key]))
+    for name in names:
+        d, r = (relay[phase][key].get(name, 0) for phase in ("holder", "relay"))
+        if max(d, r) >= 0.01:
+            print(f"    {name:22} {direct_label} {d:6.2f}  {relayed_label} {r:6.2f}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--pushes", type=int, default=40)
@@ -226,17 +235,9 @@ def main():
               f"{100 * (relayed - direct) / direct:.1f}% of serving it locally")
         print("  CPU per clone of the node reached, by thread (ms; ended threads are the relays' and "
               "other short-lived ones):")
-        names = sorted(set(relay["holder"]["threads_ms"]) | set(relay["relay"]["threads_ms"]))
-        for name in names:
-            h, r = (relay[k]["threads_ms"].get(name, 0) for k in ("holder", "relay"))
-            if max(h, r) >= 0.01:
-                print(f"    {name:22} holder {h:6.2f}  relaying {r:6.2f}")
+        print_threads(relay, "threads_ms", "holder", "relaying")
         print("  the holder's CPU per clone by thread, serving its own clients against relayed ones (ms):")
-        names = sorted(set(relay["holder"]["holder_threads_ms"]) | set(relay["relay"]["holder_threads_ms"]))
-        for name in names:
-            h, r = (relay[k]["holder_threads_ms"].get(name, 0) for k in ("holder", "relay"))
-            if max(h, r) >= 0.01:
-                print(f"    {name:22} own clients {h:6.2f}  relayed {r:6.2f}")
+        print_threads(relay, "holder_threads_ms", "own clients", "relayed")
         missed = [int(x) for x in args.missed.split(",") if x]  # "": no repair phase
         for m, secs in repair_times(c, work, missed).items():
             print(f"repair after {m:4} missed pushes: {secs:.2f} s")

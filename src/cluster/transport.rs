@@ -203,10 +203,8 @@ fn run_git(
         Err(e) => return send_error(&conn, &e.to_string()),
     };
     let child = spawned.child.clone();
-    // stdin: what was read already, then the socket, until the peer half-closes. upload-pack
-    // reads its whole request before it answers, so for it the copy runs first, on this
-    // thread; a push's receive-pack and an interactive (SSH) git talk while they read, so
-    // their stdin gets a thread of its own.
+    // stdin: what was read already, then the socket, until the peer half-closes; first and on
+    // this thread when git reads its request whole, else on a thread of its own.
     if let Some(mut stdin) = spawned.stdin {
         let mut feed = move || {
             let _ = stdin
@@ -214,7 +212,7 @@ fn run_git(
                 .and_then(|()| io::copy(&mut reader, &mut stdin));
             let _ = stdin.shutdown(std::net::Shutdown::Write);
         };
-        if service == Service::UploadPack && mode == Mode::StatelessRpc {
+        if crate::git::process::reads_request_first(service, mode) {
             feed();
         } else {
             reused_threads::run(feed)?;
@@ -248,13 +246,13 @@ fn answer_v2(
     mode: Mode,
     reader: &mut BufReader<TcpStream>,
 ) -> io::Result<V2Answer> {
-    let Some(advertisement) = &ctx.v2_advertisement else {
-        return Ok(V2Answer::ToGit(Vec::new()));
-    };
     match mode {
         Mode::AdvertiseRefs => {
-            let config = std::fs::read(dir.join("config")).unwrap_or_default();
-            if config.is_empty() || crate::git::v2::config_needs_git(&config) {
+            let Some(advertisement) = &ctx.v2_advertisement else {
+                return Ok(V2Answer::ToGit(Vec::new()));
+            };
+            let config = std::fs::read(dir.join("config"));
+            if !config.is_ok_and(|c| !crate::git::v2::config_needs_git(&c)) {
                 return Ok(V2Answer::ToGit(Vec::new()));
             }
             crate::metrics::METRICS.v2_advertisements_served.inc();

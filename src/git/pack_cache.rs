@@ -5,8 +5,8 @@
 //! git's upload-pack runs `uploadpack.packObjectsHook` in place of `git pack-objects` (the setting
 //! is honoured only from protected config, which `GIT_CONFIG_COUNT` is). The hook is the running
 //! gitplane binary's path alone, its settings in [`HOOK_ENV`]: a hook value with spaces or
-//! quotes is run through `sh -c` by git, which cost a shell per clone. It keys each request on the repository, pack-objects' arguments
-//! and its whole stdin (wants, haves, shallow boundaries): objects are immutable, so the same key
+//! quotes is run through `sh -c` by git, which cost a shell per clone. It keys each request on
+//! the repository, pack-objects' arguments and its whole stdin (wants, haves, shallow boundaries): objects are immutable, so the same key
 //! always describes a valid pack. Only `--include-tag` can go stale (a tag created later onto an
 //! object in the pack), which `max_age` bounds, as Gitaly's cache does.
 //!

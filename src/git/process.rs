@@ -31,6 +31,13 @@ pub enum Mode {
     Interactive,
 }
 
+/// Whether git reads its whole request before it writes a byte of its answer: upload-pack over
+/// smart HTTP. Such a request can be sent up before the answer is read, on one thread; a push's
+/// receive-pack reports progress while it reads, and an interactive (SSH) git talks both ways.
+pub fn reads_request_first(service: Service, mode: Mode) -> bool {
+    service == Service::UploadPack && mode == Mode::StatelessRpc
+}
+
 /// Server-wide settings every git child runs with. They make hosting behave as users expect:
 /// partial clone and lazy fetches work, push options are accepted, pushed objects are checked,
 /// and refs and objects are fsynced before receive-pack reports success (nothing acknowledged is

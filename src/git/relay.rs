@@ -131,10 +131,7 @@ pub fn start(request: &RelayRequest<'_>, stdio: RelayStdio) -> io::Result<(Arc<E
     let (done_read, done_write) = pipe()?;
     let ending = Arc::new(Ending::default());
     let header = request.header();
-    // upload-pack reads its whole request before it answers: the relay thread sends it first
-    // itself. A push and an interactive (SSH) git talk while they read: their stdin is copied
-    // up by a thread of its own.
-    let stdin_first = request.service == Service::UploadPack && request.mode == Mode::StatelessRpc;
+    let stdin_first = super::process::reads_request_first(request.service, request.mode);
     let addr = request.remote.addr.clone();
     let node = request.remote.node.clone();
     let thread_ending = Arc::clone(&ending);
@@ -144,8 +141,15 @@ pub fn start(request: &RelayRequest<'_>, stdio: RelayStdio) -> io::Result<(Arc<E
             stdout,
             mut stderr,
         } = stdio;
-        let stdin = stdin.map(|s| (s, stdin_first));
-        let code = match relay(&addr, &header, stdin, stdout, &mut stderr, &thread_ending) {
+        let code = match relay(
+            &addr,
+            &header,
+            stdin,
+            stdin_first,
+            stdout,
+            &mut stderr,
+            &thread_ending,
+        ) {
             Ok(code) => code,
             Err(e) => {
                 let _ = writeln!(stderr, "gitplane: relay to node {node} ({addr}): {e}");
@@ -163,7 +167,8 @@ pub fn start(request: &RelayRequest<'_>, stdio: RelayStdio) -> io::Result<(Arc<E
 fn relay(
     addr: &str,
     header: &Header,
-    stdin: Option<(UnixStream, bool)>,
+    stdin: Option<UnixStream>,
+    stdin_first: bool,
     stdout: OwnedFd,
     stderr: &mut UnixStream,
     ending: &Ending,
@@ -177,12 +182,14 @@ fn relay(
         return Ok(RELAY_FAILED);
     }
     conn.write_all(&header.encode())?;
+    // A request git reads whole goes up on this thread before the answer is read; otherwise
+    // a thread of its own copies stdin up while the answer comes back.
     match stdin {
-        Some((mut stdin, true)) => {
+        Some(mut stdin) if stdin_first => {
             io::copy(&mut stdin, &mut conn)?;
             conn.shutdown(Shutdown::Write)?;
         }
-        Some((mut stdin, false)) => {
+        Some(mut stdin) => {
             let mut up = conn.try_clone()?;
             crate::reused_threads::run(move || {
                 let _ = io::copy(&mut stdin, &mut up);

@@ -32,24 +32,26 @@ pub fn spawn(
             "spawn does not change the child's directory",
         ));
     }
-    let program = c_string(cmd.get_program())?;
-    let mut args = vec![program.clone()];
-    for arg in cmd.get_args() {
-        args.push(c_string(arg)?);
-    }
-    let mut env = Vec::new();
-    for (key, value) in cmd.get_envs() {
-        if let Some(value) = value {
+    let args = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(c_string)
+        .collect::<io::Result<Vec<_>>>()?;
+    let env = cmd
+        .get_envs()
+        .filter_map(|(key, value)| {
+            let value = value?;
             let mut pair = key.as_bytes().to_vec();
             pair.push(b'=');
             pair.extend_from_slice(value.as_bytes());
-            env.push(c_string(OsStr::from_bytes(&pair))?);
-        }
-    }
+            Some(c_string(OsStr::from_bytes(&pair)))
+        })
+        .collect::<io::Result<Vec<_>>>()?;
     let argv = null_terminated(&args);
     let envp = null_terminated(&env);
-    let mut setup = Setup::new()?;
-    setup.stdio(stdin, stdout, stderr)?;
+    let attributes = Attributes::new()?;
+    let mut actions = FileActions::new()?;
+    actions.stdio(stdin, stdout, stderr)?;
+    let program = &args[0];
     let mut pid: libc::pid_t = 0;
     let spawn_fn = if program.as_bytes().contains(&b'/') {
         libc::posix_spawn
@@ -58,13 +60,13 @@ pub fn spawn(
         libc::posix_spawnp
     };
     // SAFETY: argv and envp are null-terminated arrays of pointers into `args` and `env`, which
-    // outlive the call; the file actions and attributes were initialised by Setup.
+    // outlive the call; the file actions and attributes are initialised.
     let r = unsafe {
         spawn_fn(
             &mut pid,
             program.as_ptr(),
-            &setup.actions,
-            &setup.attr,
+            &actions.0,
+            &attributes.0,
             argv.as_ptr(),
             envp.as_ptr(),
         )
@@ -97,47 +99,56 @@ fn check(r: libc::c_int) -> io::Result<()> {
     }
 }
 
-/// posix_spawn's file actions and attributes, destroyed on drop.
-struct Setup {
-    actions: libc::posix_spawn_file_actions_t,
-    attr: libc::posix_spawnattr_t,
-}
+/// posix_spawn's attributes: own process group, empty signal mask, SIGPIPE at its default.
+struct Attributes(libc::posix_spawnattr_t);
 
-impl Setup {
+impl Attributes {
     fn new() -> io::Result<Self> {
-        // SAFETY: zeroed structs are what the init calls expect to overwrite.
-        let mut setup: Setup = unsafe { std::mem::zeroed() };
-        // SAFETY: initialising structs we own; on failure nothing was allocated.
-        check(unsafe { libc::posix_spawn_file_actions_init(&mut setup.actions) })?;
-        // SAFETY: as above.
-        if let Err(e) = check(unsafe { libc::posix_spawnattr_init(&mut setup.attr) }) {
-            // SAFETY: the actions were initialised just above.
-            unsafe { libc::posix_spawn_file_actions_destroy(&mut setup.actions) };
-            std::mem::forget(setup);
-            return Err(e);
-        }
-        // SAFETY: sigset manipulation on local sets; the attr is initialised.
+        // SAFETY: a zeroed struct is what init expects to overwrite; on failure nothing was
+        // allocated and Drop does not run (no Self is made).
+        let mut attr = unsafe { std::mem::zeroed() };
+        // SAFETY: initialising a struct we own.
+        check(unsafe { libc::posix_spawnattr_init(&mut attr) })?;
+        let mut this = Self(attr);
+        // SAFETY: sigset manipulation on local sets; the attributes are initialised.
         unsafe {
             let mut empty: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut empty);
             let mut default: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut default);
             libc::sigaddset(&mut default, libc::SIGPIPE);
-            check(libc::posix_spawnattr_setsigmask(&mut setup.attr, &empty))?;
-            check(libc::posix_spawnattr_setsigdefault(
-                &mut setup.attr,
-                &default,
-            ))?;
-            check(libc::posix_spawnattr_setpgroup(&mut setup.attr, 0))?;
+            check(libc::posix_spawnattr_setsigmask(&mut this.0, &empty))?;
+            check(libc::posix_spawnattr_setsigdefault(&mut this.0, &default))?;
+            check(libc::posix_spawnattr_setpgroup(&mut this.0, 0))?;
             let flags = libc::POSIX_SPAWN_SETPGROUP
                 | libc::POSIX_SPAWN_SETSIGMASK
                 | libc::POSIX_SPAWN_SETSIGDEF;
             check(libc::posix_spawnattr_setflags(
-                &mut setup.attr,
+                &mut this.0,
                 flags as libc::c_short,
             ))?;
         }
-        Ok(setup)
+        Ok(this)
+    }
+}
+
+impl Drop for Attributes {
+    fn drop(&mut self) {
+        // SAFETY: initialised in new(), destroyed once.
+        unsafe { libc::posix_spawnattr_destroy(&mut self.0) };
+    }
+}
+
+/// posix_spawn's file actions: stdio onto fds 0-2, every fd above closed.
+struct FileActions(libc::posix_spawn_file_actions_t);
+
+impl FileActions {
+    fn new() -> io::Result<Self> {
+        // SAFETY: as for Attributes::new.
+        let mut actions = unsafe { std::mem::zeroed() };
+        // SAFETY: initialising a struct we own.
+        check(unsafe { libc::posix_spawn_file_actions_init(&mut actions) })?;
+        Ok(Self(actions))
     }
 
     fn stdio(&mut self, stdin: Option<RawFd>, stdout: RawFd, stderr: RawFd) -> io::Result<()> {
@@ -145,13 +156,9 @@ impl Setup {
         // (the caller's), and the path is a NUL-terminated literal.
         unsafe {
             match stdin {
-                Some(fd) => check(libc::posix_spawn_file_actions_adddup2(
-                    &mut self.actions,
-                    fd,
-                    0,
-                ))?,
+                Some(fd) => check(libc::posix_spawn_file_actions_adddup2(&mut self.0, fd, 0))?,
                 None => check(libc::posix_spawn_file_actions_addopen(
-                    &mut self.actions,
+                    &mut self.0,
                     0,
                     c"/dev/null".as_ptr(),
                     libc::O_RDONLY,
@@ -159,30 +166,27 @@ impl Setup {
                 ))?,
             }
             check(libc::posix_spawn_file_actions_adddup2(
-                &mut self.actions,
+                &mut self.0,
                 stdout,
                 1,
             ))?;
             check(libc::posix_spawn_file_actions_adddup2(
-                &mut self.actions,
+                &mut self.0,
                 stderr,
                 2,
             ))?;
             check(libc::posix_spawn_file_actions_addclosefrom_np(
-                &mut self.actions,
+                &mut self.0,
                 3,
             ))
         }
     }
 }
 
-impl Drop for Setup {
+impl Drop for FileActions {
     fn drop(&mut self) {
-        // SAFETY: both were initialised in new() and are destroyed once.
-        unsafe {
-            libc::posix_spawn_file_actions_destroy(&mut self.actions);
-            libc::posix_spawnattr_destroy(&mut self.attr);
-        }
+        // SAFETY: initialised in new(), destroyed once.
+        unsafe { libc::posix_spawn_file_actions_destroy(&mut self.0) };
     }
 }
 

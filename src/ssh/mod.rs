@@ -77,8 +77,9 @@ const KEX: &[kex::Name] = &[
 /// Ciphers offered where the CPU encrypts AES-GCM in hardware. The client picks the first of its
 /// own list that the server offers, and OpenSSH lists chacha20-poly1305 first: offering it means
 /// every pack is encrypted with it. With AES and carry-less multiply instructions, AES-GCM cost
-/// this node 21-34% less CPU per SSH clone of a 52 MB pack (docs/BENCHMARKS.md, issue #16). Every client that speaks chacha20-poly1305 also speaks AES-GCM
-/// (OpenSSH since 6.2, PuTTY, Go, libssh2 1.11, Apache MINA).
+/// this node 21-34% less CPU per SSH clone of a 52 MB pack (docs/BENCHMARKS.md, issue #16).
+/// Every client that speaks chacha20-poly1305 also speaks AES-GCM (OpenSSH since 6.2, PuTTY, Go,
+/// libssh2 1.11, Apache MINA).
 const CIPHERS_AES_HARDWARE: &[cipher::Name] = &[cipher::AES_128_GCM, cipher::AES_256_GCM];
 /// Without those instructions AES-GCM is the slow one.
 const CIPHERS_SOFTWARE: &[cipher::Name] = &[
