@@ -16,6 +16,8 @@ server --pg-admin-url names, dropped at the end) with LFS in moto's S3, then mea
 
     python3 bench/cluster.py [--pushes 40] [--clients 8] [--seconds 15] [--missed 10,50,200]
                              [--perf FILE]   # the relaying node's profile: perf report -i FILE
+                             [--history DIR] # clone DIR (e.g. bench/fixture/cache/fixture.git)
+                                             # instead of a --commits (300) repository
 
 Bounded: each phase is bounded in count or time; nodes are stopped and the database dropped.
 """
@@ -187,6 +189,8 @@ def main():
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--seconds", type=int, default=15)
     ap.add_argument("--commits", type=int, default=300)
+    ap.add_argument("--history", help="clone this repository (pushed with --mirror) instead of a "
+                    "--commits one, e.g. the bench fixture: bench/fixture/cache/fixture.git")
     ap.add_argument("--missed", default="10,50,200")
     ap.add_argument("--perf", help="record the relaying node's CPU profile (perf, cpu-clock) to this file")
     ap.add_argument("--pg-admin-url", default=os.environ.get(
@@ -218,10 +222,12 @@ def main():
         for rf, ts in times.items():
             ms = [t * 1000 for t in ts]
             print(f"  replication factor {rf}: p50 {pct(ms, 50):.0f}  p99 {pct(ms, 99):.0f}")
-        history = os.path.join(work, "history")
-        make_history(history, args.commits)
+        history = args.history or os.path.join(work, "history")
+        if not args.history:
+            make_history(history, args.commits)
         relay = clone_relay(c, history, args.clients, args.seconds, args.perf)
-        print(f"clones at {args.clients} clients for {args.seconds} s, {args.commits}-commit repository:")
+        shape = args.history or f"{args.commits}-commit repository"
+        print(f"clones at {args.clients} clients for {args.seconds} s, {shape}:")
         for name, r in relay.items():
             print(f"  through the {name:6}: {r['clones_per_s']:.1f} clones/s, p99 {r['p99_ms']:.0f} ms, "
                   f"{r['errors']} errors; entry node CPU {r['entry_cpu_ms']:.2f} ms/clone, "

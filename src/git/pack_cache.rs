@@ -1,6 +1,6 @@
 //! The pack-objects cache: identical fetches (a CI fleet cloning the same commit, many developers
 //! pulling the same push) share one `git pack-objects` run instead of each paying for their own.
-//! Generating the pack is most of a clone's CPU; serving a cached one is a sendfile.
+//! Generating the pack is most of a clone's CPU; serving a cached one is a splice.
 //!
 //! git's upload-pack runs `uploadpack.packObjectsHook` in place of `git pack-objects` (the setting
 //! is honoured only from protected config, which `GIT_CONFIG_COUNT` is). The hook is the running
@@ -27,6 +27,7 @@ use std::time::{Duration, SystemTime};
 use sha2::{Digest, Sha256};
 
 use super::pack_cache_stats::{Counter, Stats, STATS_FILE};
+use super::splice;
 
 /// Cache settings, passed to the hook on its command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -290,10 +291,24 @@ impl Entry {
     }
 }
 
-fn serve(mut pack: File, stdout: &mut impl Write) -> Result<i32, PackCacheError> {
-    // File to pipe: std copies with sendfile, without the bytes passing through this process.
-    io::copy(&mut pack, stdout)?;
+/// Writes a cached pack to upload-pack. Its stdout is a pipe: splice moves references to the
+/// file's pages into it, so the bytes pass through neither this process nor a copy (io::copy
+/// read and wrote them through StdoutLock's buffer: 20% of a serving node's CPU per SSH clone of
+/// the 52 MB bench fixture), and the pipe is grown so upload-pack wakes once per MiB.
+fn serve(mut pack: File, stdout: &mut (impl Write + AsRawFd)) -> Result<i32, PackCacheError> {
     stdout.flush()?;
+    let len = usize::try_from(pack.metadata()?.len()).unwrap_or(usize::MAX);
+    let out = stdout.as_raw_fd();
+    splice::enlarge_pipe(out);
+    match splice::splice_exact(pack.as_raw_fd(), out, len) {
+        Ok(()) => {}
+        // Not a pipe (run by hand into a file or a terminal): copy what splice has not moved.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            io::copy(&mut pack, stdout)?;
+            stdout.flush()?;
+        }
+        Err(e) => return Err(e.into()),
+    }
     Ok(0)
 }
 
@@ -423,6 +438,41 @@ mod tests {
 
     fn args(list: &[&str]) -> Vec<OsString> {
         list.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn a_hit_reaches_a_pipe_and_a_file_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let entry = dir.path().join("entry.pack");
+        // Over one 1 MiB pipe's worth, so the splice loop runs more than once.
+        let pack: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        fs::write(&entry, &pack).unwrap();
+
+        let mut fds = [0; 2];
+        // SAFETY: a valid array of two ints.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: pipe() just opened both fds; each is owned by one File from here on.
+        let (mut from_pipe, mut into_pipe) = unsafe {
+            use std::os::fd::FromRawFd;
+            (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1]))
+        };
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            from_pipe.read_to_end(&mut got).unwrap();
+            got
+        });
+        assert_eq!(
+            serve(File::open(&entry).unwrap(), &mut into_pipe).unwrap(),
+            0
+        );
+        drop(into_pipe);
+        assert!(reader.join().unwrap() == pack, "the pipe got other bytes");
+
+        // splice refuses a file on both ends (EINVAL): the copy serves it instead.
+        let copy = dir.path().join("copy.pack");
+        let mut out = File::create(&copy).unwrap();
+        assert_eq!(serve(File::open(&entry).unwrap(), &mut out).unwrap(), 0);
+        assert!(fs::read(&copy).unwrap() == pack, "the file got other bytes");
     }
 
     #[test]

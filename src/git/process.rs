@@ -155,10 +155,6 @@ pub enum SpawnError {
     Pipes(io::Error),
 }
 
-/// Pipe capacity for pack streams. 1 MiB makes each splice move up to 1 MiB; the kernel caps it
-/// at /proc/sys/fs/pipe-max-size (1 MiB by default) for unprivileged users.
-pub const PIPE_SIZE: libc::c_int = 1 << 20;
-
 fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     if r < 0 {
         Err(io::Error::last_os_error())
@@ -174,11 +170,7 @@ fn stdout_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
     // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
     let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    // A smaller pipe still works, only slower: ignore the error (e.g. pipe-max-size lowered).
-    // SAFETY: plain fcntl on an fd we own.
-    unsafe {
-        libc::fcntl(read.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE);
-    }
+    super::splice::enlarge_pipe(read.as_raw_fd());
     set_nonblocking(read.as_raw_fd(), true)?;
     Ok((read, write))
 }

@@ -2,6 +2,20 @@
 
 use std::io;
 
+/// Pipe capacity for pack streams. 1 MiB makes each splice move up to 1 MiB and wakes the reader
+/// once per MiB rather than per 64 KiB; the kernel caps it at /proc/sys/fs/pipe-max-size (1 MiB
+/// by default) for unprivileged users.
+pub const PIPE_SIZE: libc::c_int = 1 << 20;
+
+/// Grows the pipe `fd` to [`PIPE_SIZE`]. A smaller pipe still works, only slower, so a refusal
+/// (pipe-max-size lowered, the user's pipe budget spent, not a pipe) is ignored.
+pub fn enlarge_pipe(fd: libc::c_int) {
+    // SAFETY: plain fcntl on a caller-provided fd; failure changes nothing.
+    unsafe {
+        libc::fcntl(fd, libc::F_SETPIPE_SZ, PIPE_SIZE);
+    }
+}
+
 /// Bytes waiting in a pipe (FIONREAD).
 pub fn pipe_available(fd: libc::c_int) -> io::Result<usize> {
     let mut n: libc::c_int = 0;
