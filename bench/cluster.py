@@ -18,6 +18,7 @@ server --pg-admin-url names, dropped at the end) with LFS in moto's S3, then mea
                              [--perf FILE]   # the relaying node's profile: perf report -i FILE
                              [--history DIR] # clone DIR (e.g. bench/fixture/cache/fixture.git)
                                              # instead of a --commits (300) repository
+                             [--no-pack-cache]  # every clone runs pack-objects
 
 Bounded: each phase is bounded in count or time; nodes are stopped and the database dropped.
 """
@@ -49,13 +50,14 @@ def free_port():
 
 
 class Cluster:
-    def __init__(self, work, db_url, secret, s3_port):
+    def __init__(self, work, db_url, secret, s3_port, pack_cache=True):
         self.work, self.db_url, self.secret = work, db_url, secret
         self.config = os.path.join(work, "gitplane.toml")
         with open(self.config, "w") as f:
             f.write(f"[lfs.s3]\nendpoint = \"127.0.0.1:{s3_port}\"\nbucket = \"bench\"\n"
                     "access_key_id = \"t\"\nsecret_access_key = \"t\"\n"
-                    "[cluster]\ndown_after_ms = 3000\nheartbeat_ms = 300\n")
+                    "[cluster]\ndown_after_ms = 3000\nheartbeat_ms = 300\n"
+                    f"[git]\npack_cache = {'true' if pack_cache else 'false'}\n")
         self.nodes = []
         for i in range(1, 4):
             data = os.path.join(work, f"n{i}")
@@ -192,6 +194,8 @@ def main():
     ap.add_argument("--history", help="clone this repository (pushed with --mirror) instead of a "
                     "--commits one, e.g. the bench fixture: bench/fixture/cache/fixture.git")
     ap.add_argument("--missed", default="10,50,200")
+    ap.add_argument("--no-pack-cache", action="store_true",
+                    help="nodes generate every pack (git.pack_cache = false)")
     ap.add_argument("--perf", help="record the relaying node's CPU profile (perf, cpu-clock) to this file")
     ap.add_argument("--pg-admin-url", default=os.environ.get(
         "GITPLANE_TEST_PG_ADMIN_URL", "postgres://postgres@127.0.0.1:5432/postgres"))
@@ -216,7 +220,7 @@ def main():
         secret = os.path.join(work, "secret")
         with open(secret, "w") as f:
             f.write("bench-cluster-secret-0123456789abcdef\n")
-        c = Cluster(work, db_url, secret, s3_port)
+        c = Cluster(work, db_url, secret, s3_port, pack_cache=not args.no_pack_cache)
         times = push_latency(c, work, args.pushes)
         print(f"push latency over {args.pushes} pushes each (ms):")
         for rf, ts in times.items():
