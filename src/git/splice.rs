@@ -16,6 +16,24 @@ pub fn enlarge_pipe(fd: libc::c_int) {
     }
 }
 
+/// A pack stream that has moved this many bytes is a bulk transfer: from then on a little
+/// waiting in the pipe is not sent at once ([`worth_waiting`]). Smaller answers (ref lists,
+/// acknowledgements, the start of a pack) are never delayed.
+const BULK_AFTER: u64 = 256 * 1024;
+/// In a bulk transfer, fewer bytes than this waiting in the pipe are worth a short wait.
+const COALESCE_BELOW: usize = 64 * 1024;
+/// The wait: once, then whatever is there goes.
+pub const COALESCE_WAIT: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// Whether to wait [`COALESCE_WAIT`] before moving `available` bytes on a stream that has moved
+/// `moved`. upload-pack writes 8 KiB sideband packets; when pack-objects generates the pack,
+/// the reader wakes for each and every splice carries 8 KiB: perf-visible per-call and
+/// per-segment costs (a holder's shard spent 35-37 ms per 52 MB clone splicing, against 9-13 ms
+/// on a pack cache hit, where the pipe fills faster than it drains).
+pub fn worth_waiting(moved: u64, available: usize) -> bool {
+    moved >= BULK_AFTER && available < COALESCE_BELOW
+}
+
 /// Bytes waiting in a pipe (FIONREAD).
 pub fn pipe_available(fd: libc::c_int) -> io::Result<usize> {
     let mut n: libc::c_int = 0;
@@ -72,6 +90,16 @@ mod tests {
     use super::*;
     use std::io::{Read, Write};
     use std::os::fd::AsRawFd;
+
+    #[test]
+    fn only_small_remainders_of_bulk_transfers_wait() {
+        // An answer's first 256 KiB go as they come: ref lists and acks are never delayed.
+        assert!(!worth_waiting(0, 1));
+        assert!(!worth_waiting(BULK_AFTER - 1, 8 * 1024));
+        // Past that, 8 KiB waits for company; a full 64 KiB does not.
+        assert!(worth_waiting(BULK_AFTER, 8 * 1024));
+        assert!(!worth_waiting(BULK_AFTER, COALESCE_BELOW));
+    }
 
     #[test]
     fn splices_exactly_and_reports_a_short_source() {
