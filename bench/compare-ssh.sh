@@ -31,6 +31,8 @@
 #   OUT=bench/results/ssh-compare.md   Markdown result (raw JSON lines beside it, .jsonl)
 #   FIXTURE_DIR=bench/fixture/cache/fixture.git
 #   GITPLANE_BIN=target/release/gitplane
+#   GITPLANE_CONFIG=FILE      gitplane's config file (e.g. "[git]\npack_cache = false" to
+#                             make every clone generate its pack); default: none
 #   GITPLANE_BUILD=auto       auto: `cargo build --release --bin gitplane` if the binary is
 #                             missing or older than src/, build.rs, Cargo.toml or Cargo.lock;
 #                             always: always run it; never: do not build
@@ -166,7 +168,8 @@ start_server() { # SERVER: in a cgroup of its own when BENCH_CGROUP=1
         ;;
     gitplane)
         if ! gitplane_build "$GITPLANE_BUILD" "$GITPLANE_BIN" gitplane; then NOTE[gitplane]=$BUILD_FAILED; return 1; fi
-        start_gitplane "$GITPLANE_BIN" "$GITPLANE_SHARDS" && gitplane_fixture "$GITPLANE_BIN" &&
+        start_gitplane "$GITPLANE_BIN" "$GITPLANE_SHARDS" ${GITPLANE_CONFIG:+--config "$GITPLANE_CONFIG"} &&
+            gitplane_fixture "$GITPLANE_BIN" &&
             gitplane_add_key "$GITPLANE_BIN" admin "$TMP/client_key.pub" "$TMP/known_hosts" || return 1
         SRV_PORT=${GITPLANE_SSH##*:} SRV_ROOT=$GITPLANE_PID SRV_URL="ssh://git@$GITPLANE_SSH/$REPO_PATH"
         SRV_DEST="git@127.0.0.1" SRV_RREPO=$REPO_PATH
