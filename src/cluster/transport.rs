@@ -20,7 +20,7 @@ use super::auth::Secret;
 use crate::git::process::{GitCommand, Mode, Service};
 use crate::git::repo::RepoRoot;
 use crate::git::repo_name::RepoName;
-use crate::git::splice::{pipe_available, splice_exact, worth_waiting, COALESCE_WAIT};
+use crate::git::splice::{pipe_available, splice_exact, Coalescing, COALESCE_WAIT};
 use crate::reused_threads;
 
 /// How long a peer may take to connect or to send its header.
@@ -298,7 +298,7 @@ fn relay_output(stdout: &OwnedFd, mut stderr: UnixStream, to: &TcpStream) -> io:
     let (out, err) = (stdout.as_raw_fd(), stderr.as_raw_fd());
     let (mut out_open, mut err_open) = (true, true);
     let mut line = [0u8; 8 * 1024];
-    let (mut moved, mut waited) = (0u64, false);
+    let (mut moved, mut coalescing) = (0u64, Coalescing::default());
     while out_open || err_open {
         // poll skips negative fds: an ended stream is no longer watched.
         let mut fds = [
@@ -327,15 +327,13 @@ fn relay_output(stdout: &OwnedFd, mut stderr: UnixStream, to: &TcpStream) -> io:
                 0 if hung_up => out_open = false,
                 0 => {}
                 // Fewer, larger frames: see worth_waiting.
-                n if !waited && !hung_up && worth_waiting(moved, n) => {
+                n if coalescing.wait_first(moved, n, || hung_up) => {
                     std::thread::sleep(COALESCE_WAIT);
-                    waited = true;
                 }
                 n => {
                     (&*to).write_all(&frame_head(Kind::Stdout, n))?;
                     splice_exact(out, to.as_raw_fd(), n)?;
                     moved += n as u64;
-                    waited = false;
                 }
             }
         }

@@ -195,8 +195,9 @@ pub fn run_hook(settings: &PackCacheSettings, command: &[OsString]) -> Result<i3
     };
     let hit = |pack: File, stdout: &mut io::StdoutLock<'_>| {
         count(Counter::Hits, 1);
-        count(Counter::HitBytes, pack.metadata().map_or(0, |m| m.len()));
-        serve(pack, stdout)
+        let len = pack.metadata()?.len();
+        count(Counter::HitBytes, len);
+        serve(pack, len, stdout)
     };
     if input.len() > MAX_KEYED_INPUT {
         return bypass(Input::Rest(input), stdout);
@@ -295,11 +296,15 @@ impl Entry {
 /// file's pages into it, so the bytes pass through neither this process nor a copy (io::copy
 /// read and wrote them through StdoutLock's buffer: 20% of a serving node's CPU per SSH clone of
 /// the 52 MB bench fixture), and the pipe is grown so upload-pack wakes once per MiB.
-fn serve(mut pack: File, stdout: &mut (impl Write + AsRawFd)) -> Result<i32, PackCacheError> {
+fn serve(
+    mut pack: File,
+    len: u64,
+    stdout: &mut (impl Write + AsRawFd),
+) -> Result<i32, PackCacheError> {
     stdout.flush()?;
-    let len = usize::try_from(pack.metadata()?.len()).unwrap_or(usize::MAX);
     let out = stdout.as_raw_fd();
     splice::enlarge_pipe(out);
+    let len = usize::try_from(len).unwrap_or(usize::MAX);
     match splice::splice_exact(pack.as_raw_fd(), out, len) {
         Ok(()) => {}
         // Not a pipe (run by hand into a file or a terminal): copy what splice has not moved.
@@ -461,8 +466,9 @@ mod tests {
             from_pipe.read_to_end(&mut got).unwrap();
             got
         });
+        let len = pack.len() as u64;
         assert_eq!(
-            serve(File::open(&entry).unwrap(), &mut into_pipe).unwrap(),
+            serve(File::open(&entry).unwrap(), len, &mut into_pipe).unwrap(),
             0
         );
         drop(into_pipe);
@@ -471,7 +477,10 @@ mod tests {
         // splice refuses a file on both ends (EINVAL): the copy serves it instead.
         let copy = dir.path().join("copy.pack");
         let mut out = File::create(&copy).unwrap();
-        assert_eq!(serve(File::open(&entry).unwrap(), &mut out).unwrap(), 0);
+        assert_eq!(
+            serve(File::open(&entry).unwrap(), len, &mut out).unwrap(),
+            0
+        );
         assert!(fs::read(&copy).unwrap() == pack, "the file got other bytes");
     }
 

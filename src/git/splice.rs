@@ -5,7 +5,7 @@ use std::io;
 /// Pipe capacity for pack streams. 1 MiB makes each splice move up to 1 MiB and wakes the reader
 /// once per MiB rather than per 64 KiB; the kernel caps it at /proc/sys/fs/pipe-max-size (1 MiB
 /// by default) for unprivileged users.
-pub const PIPE_SIZE: libc::c_int = 1 << 20;
+const PIPE_SIZE: libc::c_int = 1 << 20;
 
 /// Grows the pipe `fd` to [`PIPE_SIZE`]. A smaller pipe still works, only slower, so a refusal
 /// (pipe-max-size lowered, the user's pipe budget spent, not a pipe) is ignored.
@@ -24,6 +24,28 @@ const BULK_AFTER: u64 = 256 * 1024;
 const COALESCE_BELOW: usize = 64 * 1024;
 /// The wait: once, then whatever is there goes.
 pub const COALESCE_WAIT: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// The coalescing rule for one pack stream's reader: wait [`COALESCE_WAIT`] when
+/// [`worth_waiting`] says so and the writer is still there, never twice in a row.
+#[derive(Debug, Default)]
+pub struct Coalescing {
+    waited: bool,
+}
+
+impl Coalescing {
+    /// Whether to wait before moving `available` bytes on a stream that has moved `moved`;
+    /// `hung_up` (a syscall for some callers) is asked only when waiting is otherwise due.
+    pub fn wait_first(
+        &mut self,
+        moved: u64,
+        available: usize,
+        hung_up: impl FnOnce() -> bool,
+    ) -> bool {
+        let wait = !self.waited && worth_waiting(moved, available) && !hung_up();
+        self.waited = wait;
+        wait
+    }
+}
 
 /// Whether to wait [`COALESCE_WAIT`] before moving `available` bytes on a stream that has moved
 /// `moved`. upload-pack writes 8 KiB sideband packets; when pack-objects generates the pack,

@@ -20,7 +20,7 @@ use monoio::net::{TcpStream, UnixStream};
 
 use super::child::Child;
 use super::process::{set_nonblocking, SpawnedGit};
-use super::splice::{pipe_available, pipe_hung_up, worth_waiting, COALESCE_WAIT};
+use super::splice::{pipe_available, pipe_hung_up, Coalescing, COALESCE_WAIT};
 use crate::metrics::METRICS;
 use crate::progress::{PeerClock, ProgressRules, Stall};
 
@@ -161,7 +161,7 @@ impl RunningGit {
         // CRLF closing the previous chunk travels with the next header: one send per chunk.
         let mut pending_crlf = false;
         let mut header = [0u8; 24];
-        let mut waited = false;
+        let mut coalescing = Coalescing::default();
         loop {
             let available = match pipe_available(pipe_fd).map_err(StreamError::Child)? {
                 0 => {
@@ -174,14 +174,12 @@ impl RunningGit {
                         .map_err(StreamError::Child)?;
                     continue;
                 }
-                n if !waited && worth_waiting(total, n) && !pipe_hung_up(pipe_fd) => {
+                n if coalescing.wait_first(total, n, || pipe_hung_up(pipe_fd)) => {
                     monoio::time::sleep(COALESCE_WAIT).await;
-                    waited = true;
                     continue;
                 }
                 n => n,
             };
-            waited = false;
             if framing == Framing::Chunked {
                 let len = chunk_header(&mut header, pending_crlf, available);
                 send_all(sock, sock_fd, &header[..len], libc::MSG_MORE, client).await?;
