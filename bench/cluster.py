@@ -18,7 +18,9 @@ server --pg-admin-url names, dropped at the end) with LFS in moto's S3, then mea
                              [--perf FILE]   # the relaying node's profile: perf report -i FILE
                              [--history DIR] # clone DIR (e.g. bench/fixture/cache/fixture.git)
                                              # instead of a --commits (300) repository
-                             [--no-pack-cache]  # every clone runs pack-objects
+                             [--no-pack-cache]  # every clone runs pack-objects (and no relay cache)
+                             [--no-relay-cache] # every relayed clone is relayed, none answered
+                                                # from the relaying node's copy (docs/CLUSTER.md)
 
 Bounded: each phase is bounded in count or time; nodes are stopped and the database dropped.
 """
@@ -50,13 +52,14 @@ def free_port():
 
 
 class Cluster:
-    def __init__(self, work, db_url, secret, s3_port, pack_cache=True):
+    def __init__(self, work, db_url, secret, s3_port, pack_cache=True, relay_cache=True):
         self.work, self.db_url, self.secret = work, db_url, secret
         self.config = os.path.join(work, "gitplane.toml")
         with open(self.config, "w") as f:
             f.write(f"[lfs.s3]\nendpoint = \"127.0.0.1:{s3_port}\"\nbucket = \"bench\"\n"
                     "access_key_id = \"t\"\nsecret_access_key = \"t\"\n"
                     "[cluster]\ndown_after_ms = 3000\nheartbeat_ms = 300\n"
+                    f"relay_cache = {'true' if relay_cache else 'false'}\n"
                     f"[git]\npack_cache = {'true' if pack_cache else 'false'}\n")
         self.nodes = []
         for i in range(1, 4):
@@ -109,6 +112,31 @@ def push_latency(c, work, pushes):
             run(["git", "push", "-q", c.url(0, f"admin/rf{rf}"), "HEAD:refs/heads/main"], cwd=d)
             times[rf].append(time.monotonic() - t)
     return times
+
+
+def first_after_push(c, rounds):
+    """The relayed clone that cannot be answered from the relaying node's cache: `rounds` times,
+    a push to the holder (a new ref: a new generation), then one clone through the relaying
+    node; CPU per clone of both nodes, counted around the clones only."""
+    holder = next(i for i in range(3)
+                  if os.path.isdir(os.path.join(c.nodes[i][2], "repos", "admin", "relay.git")))
+    relay = (holder + 1) % 3
+    pid, holder_pid = c.nodes[relay][0].pid, c.nodes[holder][0].pid
+    head = run(["git", "ls-remote", c.url(holder, "admin/relay"), "HEAD"]).split()[0]
+    cpu = cpu_h = 0.0
+    for i in range(rounds):
+        with tempfile.TemporaryDirectory() as scratch:
+            run(["git", "init", "-q", "--bare", scratch])
+            run(["git", "fetch", "-q", "--depth", "1", c.url(holder, "admin/relay"), head], cwd=scratch)
+            run(["git", "push", "-q", c.url(holder, "admin/relay"), f"{head}:refs/heads/bump-{i}"],
+                cwd=scratch)
+        before, before_h = tree_cpu_seconds(pid), tree_cpu_seconds(holder_pid)
+        subprocess.run([LOAD, "clone", "--url", c.url(relay, "admin/relay", auth=False),
+                        "--user", "admin", "-c", "1", "-n", "1", "-q"], check=True,
+                       capture_output=True, env={**os.environ, "GITPLANE_LOAD_PASSWORD": c.password})
+        cpu += tree_cpu_seconds(pid) - before
+        cpu_h += tree_cpu_seconds(holder_pid) - before_h
+    return {"entry_cpu_ms": 1000 * cpu / rounds, "holder_cpu_ms": 1000 * cpu_h / rounds}
 
 
 def clone_relay(c, history, clients, seconds, perf=None):
@@ -196,6 +224,10 @@ def main():
     ap.add_argument("--missed", default="10,50,200")
     ap.add_argument("--no-pack-cache", action="store_true",
                     help="nodes generate every pack (git.pack_cache = false)")
+    ap.add_argument("--after-push", type=int, default=5,
+                    help="rounds of push-then-one-relayed-clone (the relay cache's misses); 0: none")
+    ap.add_argument("--no-relay-cache", action="store_true",
+                    help="the relaying node relays every clone (cluster.relay_cache = false)")
     ap.add_argument("--perf", help="record the relaying node's CPU profile (perf, cpu-clock) to this file")
     ap.add_argument("--pg-admin-url", default=os.environ.get(
         "GITPLANE_TEST_PG_ADMIN_URL", "postgres://postgres@127.0.0.1:5432/postgres"))
@@ -220,7 +252,8 @@ def main():
         secret = os.path.join(work, "secret")
         with open(secret, "w") as f:
             f.write("bench-cluster-secret-0123456789abcdef\n")
-        c = Cluster(work, db_url, secret, s3_port, pack_cache=not args.no_pack_cache)
+        c = Cluster(work, db_url, secret, s3_port, pack_cache=not args.no_pack_cache,
+                    relay_cache=not args.no_relay_cache)
         times = push_latency(c, work, args.pushes)
         print(f"push latency over {args.pushes} pushes each (ms):")
         for rf, ts in times.items():
@@ -248,6 +281,10 @@ def main():
         print_threads(relay, "threads_ms", "holder", "relaying")
         print("  the holder's CPU per clone by thread, serving its own clients against relayed ones (ms):")
         print_threads(relay, "holder_threads_ms", "own clients", "relayed")
+        if args.after_push:
+            first = first_after_push(c, args.after_push)
+            print(f"  the first relayed clone after each of {args.after_push} pushes: relaying node "
+                  f"{first['entry_cpu_ms']:.2f} ms, holder {first['holder_cpu_ms']:.2f} ms")
         missed = [int(x) for x in args.missed.split(",") if x]  # "": no repair phase
         for m, secs in repair_times(c, work, missed).items():
             print(f"repair after {m:4} missed pushes: {secs:.2f} s")

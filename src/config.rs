@@ -78,6 +78,10 @@ pub struct ClusterSection {
     pub down_after_ms: Option<u64>,
     /// How often a node says it is up. Default 1000.
     pub heartbeat_ms: Option<u64>,
+    /// Keep what this node relays of smart HTTP clones and fetches of repositories it holds no
+    /// current copy of, and answer identical requests of the same generation from that copy
+    /// (in the pack cache's directory and budget; off with the pack cache). Default true.
+    pub relay_cache: Option<bool>,
 }
 
 /// `[store]`: where users, keys, grants, LFS metadata and hook events live.
@@ -1185,6 +1189,7 @@ fn cluster_config(
         ));
     }
     Ok(Some(crate::cluster::ClusterConfig {
+        relay_cache: c.relay_cache.unwrap_or(true),
         listen,
         secret,
         secret_file,
@@ -1202,6 +1207,7 @@ impl ServeConfig {
             .map(|c| crate::cluster::membership::Routing {
                 node: self.store.node().to_owned(),
                 secret_file: c.secret_file.clone(),
+                relay_cache: c.relay_cache,
             })
     }
 

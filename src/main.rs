@@ -330,6 +330,7 @@ fn main() -> anyhow::Result<()> {
             routing: gitplane::cluster::membership::Routing {
                 node: location.node().to_owned(),
                 secret_file: file.clone(),
+                relay_cache: false,
             },
             secret: gitplane::cluster::auth::Secret::load(file)?,
         }))

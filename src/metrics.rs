@@ -157,6 +157,11 @@ pub struct Metrics {
     pub pack_queued: Gauge,
     pub pack_queue_waits: Counter,
     pub pack_queue_rejected: Counter,
+    /// Relayed answers served from this node's cache, their bytes, and answers kept
+    /// ([`crate::git::relay_cache`]).
+    pub relay_cache_hits: Counter,
+    pub relay_cache_hit_bytes: Counter,
+    pub relay_cache_stored: Counter,
     /// Streams and connections cut for stalling, by reason ([`Cut`]).
     cuts: [Counter; Cut::ALL.len()],
     /// gRPC calls by method: count, status codes, latency.
@@ -194,6 +199,9 @@ impl Metrics {
             pack_queued: Gauge::new(),
             pack_queue_waits: Counter::new(),
             pack_queue_rejected: Counter::new(),
+            relay_cache_hits: Counter::new(),
+            relay_cache_hit_bytes: Counter::new(),
+            relay_cache_stored: Counter::new(),
             cuts: [const { Counter::new() }; Cut::ALL.len()],
             rpc: RpcMetrics::new(),
             hooks: HookMetrics::new(),
@@ -280,7 +288,7 @@ impl Metrics {
                 g.get()
             );
         }
-        let scalars: [(&str, &str, &str, i64); 17] = [
+        let scalars: [(&str, &str, &str, i64); 20] = [
             (
                 "gitplane_http_connections_accepted_total",
                 "counter",
@@ -376,6 +384,24 @@ impl Metrics {
                 "counter",
                 "Pack operations refused with 503.",
                 self.pack_queue_rejected.get() as i64,
+            ),
+            (
+                "gitplane_relay_cache_hits_total",
+                "counter",
+                "Relayed reads answered from this node's copy of an earlier answer.",
+                self.relay_cache_hits.get() as i64,
+            ),
+            (
+                "gitplane_relay_cache_hit_bytes_total",
+                "counter",
+                "Bytes of relayed reads answered from this node's copies.",
+                self.relay_cache_hit_bytes.get() as i64,
+            ),
+            (
+                "gitplane_relay_cache_stored_total",
+                "counter",
+                "Answers of relayed reads kept for identical requests.",
+                self.relay_cache_stored.get() as i64,
             ),
             (
                 "gitplane_shards",

@@ -746,3 +746,133 @@ fn a_copy_left_in_a_write_window_by_a_crash_is_repaired_before_it_is_trusted() {
         c.refs_on_disk(0, "admin/doubt")
     );
 }
+
+#[test]
+fn a_node_without_a_copy_keeps_relayed_answers_until_the_next_write() {
+    let c = cluster(3);
+    let out = c.nodes[0].admin(
+        &["repo", "create", "admin/kept", "--replication-factor", "2"],
+        None,
+    );
+    let outsider = (0..3)
+        .find(|i| !out.contains(&format!("n{}", i + 1)))
+        .expect("one node holds no copy");
+    let holders: Vec<usize> = (0..3).filter(|i| *i != outsider).collect();
+    let work = tempfile::tempdir().unwrap();
+    make_worktree(work.path(), 3);
+    git(
+        work.path(),
+        &["push", "-q", &c.url(holders[0], "admin/kept"), "main"],
+    );
+    // What reaches the holders: v2 advertisements and ls-refs they answer, packs upload-pack
+    // asks of their pack cache.
+    let holder_work = || -> u64 {
+        let series = [
+            "gitplane_git_v2_advertisements_total",
+            "gitplane_git_v2_ls_refs_total",
+            "gitplane_pack_cache_hits_total",
+            "gitplane_pack_cache_misses_total",
+            "gitplane_pack_cache_bypassed_total",
+        ];
+        holders
+            .iter()
+            .flat_map(|&h| series.iter().map(move |s| (h, s)))
+            .map(|(h, s)| common::metric(&c.nodes[h], s))
+            .sum()
+    };
+    let outsider_metric = |series| common::metric(&c.nodes[outsider], series);
+    let clone = |name: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        git(
+            dir.path(),
+            &[
+                "clone",
+                "-q",
+                "--bare",
+                &c.url(outsider, "admin/kept"),
+                name,
+            ],
+        );
+        let refs = git(
+            &dir.path().join(name),
+            &["for-each-ref", "--format=%(objectname) %(refname)"],
+        );
+        git(&dir.path().join(name), &["fsck", "--full"]);
+        refs
+    };
+
+    // The first clone is relayed, and its three answers (advertisement, ls-refs, pack) kept.
+    let (work0, stored0) = (
+        holder_work(),
+        outsider_metric("gitplane_relay_cache_stored_total"),
+    );
+    let first = clone("first");
+    assert_eq!(first, c.refs_on_disk(holders[0], "admin/kept"));
+    assert!(holder_work() > work0, "the first clone reached a holder");
+    assert_eq!(
+        outsider_metric("gitplane_relay_cache_stored_total") - stored0,
+        3,
+        "the outsider kept the advertisement, ls-refs and the pack"
+    );
+    // The second is answered by the outsider alone, the same.
+    let (work1, hits1) = (
+        holder_work(),
+        outsider_metric("gitplane_relay_cache_hits_total"),
+    );
+    assert_eq!(clone("second"), first);
+    assert_eq!(holder_work(), work1, "the second clone reached a holder");
+    assert_eq!(
+        outsider_metric("gitplane_relay_cache_hits_total") - hits1,
+        3
+    );
+
+    // A push (through a holder: the outsider sees only the store) makes a new generation: the
+    // next clone through the outsider is relayed again and has it.
+    std::fs::write(work.path().join("after.txt"), "after\n").unwrap();
+    git(work.path(), &["add", "after.txt"]);
+    git(work.path(), &["commit", "-qm", "after"]);
+    git(
+        work.path(),
+        &["push", "-q", &c.url(holders[1], "admin/kept"), "main"],
+    );
+    let third = clone("third");
+    assert_ne!(third, first);
+    assert_eq!(third, c.refs_on_disk(holders[0], "admin/kept"));
+    assert!(
+        holder_work() > work1,
+        "the clone after the push reached a holder"
+    );
+
+    // A holder with a write between vote and commit (its copy may lag the generation) answers,
+    // but not as current: nothing is kept until no such write is left.
+    let window: Vec<_> = holders
+        .iter()
+        .map(|&h| c.nodes[h].repo_path("admin/kept").join("gitplane-txn-test"))
+        .collect();
+    std::fs::write(work.path().join("windowed.txt"), "w\n").unwrap();
+    git(work.path(), &["add", "windowed.txt"]);
+    git(work.path(), &["commit", "-qm", "windowed"]);
+    git(
+        work.path(),
+        &["push", "-q", &c.url(holders[0], "admin/kept"), "main"],
+    );
+    for f in &window {
+        std::fs::write(f, "1").unwrap();
+    }
+    let stored = outsider_metric("gitplane_relay_cache_stored_total");
+    let windowed = clone("windowed");
+    assert_eq!(windowed, c.refs_on_disk(holders[0], "admin/kept"));
+    assert_eq!(
+        outsider_metric("gitplane_relay_cache_stored_total"),
+        stored,
+        "an answer from a copy inside a write window was kept"
+    );
+    for f in &window {
+        std::fs::remove_file(f).unwrap();
+    }
+    assert_eq!(clone("after-window"), windowed);
+    assert_eq!(
+        outsider_metric("gitplane_relay_cache_stored_total") - stored,
+        3
+    );
+}

@@ -24,6 +24,7 @@ fuzz_target!(|data: &[u8]| {
         head.copy_from_slice(&data[..FRAME_HEAD]);
         if let Ok((kind, len)) = parse_frame_head(head) {
             assert!(len <= MAX_FRAME);
+            assert!(kind != Kind::Current || len == 0);
             if kind == Kind::Exit {
                 let payload = &data[FRAME_HEAD..];
                 if payload.len() >= 4 {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use gitplane_wire::cluster::Op;
 
 use super::auth::Secret;
-use crate::git::process::RemoteExec;
+use crate::git::process::{RemoteExec, RepoGeneration};
 use crate::store::cluster::{NodeRecord, Replicas};
 use crate::store::{Location, Store, StoreError};
 
@@ -30,6 +30,8 @@ pub enum Route {
 pub struct Routing {
     pub node: String,
     pub secret_file: PathBuf,
+    /// Let relays keep their answers ([`crate::git::relay_cache`]).
+    pub relay_cache: bool,
 }
 
 /// How long a read of the node list is reused.
@@ -101,6 +103,10 @@ impl Routing {
             addr: n.cluster_addr.clone(),
             token: secret.token(Op::Exec, repo),
             repo: repo.to_owned(),
+            generation: self.relay_cache.then_some(RepoGeneration {
+                repo_id: replicas.repo_id,
+                number: replicas.generation,
+            }),
         }))
     }
 }

@@ -32,6 +32,8 @@ pub struct ClusterConfig {
     /// A node silent this long is down: not read from, not written to, not placed on.
     pub down_after: Duration,
     pub heartbeat: Duration,
+    /// Keep relayed answers ([`crate::git::relay_cache`]).
+    pub relay_cache: bool,
 }
 
 #[derive(Debug, thiserror::Error)]

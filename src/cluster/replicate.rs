@@ -34,6 +34,7 @@ pub fn from_env(location: &Location) -> Option<Routing> {
     Some(Routing {
         node: location.node().to_owned(),
         secret_file: PathBuf::from(secret_file),
+        relay_cache: false,
     })
 }
 
@@ -54,13 +55,29 @@ fn is_zero(oid: &str) -> bool {
     oid.bytes().all(|b| b == b'0')
 }
 
+/// The names of [`pending_file`]s start so.
+const TXN_PREFIX: &str = "gitplane-txn-";
+
 /// Where the generation a prepared transaction will give this copy waits for `committed`.
 fn pending_file(repo_dir: &Path, updates: &[RefUpdate]) -> PathBuf {
     let mut h = Sha256::new();
     for u in updates {
         h.update(format!("{} {} {}\n", u.before, u.after, u.refname));
     }
-    repo_dir.join(format!("gitplane-txn-{}", hex::encode(&h.finalize()[..12])))
+    repo_dir.join(format!("{TXN_PREFIX}{}", hex::encode(&h.finalize()[..12])))
+}
+
+/// Whether a write of this copy's is between its vote and its commit ([`pending_file`]); true
+/// when the directory cannot be read, so a caller relying on false relies on a fact.
+pub fn transaction_pending(repo_dir: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(repo_dir) else {
+        return true;
+    };
+    entries.flatten().any(|e| {
+        e.file_name()
+            .as_encoded_bytes()
+            .starts_with(TXN_PREFIX.as_bytes())
+    })
 }
 
 /// `prepared`: replicate, count votes; Err makes git abort the update.

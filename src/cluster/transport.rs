@@ -7,13 +7,13 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use gitplane_wire::cluster::{
-    exit_payload, frame_head, parse_exit, parse_frame_head, Header, Kind, Op, FRAME_HEAD,
-    MAX_FRAME, MAX_HEADER,
+    exit_payload, frame_head, parse_exit, parse_frame_head, Header, Kind, Op, CACHE_GENERATION_VAR,
+    FRAME_HEAD, MAX_FRAME, MAX_HEADER,
 };
 
 use super::auth::Secret;
@@ -22,6 +22,7 @@ use crate::git::repo::RepoRoot;
 use crate::git::repo_name::RepoName;
 use crate::git::splice::{pipe_available, splice_exact, Coalescing, COALESCE_WAIT};
 use crate::reused_threads;
+use crate::store::{Location, Store};
 
 /// How long a peer may take to connect or to send its header.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -48,6 +49,8 @@ pub struct ServerContext {
     pub git: PathBuf,
     /// git's protocol v2 advertisement ([`crate::git::v2`]); None: git answers each one.
     pub v2_advertisement: Option<Arc<[u8]>>,
+    /// The shared store, for whether this node's copy is current ([`copy_is_current`]).
+    pub store: Location,
 }
 
 /// Accepts on `listener` until the process exits.
@@ -166,7 +169,7 @@ fn run_git(
     let mut env: Vec<(&str, &str)> = header
         .env
         .iter()
-        .filter(|(k, _)| k != "GIT_PROTOCOL")
+        .filter(|(k, _)| k != "GIT_PROTOCOL" && k != CACHE_GENERATION_VAR)
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
     if header.replica {
@@ -177,6 +180,12 @@ fn run_git(
         .iter()
         .find(|(k, _)| k == "GIT_PROTOCOL")
         .and_then(|(_, v)| crate::git::process::sanitize_git_protocol(v));
+    // Before git (or the v2 answers below) reads a ref: the relaying node may keep this answer.
+    if let Some((_, generation)) = header.env.iter().find(|(k, _)| k == CACHE_GENERATION_VAR) {
+        if copy_is_current(ctx, repo, &dir, generation) {
+            send_frame(&conn, Kind::Current, &[])?;
+        }
+    }
     // A relayed v2 clone's first two requests are answered as the front end answers them:
     // the clone spawns git only for its pack, as it does on the node holding the copy.
     let mut consumed = Vec::new();
@@ -228,6 +237,22 @@ fn run_git(
     let sent = send_frame(&conn, Kind::Exit, &exit_payload(code));
     let _ = conn.shutdown(std::net::Shutdown::Both);
     sent
+}
+
+/// Whether this node's copy of `repo` holds every write up to `generation` (the relaying
+/// node's reading of the store), so an answer read from it from now on shows that generation's
+/// refs or later ones. Checked in this order: first no write of this copy's is between vote and
+/// commit (the coordinator's copy lags its generation there; an aborted one is marked outdated
+/// before its file goes), then the store still counts this copy current at that generation.
+fn copy_is_current(ctx: &ServerContext, repo: &RepoName, dir: &Path, generation: &str) -> bool {
+    let Ok(generation) = generation.parse::<i64>() else {
+        return false;
+    };
+    if crate::cluster::replicate::transaction_pending(dir) {
+        return false;
+    }
+    let replicas = Store::open(&ctx.store).and_then(|s| s.replicas(&repo.to_string()));
+    matches!(replicas, Ok(Some(r)) if r.generation == generation && r.is_current(ctx.store.node()))
 }
 
 /// What [`answer_v2`] found.
@@ -484,6 +509,8 @@ pub fn exec(
                 stderr.write_all(&payload).map_err(io_err)?;
                 stderr.flush().map_err(io_err)?;
             }
+            // Never asked for here.
+            Kind::Current => {}
             Kind::Exit => {
                 return parse_exit(&payload).map_err(|e| TransportError::Protocol {
                     addr: addr.to_owned(),

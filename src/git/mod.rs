@@ -9,6 +9,7 @@ pub mod pack_cache;
 pub mod pack_cache_stats;
 pub mod process;
 pub mod relay;
+pub mod relay_cache;
 pub mod repo;
 pub mod spawn;
 pub mod splice;

@@ -60,6 +60,8 @@ const SHELL_METACHARACTERS: &[char] = &[
 static HOOK_COMMAND: RwLock<Option<(OsString, OsString)>> = RwLock::new(None);
 /// The server's view of the counters the hooks update.
 static STATS: OnceLock<Stats> = OnceLock::new();
+/// The settings [`enable`] was given (its directory made absolute), for the relay's cache.
+static SETTINGS: RwLock<Option<PackCacheSettings>> = RwLock::new(None);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PackCacheError {
@@ -102,6 +104,10 @@ pub fn enable(exe: &Path, settings: &PackCacheSettings) -> Result<(), PackCacheE
     env.extend_from_slice(dir.as_os_str().as_bytes());
     *HOOK_COMMAND.write().unwrap_or_else(|p| p.into_inner()) =
         Some((command.into(), OsString::from_vec(env)));
+    *SETTINGS.write().unwrap_or_else(|p| p.into_inner()) = Some(PackCacheSettings {
+        dir: dir.clone(),
+        ..settings.clone()
+    });
     match Stats::open(&dir) {
         Ok(stats) => {
             let _ = STATS.set(stats);
@@ -111,6 +117,11 @@ pub fn enable(exe: &Path, settings: &PackCacheSettings) -> Result<(), PackCacheE
         }
     }
     Ok(())
+}
+
+/// The cache's settings, when the cache is enabled.
+pub fn settings() -> Option<PackCacheSettings> {
+    SETTINGS.read().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
 /// The cache's counters, when the cache is enabled.
@@ -223,17 +234,7 @@ pub fn run_hook(settings: &PackCacheSettings, command: &[OsString]) -> Result<i3
         tmp.as_ref().map(|(_, f)| f),
         stdout,
     )?;
-    let mut published = false;
-    if let Some((tmp_path, file)) = tmp {
-        // Synced before the rename: after a power cut the name must never point at a torn pack.
-        published =
-            status == 0 && file.sync_data().is_ok() && fs::rename(&tmp_path, &entry.pack).is_ok();
-        if published {
-            evict(settings);
-        } else {
-            let _ = fs::remove_file(&tmp_path);
-        }
-    }
+    let published = tmp.is_some_and(|tmp| entry.publish(tmp, status == 0, settings));
     count(
         if published {
             Counter::Misses
@@ -245,7 +246,10 @@ pub fn run_hook(settings: &PackCacheSettings, command: &[OsString]) -> Result<i3
     Ok(status)
 }
 
-struct Entry {
+/// One cache entry: `NAME.pack` when it exists, written under `NAME.lock` by one writer at a
+/// time through `NAME.tmp.PID`. The relay's cache ([`super::relay_cache`]) keeps its entries here
+/// too, so one disk budget and one eviction cover both.
+pub(crate) struct Entry {
     pack: PathBuf,
     lock: PathBuf,
 }
@@ -255,21 +259,26 @@ impl Entry {
         let repo = std::env::current_dir().ok()?.canonicalize().ok()?;
         let meta = fs::metadata(&repo).ok()?;
         let key = cache_key(&repo, (meta.dev(), meta.ino()), args, input);
-        Some(Self {
-            pack: settings.dir.join(format!("{key}.pack")),
-            lock: settings.dir.join(format!("{key}.lock")),
-        })
+        Some(Self::named(settings, &key))
+    }
+
+    pub(crate) fn named(settings: &PackCacheSettings, name: &str) -> Self {
+        Self {
+            pack: settings.dir.join(format!("{name}.pack")),
+            lock: settings.dir.join(format!("{name}.lock")),
+        }
     }
 
     /// The entry, opened, if it exists and is young enough. Opened before its age is checked, so
     /// an eviction racing with us cannot take it away mid-stream.
-    fn fresh_pack(&self, max_age: Duration) -> Option<File> {
+    pub(crate) fn fresh_pack(&self, max_age: Duration) -> Option<File> {
         let file = File::open(&self.pack).ok()?;
         let age = file.metadata().ok()?.modified().ok()?.elapsed().ok()?;
         (age < max_age).then_some(file)
     }
 
-    fn lock(&self) -> io::Result<File> {
+    /// Held until the entry exists or writing it failed; released by the kernel if we die.
+    pub(crate) fn lock(&self) -> io::Result<File> {
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -282,13 +291,32 @@ impl Entry {
         Ok(file)
     }
 
-    fn temp_file(&self) -> Option<(PathBuf, File)> {
+    /// Where to write the entry, under [`Self::lock`].
+    pub(crate) fn temp_file(&self) -> Option<(PathBuf, File)> {
         // KEY.tmp.PID: never served (not .pack), removed by eviction if a kill leaves it.
         let path = self
             .pack
             .with_extension(format!("tmp.{}", std::process::id()));
         let file = File::create(&path).ok()?;
         Some((path, file))
+    }
+
+    /// Makes the written temp file the entry when `complete`, else removes it; true if published.
+    pub(crate) fn publish(
+        &self,
+        (tmp_path, file): (PathBuf, File),
+        complete: bool,
+        settings: &PackCacheSettings,
+    ) -> bool {
+        // Synced before the rename: after a power cut the name must never point at a torn pack.
+        let published =
+            complete && file.sync_data().is_ok() && fs::rename(&tmp_path, &self.pack).is_ok();
+        if published {
+            evict(settings);
+        } else {
+            let _ = fs::remove_file(&tmp_path);
+        }
+        published
     }
 }
 

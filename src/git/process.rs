@@ -127,6 +127,17 @@ pub struct RemoteExec {
     pub token: String,
     /// `OWNER/NAME`.
     pub repo: String,
+    /// The repository's state when the request was routed, which the relay's cache keys its
+    /// copies of answers on; None: nothing is kept (`[cluster] relay_cache = false`).
+    pub generation: Option<RepoGeneration>,
+}
+
+/// A repository's state in the cluster's shared store: its row (a repository deleted and created
+/// again under the same name gets another) and its generation (one more per acknowledged write).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RepoGeneration {
+    pub repo_id: i64,
+    pub number: i64,
 }
 
 /// The parent's ends of a running git child.

@@ -9,7 +9,11 @@
 //! node; stderr frames are written to the stderr socketpair; the exit frame is the exit code.
 //! The first version started a `gitplane cluster-exec` process per request and copied every
 //! byte through it: 109% of the serving node's CPU per relayed clone (docs/BENCHMARKS.md).
+//! A smart HTTP upload-pack answer may instead come from, or be kept in, this node's copy of an
+//! earlier identical one ([`super::relay_cache`]): a kept answer is tee(2)d into its file as it
+//! passes.
 
+use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -20,7 +24,8 @@ use std::time::Duration;
 use gitplane_wire::cluster::{parse_exit, parse_frame_head, Header, Kind, Op, FRAME_HEAD};
 
 use super::process::{Mode, RemoteExec, Service};
-use super::splice::splice_exact;
+use super::relay_cache::{self, Plan, Request};
+use super::splice::{splice_exact, splice_tee_exact};
 
 /// How long connecting to the holding node may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -131,9 +136,11 @@ pub fn start(request: &RelayRequest<'_>, stdio: RelayStdio) -> io::Result<(Arc<E
     let (done_read, done_write) = pipe()?;
     let ending = Arc::new(Ending::default());
     let header = request.header();
-    let stdin_first = super::process::reads_request_first(request.service, request.mode);
     let addr = request.remote.addr.clone();
     let node = request.remote.node.clone();
+    let (repo, generation) = (request.remote.repo.clone(), request.remote.generation);
+    let (service, mode) = (request.service, request.mode);
+    let protocol = request.protocol.map(str::to_owned);
     let thread_ending = Arc::clone(&ending);
     crate::reused_threads::run(move || {
         let RelayStdio {
@@ -141,21 +148,18 @@ pub fn start(request: &RelayRequest<'_>, stdio: RelayStdio) -> io::Result<(Arc<E
             stdout,
             mut stderr,
         } = stdio;
-        let code = match relay(
-            &addr,
-            &header,
-            stdin,
-            stdin_first,
-            stdout,
-            &mut stderr,
-            &thread_ending,
-        ) {
+        let planned =
+            relay_cache::plan(&repo, generation, service, mode, protocol.as_deref(), stdin);
+        let code = match planned
+            .and_then(|plan| run_plan(plan, &addr, header, &stdout, &mut stderr, &thread_ending))
+        {
             Ok(code) => code,
             Err(e) => {
                 let _ = writeln!(stderr, "gitplane: relay to node {node} ({addr}): {e}");
                 RELAY_FAILED
             }
         };
+        drop(stdout);
         drop(stderr);
         thread_ending.finish(code);
         // Last: the shard wakes on this and finds the code set.
@@ -164,14 +168,67 @@ pub fn start(request: &RelayRequest<'_>, stdio: RelayStdio) -> io::Result<(Arc<E
     Ok((ending, done_read))
 }
 
+/// Serves a kept answer, or relays (keeping the answer when the plan says so).
+fn run_plan(
+    plan: Plan,
+    addr: &str,
+    mut header: Header,
+    stdout: &OwnedFd,
+    stderr: &mut UnixStream,
+    ending: &Ending,
+) -> io::Result<i32> {
+    match plan {
+        Plan::Hit(file, len) => {
+            let len = usize::try_from(len).unwrap_or(usize::MAX);
+            splice_exact(file.as_raw_fd(), stdout.as_raw_fd(), len)?;
+            Ok(0)
+        }
+        Plan::Relay(request) => relay(addr, &header, request, stdout, stderr, ending, None),
+        Plan::Keep(mut keeping) => {
+            header.env.push((
+                relay_cache::CACHE_GENERATION_VAR.to_owned(),
+                keeping.generation.to_string(),
+            ));
+            let request = std::mem::replace(&mut keeping.request, Request::None);
+            let (scratch_read, scratch_write) = pipe()?;
+            super::splice::enlarge_pipe(scratch_write.as_raw_fd());
+            let mut copy = Copy {
+                file: Some(keeping.file()),
+                scratch: (scratch_read.as_raw_fd(), scratch_write.as_raw_fd()),
+                current: false,
+            };
+            let code = relay(
+                addr,
+                &header,
+                request,
+                stdout,
+                stderr,
+                ending,
+                Some(&mut copy),
+            );
+            let complete = matches!(code, Ok(0)) && copy.current && copy.file.is_some();
+            keeping.finish(complete);
+            code
+        }
+    }
+}
+
+/// The copy a relay keeps of git's stdout, and whether the holder said its copy was current.
+struct Copy<'a> {
+    /// None once anything but stdout came (stderr) or writing failed.
+    file: Option<&'a File>,
+    scratch: (libc::c_int, libc::c_int),
+    current: bool,
+}
+
 fn relay(
     addr: &str,
     header: &Header,
-    stdin: Option<UnixStream>,
-    stdin_first: bool,
-    stdout: OwnedFd,
+    request: Request,
+    stdout: &OwnedFd,
     stderr: &mut UnixStream,
     ending: &Ending,
+    mut copy: Option<&mut Copy<'_>>,
 ) -> io::Result<i32> {
     let sock: SocketAddr = addr
         .parse()
@@ -182,22 +239,7 @@ fn relay(
         return Ok(RELAY_FAILED);
     }
     conn.write_all(&header.encode())?;
-    // A request git reads whole goes up on this thread before the answer is read; otherwise
-    // a thread of its own copies stdin up while the answer comes back.
-    match stdin {
-        Some(mut stdin) if stdin_first => {
-            io::copy(&mut stdin, &mut conn)?;
-            conn.shutdown(Shutdown::Write)?;
-        }
-        Some(mut stdin) => {
-            let mut up = conn.try_clone()?;
-            crate::reused_threads::run(move || {
-                let _ = io::copy(&mut stdin, &mut up);
-                let _ = up.shutdown(Shutdown::Write);
-            })?;
-        }
-        None => conn.shutdown(Shutdown::Write)?,
-    }
+    send_request(&mut conn, request)?;
     let mut payload = Vec::new();
     loop {
         let mut head = [0u8; FRAME_HEAD];
@@ -205,12 +247,32 @@ fn relay(
         let (kind, len) = parse_frame_head(head)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
         match kind {
-            Kind::Stdout => splice_exact(conn.as_raw_fd(), stdout.as_raw_fd(), len)?,
+            Kind::Stdout => match copy.as_deref_mut() {
+                Some(c) if c.current => splice_tee_exact(
+                    conn.as_raw_fd(),
+                    stdout.as_raw_fd(),
+                    &mut c.file,
+                    c.scratch,
+                    len,
+                )?,
+                _ => splice_exact(conn.as_raw_fd(), stdout.as_raw_fd(), len)?,
+            },
+            Kind::Current => {
+                if let Some(c) = copy.as_deref_mut() {
+                    c.current = true;
+                }
+            }
             Kind::Stderr | Kind::Exit | Kind::Error => {
                 payload.resize(len, 0);
                 conn.read_exact(&mut payload)?;
                 match kind {
-                    Kind::Stderr => stderr.write_all(&payload)?,
+                    Kind::Stderr => {
+                        // A kept answer is git's stdout alone: one with messages is not kept.
+                        if let Some(c) = copy.as_deref_mut() {
+                            c.file = None;
+                        }
+                        stderr.write_all(&payload)?
+                    }
                     Kind::Exit => {
                         return parse_exit(&payload)
                             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
@@ -221,6 +283,34 @@ fn relay(
                     }
                 }
             }
+        }
+    }
+}
+
+/// Sends git's stdin up: a request git reads whole goes up on this thread before the answer is
+/// read; otherwise a thread of its own copies stdin up while the answer comes back.
+fn send_request(conn: &mut TcpStream, request: Request) -> io::Result<()> {
+    match request {
+        Request::None => conn.shutdown(Shutdown::Write),
+        Request::Whole(body) => {
+            conn.write_all(&body)?;
+            conn.shutdown(Shutdown::Write)
+        }
+        Request::Rest(head, mut rest) => {
+            conn.write_all(&head)?;
+            io::copy(&mut rest, conn)?;
+            conn.shutdown(Shutdown::Write)
+        }
+        Request::First(mut stdin) => {
+            io::copy(&mut stdin, conn)?;
+            conn.shutdown(Shutdown::Write)
+        }
+        Request::Alongside(mut stdin) => {
+            let mut up = conn.try_clone()?;
+            crate::reused_threads::run(move || {
+                let _ = io::copy(&mut stdin, &mut up);
+                let _ = up.shutdown(Shutdown::Write);
+            })
         }
     }
 }

@@ -83,18 +83,85 @@ pub fn pipe_hung_up(fd: libc::c_int) -> bool {
 pub fn splice_exact(from: libc::c_int, to: libc::c_int, mut len: usize) -> io::Result<()> {
     while len > 0 {
         // SAFETY: splice between two open fds, no offsets.
-        let n = unsafe {
+        len -=
+            retry(|| unsafe { libc::splice(from, null(), to, null(), len, libc::SPLICE_F_MOVE) })?;
+    }
+    Ok(())
+}
+
+/// Moves exactly `len` bytes from `from` into the pipe `to` and, while `copy` is Some, the same
+/// bytes into that file, through `scratch` (an empty pipe: read end, write end): tee(2)
+/// duplicates the scratch pipe's page references into `to`, then splice moves them into the
+/// file, so the bytes enter user space on neither path. A failing file write stops the copy
+/// (`copy` becomes None), never the stream.
+pub fn splice_tee_exact(
+    from: libc::c_int,
+    to: libc::c_int,
+    copy: &mut Option<&std::fs::File>,
+    (scratch_read, scratch_write): (libc::c_int, libc::c_int),
+    mut len: usize,
+) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    while len > 0 {
+        let Some(file) = *copy else {
+            return splice_exact(from, to, len);
+        };
+        // SAFETY (all three closures): splice or tee between open fds, no offsets.
+        let n = retry(|| unsafe {
             libc::splice(
                 from,
-                std::ptr::null_mut(),
-                to,
-                std::ptr::null_mut(),
+                null(),
+                scratch_write,
+                null(),
                 len,
                 libc::SPLICE_F_MOVE,
             )
-        };
-        match n {
-            n if n > 0 => len -= n as usize,
+        })?;
+        len -= n;
+        // The scratch pipe holds `n` bytes: each round tees some to `to`, then moves them to
+        // the file.
+        let mut held = n;
+        while held > 0 {
+            let teed = retry(|| unsafe { libc::tee(scratch_read, to, held, 0) })?;
+            let mut saved = 0;
+            while saved < teed {
+                let moved = retry(|| unsafe {
+                    libc::splice(
+                        scratch_read,
+                        null(),
+                        file.as_raw_fd(),
+                        null(),
+                        teed - saved,
+                        0,
+                    )
+                });
+                match moved {
+                    Ok(m) => saved += m,
+                    Err(_) => break,
+                }
+            }
+            if saved < teed {
+                // Writing the copy failed: drop what `to` has already got, send it the rest.
+                *copy = None;
+                discard(scratch_read, teed - saved)?;
+                return splice_exact(scratch_read, to, held - teed)
+                    .and_then(|()| splice_exact(from, to, len));
+            }
+            held -= teed;
+        }
+    }
+    Ok(())
+}
+
+fn null() -> *mut libc::loff_t {
+    std::ptr::null_mut()
+}
+
+/// One splice or tee, retried on EINTR; 0 bytes (the source ended) is UnexpectedEof.
+fn retry(mut call: impl FnMut() -> libc::ssize_t) -> io::Result<usize> {
+    loop {
+        match call() {
+            n if n > 0 => return Ok(n as usize),
             0 => return Err(io::ErrorKind::UnexpectedEof.into()),
             _ => {
                 let err = io::Error::last_os_error();
@@ -103,6 +170,17 @@ pub fn splice_exact(from: libc::c_int, to: libc::c_int, mut len: usize) -> io::R
                 }
             }
         }
+    }
+}
+
+/// Reads and drops `len` bytes from `fd`.
+fn discard(fd: libc::c_int, mut len: usize) -> io::Result<()> {
+    let mut buf = [0u8; 8192];
+    while len > 0 {
+        let want = len.min(buf.len());
+        // SAFETY: reads at most `want` bytes into a buffer of at least that size.
+        let n = retry(|| unsafe { libc::read(fd, buf.as_mut_ptr().cast(), want) })?;
+        len -= n;
     }
     Ok(())
 }
@@ -146,5 +224,72 @@ mod tests {
         read.read_to_end(&mut rest).unwrap();
         assert_eq!(rest, b" world");
         assert!(pipe_hung_up(read.as_raw_fd()));
+    }
+
+    /// A pipe's two ends, each owned by one File.
+    fn pipe_files() -> (std::fs::File, std::fs::File) {
+        use std::os::fd::FromRawFd;
+        let mut fds = [0; 2];
+        // SAFETY: a valid array of two ints.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: pipe() just opened both fds; each is owned by one File from here on.
+        unsafe {
+            (
+                std::fs::File::from_raw_fd(fds[0]),
+                std::fs::File::from_raw_fd(fds[1]),
+            )
+        }
+    }
+
+    /// Streams `data` through [`splice_tee_exact`] into a pipe, copying into `copy`; returns
+    /// what the pipe got and whether the copy was still on at the end.
+    fn tee_through(data: &[u8], copy: &std::fs::File) -> (Vec<u8>, bool) {
+        let (mut from_writer, from) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (mut out_read, out_write) = pipe_files();
+        let (scratch_read, scratch_write) = pipe_files();
+        let sent = data.to_vec();
+        let writer = std::thread::spawn(move || from_writer.write_all(&sent).unwrap());
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            out_read.read_to_end(&mut got).unwrap();
+            got
+        });
+        let mut copying = Some(copy);
+        splice_tee_exact(
+            from.as_raw_fd(),
+            out_write.as_raw_fd(),
+            &mut copying,
+            (scratch_read.as_raw_fd(), scratch_write.as_raw_fd()),
+            data.len(),
+        )
+        .unwrap();
+        drop(out_write);
+        writer.join().unwrap();
+        (reader.join().unwrap(), copying.is_some())
+    }
+
+    #[test]
+    fn tee_gives_the_pipe_and_the_file_the_same_bytes_and_survives_a_failing_file() {
+        // Several pipes' worth, so every loop runs more than once.
+        let data: Vec<u8> = (0..700_000u32).map(|i| (i * 13 % 251) as u8).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("copy");
+        let copy = std::fs::File::create(&path).unwrap();
+        let (got, copying) = tee_through(&data, &copy);
+        assert!(got == data, "the pipe got other bytes");
+        assert!(copying);
+        assert!(
+            std::fs::read(&path).unwrap() == data,
+            "the file got other bytes"
+        );
+
+        // A file that cannot be written (opened read-only): the copy stops, the stream does not.
+        let read_only = std::fs::File::open(&path).unwrap();
+        let (got, copying) = tee_through(&data, &read_only);
+        assert!(
+            got == data,
+            "the pipe got other bytes after the copy failed"
+        );
+        assert!(!copying);
     }
 }

@@ -257,6 +257,7 @@ fn start_cluster(
             repos: repos.clone(),
             git: config.git.binary.clone(),
             v2_advertisement,
+            store: config.store.clone(),
         }),
     )
     .map_err(|source| ServeError::Thread {

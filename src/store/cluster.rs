@@ -35,6 +35,8 @@ pub struct ReplicaRecord {
 /// A repository's replicas and the generation a current one has reached.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Replicas {
+    /// The repository's row.
+    pub repo_id: i64,
     pub generation: i64,
     pub replicas: Vec<ReplicaRecord>,
 }
@@ -144,18 +146,18 @@ impl Store {
             return Ok(None);
         };
         let rows = self.db.rows(
-            "SELECT r.generation, rr.node, rr.generation
+            "SELECT r.generation, rr.node, rr.generation, r.id
              FROM repos r LEFT JOIN repo_replicas rr ON rr.repo_id = r.id
              WHERE r.owner = $1 AND r.name = $2 ORDER BY rr.node",
             params![owner, name],
-            |r| Ok((r.int(0)?, r.opt_text(1)?, r.opt_int(2)?)),
+            |r| Ok((r.int(0)?, r.opt_text(1)?, r.opt_int(2)?, r.int(3)?)),
         )?;
-        let Some(&(generation, _, _)) = rows.first() else {
+        let Some(&(generation, _, _, repo_id)) = rows.first() else {
             return Ok(None);
         };
         let replicas = rows
             .into_iter()
-            .filter_map(|(_, node, generation)| {
+            .filter_map(|(_, node, generation, _)| {
                 Some(ReplicaRecord {
                     node: node?,
                     generation: generation?,
@@ -163,6 +165,7 @@ impl Store {
             })
             .collect();
         Ok(Some(Replicas {
+            repo_id,
             generation,
             replicas,
         }))

@@ -618,7 +618,8 @@ impl Store {
         // One round trip: the repository, where it lives, the user's grant, and its replicas
         // (one row per replica, at least one row).
         let rows = self.db.rows(
-            "SELECT r.public, r.node, g.access, r.generation, rr.node, rr.generation FROM repos r
+            "SELECT r.public, r.node, g.access, r.generation, rr.node, rr.generation, r.id
+             FROM repos r
              LEFT JOIN users u ON u.name = $3
              LEFT JOIN grants g ON g.repo_id = r.id AND g.user_id = u.id
              LEFT JOIN repo_replicas rr ON rr.repo_id = r.id
@@ -631,13 +632,22 @@ impl Store {
                     }
                     _ => None,
                 };
-                Ok((r.bool(0)?, r.text(1)?, r.opt_int(2)?, r.int(3)?, replica))
+                let repo_id = r.int(6)?;
+                Ok((
+                    r.bool(0)?,
+                    r.text(1)?,
+                    r.opt_int(2)?,
+                    r.int(3)?,
+                    replica,
+                    repo_id,
+                ))
             },
         )?;
-        let Some((public, node, grant, generation, _)) = rows.first().cloned() else {
+        let Some((public, node, grant, generation, _, repo_id)) = rows.first().cloned() else {
             return Ok(None);
         };
         let replicas = cluster::Replicas {
+            repo_id,
             generation,
             replicas: rows.into_iter().filter_map(|row| row.4).collect(),
         };

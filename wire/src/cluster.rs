@@ -5,6 +5,11 @@
 //! until it half-closes. The server answers with frames: a kind byte, a big-endian `u32` length,
 //! and that many bytes (at most [`MAX_FRAME`]): the command's stdout and stderr as they come,
 //! then one `exit` frame (an `i32`) or one `error` frame (a message), after which it closes.
+//! An `exec` whose header carries [`CACHE_GENERATION_VAR`] may first get an empty `current`
+//! frame: the node's copy held that generation's writes when git started, so a relaying node may
+//! keep the answer for others asking the same of that generation. Nodes that predate it never
+//! send it (the variable is one of the `GITPLANE_*` they pass to git), and are asked only by
+//! nodes that understand it.
 //! Framing stderr and the exit status apart from stdout is what lets a relayed `git` behave, to
 //! the client that started it, like a local one.
 
@@ -16,6 +21,9 @@ pub const MAX_HEADER: usize = 16 * 1024;
 pub const MAX_FRAME: usize = 1 << 20;
 /// Bytes before a frame's payload.
 pub const FRAME_HEAD: usize = 5;
+/// The header variable naming the repository generation a relaying node keys its copy of the
+/// answer on; a node whose copy holds it answers with a [`Kind::Current`] frame first.
+pub const CACHE_GENERATION_VAR: &str = "GITPLANE_RELAY_CACHE_GENERATION";
 
 /// What a request asks of the node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,6 +133,8 @@ pub enum Kind {
     Stderr = 2,
     Exit = 3,
     Error = 4,
+    /// Empty: the copy was current at the [`CACHE_GENERATION_VAR`] generation.
+    Current = 5,
 }
 
 impl Kind {
@@ -134,6 +144,7 @@ impl Kind {
             2 => Some(Self::Stderr),
             3 => Some(Self::Exit),
             4 => Some(Self::Error),
+            5 => Some(Self::Current),
             _ => None,
         }
     }
@@ -155,6 +166,8 @@ pub enum FrameError {
     TooLong(usize),
     #[error("exit frame of {0} bytes (expected 4)")]
     BadExit(usize),
+    #[error("current frame of {0} bytes (expected none)")]
+    BadCurrent(usize),
 }
 
 /// Reads a frame head: (kind, payload length).
@@ -166,6 +179,9 @@ pub fn parse_frame_head(head: [u8; FRAME_HEAD]) -> Result<(Kind, usize), FrameEr
     }
     if kind == Kind::Exit && len != 4 {
         return Err(FrameError::BadExit(len));
+    }
+    if kind == Kind::Current && len != 0 {
+        return Err(FrameError::BadCurrent(len));
     }
     Ok((kind, len))
 }
@@ -244,5 +260,13 @@ mod tests {
             Err(FrameError::BadExit(5))
         );
         assert_eq!(parse_exit(&exit_payload(-3)), Ok(-3));
+        assert_eq!(
+            parse_frame_head(frame_head(Kind::Current, 0)),
+            Ok((Kind::Current, 0))
+        );
+        assert_eq!(
+            parse_frame_head([5, 0, 0, 0, 1]),
+            Err(FrameError::BadCurrent(1))
+        );
     }
 }
