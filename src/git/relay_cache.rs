@@ -2,9 +2,10 @@
 //! repository relays each read to one that does ([`super::relay`]), and every byte of a clone
 //! then crosses both nodes' TCP stacks: on the 52 MB bench fixture the relaying node spent 65-70%
 //! of what the serving node spends, however little it does in user space. Many clients ask the
-//! same (a CI fleet cloning one commit), so a relaying node keeps what it relayed of a smart HTTP
-//! upload-pack answer (the advertisement, ls-refs, a fetch's pack) and serves the next identical
-//! request from its own disk, as a node holding a copy serves its pack cache.
+//! same (a CI fleet cloning one commit), so the second time a smart HTTP upload-pack request
+//! comes (the advertisement, ls-refs, a fetch), a relaying node keeps the answer it relays, and
+//! serves later identical requests from its own disk, as a node holding a copy serves its pack
+//! cache.
 //!
 //! Validity: an entry is keyed on the repository's row and generation in the shared store (one
 //! more per acknowledged write), the request's mode, protocol and whole body. The relaying node
@@ -16,10 +17,12 @@
 //! share the pack cache's directory, disk budget, age limit and eviction; `[cluster] relay_cache
 //! = false` turns this off, `[git] pack_cache = false` both.
 
+use std::collections::{HashSet, VecDeque};
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::sync::{LazyLock, Mutex};
 
 use sha2::{Digest, Sha256};
 
@@ -31,6 +34,39 @@ use crate::metrics::METRICS;
 
 /// A request body larger than this (a fetch with a long have list) is relayed, not kept.
 const MAX_KEYED_REQUEST: usize = 64 * 1024;
+/// How many recent keys [`SEEN`] remembers.
+const SEEN_KEYS: usize = 8192;
+
+/// Keys asked for once. An answer is kept the second time its request comes: writing a 52 MB
+/// pack into the page cache while relaying it cost the relaying node 63-102 ms against 29-33 ms
+/// for the relay alone, and most fetches (a developer's, with haves) are asked once and never
+/// again.
+static SEEN: LazyLock<Mutex<Seen>> = LazyLock::new(Mutex::default);
+
+/// The last [`SEEN_KEYS`] keys asked for.
+#[derive(Default)]
+struct Seen {
+    keys: HashSet<String>,
+    /// The same keys, oldest first.
+    order: VecDeque<String>,
+}
+
+impl Seen {
+    /// Whether `key` was asked for before; remembers it either way.
+    fn saw(&mut self, key: String) -> bool {
+        if self.keys.contains(&key) {
+            return true;
+        }
+        if self.order.len() == SEEN_KEYS {
+            if let Some(oldest) = self.order.pop_front() {
+                self.keys.remove(&oldest);
+            }
+        }
+        self.keys.insert(key.clone());
+        self.order.push_back(key);
+        false
+    }
+}
 
 /// What a relay sends up as git's stdin.
 pub enum Request {
@@ -143,7 +179,8 @@ pub fn plan(
         true => Request::Whole(body),
         false => Request::None,
     };
-    let entry = Entry::named(&settings, &key(repo, generation, mode, protocol, &body));
+    let name = key(repo, generation, mode, protocol, &body);
+    let entry = Entry::named(&settings, &name);
     let hit = |entry: &Entry| {
         let file = entry.fresh_pack(settings.max_age)?;
         let len = file.metadata().ok()?.len();
@@ -153,6 +190,9 @@ pub fn plan(
     };
     if let Some(plan) = hit(&entry) {
         return Ok(plan);
+    }
+    if !SEEN.lock().unwrap_or_else(|p| p.into_inner()).saw(name) {
+        return Ok(Plan::Relay(whole(body)));
     }
     // Concurrent misses of one key wait here for the first, then serve its entry.
     let Ok(lock) = entry.lock() else {
@@ -241,6 +281,20 @@ mod tests {
         ] {
             assert_ne!(base, other);
         }
+    }
+
+    #[test]
+    fn an_answer_is_kept_the_second_time_it_is_asked_for() {
+        let mut seen = Seen::default();
+        assert!(!seen.saw("a".into()));
+        assert!(seen.saw("a".into()));
+        for i in 0..SEEN_KEYS {
+            seen.saw(format!("k{i}"));
+        }
+        // Pushed out by newer keys: once more a first time.
+        assert!(!seen.saw("a".into()));
+        assert_eq!(seen.keys.len(), SEEN_KEYS);
+        assert_eq!(seen.order.len(), SEEN_KEYS);
     }
 
     #[test]
