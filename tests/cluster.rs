@@ -60,6 +60,14 @@ impl Cluster {
         self.nodes[0].admin(&["cluster", "status"], None)
     }
 
+    /// Creates `repo` with two copies on three nodes; returns the node that holds none.
+    fn create_on_two(&self, repo: &str) -> usize {
+        let out = self.nodes[0].admin(&["repo", "create", repo, "--replication-factor", "2"], None);
+        (0..3)
+            .find(|i| !out.contains(&format!("n{}", i + 1)))
+            .expect("one node holds no copy")
+    }
+
     /// `OID REF` of every ref of `repo` on `node`'s disk.
     fn refs_on_disk(&self, node: usize, repo: &str) -> String {
         git(
@@ -274,13 +282,7 @@ fn killing_the_coordinator_mid_push_leaves_the_cluster_agreeing_with_the_client(
 fn ssh_and_lfs_through_a_node_that_holds_no_copy() {
     common::require_tool("git-lfs");
     let c = cluster(3);
-    let out = c.nodes[0].admin(
-        &["repo", "create", "admin/media", "--replication-factor", "2"],
-        None,
-    );
-    let outsider = (0..3)
-        .find(|i| !out.contains(&format!("n{}", i + 1)))
-        .expect("one node holds no copy");
+    let outsider = c.create_on_two("admin/media");
     assert!(!c.nodes[outsider].repo_path("admin/media").exists());
 
     // LFS (objects in S3) and git over HTTP, through the node without a copy.
@@ -476,13 +478,7 @@ fn grpc_reads_only_current_copies_and_votes_its_ref_changes_like_pushes() {
     use gitplane::rpc::pb::v1 as pb;
     use prost::Message;
     let c = cluster(3);
-    let out = c.nodes[0].admin(
-        &["repo", "create", "admin/api", "--replication-factor", "2"],
-        None,
-    );
-    let outsider = (0..3)
-        .find(|i| !out.contains(&format!("n{}", i + 1)))
-        .expect("one node holds no copy");
+    let outsider = c.create_on_two("admin/api");
     let holder = (outsider + 1) % 3;
     let work = tempfile::tempdir().unwrap();
     make_worktree(work.path(), 2);
@@ -750,13 +746,7 @@ fn a_copy_left_in_a_write_window_by_a_crash_is_repaired_before_it_is_trusted() {
 #[test]
 fn a_node_without_a_copy_keeps_relayed_answers_until_the_next_write() {
     let c = cluster(3);
-    let out = c.nodes[0].admin(
-        &["repo", "create", "admin/kept", "--replication-factor", "2"],
-        None,
-    );
-    let outsider = (0..3)
-        .find(|i| !out.contains(&format!("n{}", i + 1)))
-        .expect("one node holds no copy");
+    let outsider = c.create_on_two("admin/kept");
     let holders: Vec<usize> = (0..3).filter(|i| *i != outsider).collect();
     let work = tempfile::tempdir().unwrap();
     make_worktree(work.path(), 3);
@@ -781,6 +771,16 @@ fn a_node_without_a_copy_keeps_relayed_answers_until_the_next_write() {
             .sum()
     };
     let outsider_metric = |series| common::metric(&c.nodes[outsider], series);
+    // One more commit, pushed through `node`.
+    let push_commit = |node: usize, name: &str| {
+        std::fs::write(work.path().join(name), name).unwrap();
+        git(work.path(), &["add", name]);
+        git(work.path(), &["commit", "-qm", name]);
+        git(
+            work.path(),
+            &["push", "-q", &c.url(node, "admin/kept"), "main"],
+        );
+    };
     let clone = |name: &str| {
         let dir = tempfile::tempdir().unwrap();
         git(
@@ -831,13 +831,7 @@ fn a_node_without_a_copy_keeps_relayed_answers_until_the_next_write() {
 
     // A push (through a holder: the outsider sees only the store) makes a new generation: the
     // next clone through the outsider is relayed again and has it.
-    std::fs::write(work.path().join("after.txt"), "after\n").unwrap();
-    git(work.path(), &["add", "after.txt"]);
-    git(work.path(), &["commit", "-qm", "after"]);
-    git(
-        work.path(),
-        &["push", "-q", &c.url(holders[1], "admin/kept"), "main"],
-    );
+    push_commit(holders[1], "after");
     let pushed = clone("pushed");
     assert_ne!(pushed, first);
     assert_eq!(pushed, c.refs_on_disk(holders[0], "admin/kept"));
@@ -852,13 +846,7 @@ fn a_node_without_a_copy_keeps_relayed_answers_until_the_next_write() {
         .iter()
         .map(|&h| c.nodes[h].repo_path("admin/kept").join("gitplane-txn-test"))
         .collect();
-    std::fs::write(work.path().join("windowed.txt"), "w\n").unwrap();
-    git(work.path(), &["add", "windowed.txt"]);
-    git(work.path(), &["commit", "-qm", "windowed"]);
-    git(
-        work.path(),
-        &["push", "-q", &c.url(holders[0], "admin/kept"), "main"],
-    );
+    push_commit(holders[0], "windowed");
     for f in &window {
         std::fs::write(f, "1").unwrap();
     }
