@@ -56,12 +56,18 @@ const SHELL_METACHARACTERS: &[char] = &[
     '#', '~', '=', '%',
 ];
 
-/// The hook's `uploadpack.packObjectsHook` value and its [`HOOK_ENV`] value.
-static HOOK_COMMAND: RwLock<Option<(OsString, OsString)>> = RwLock::new(None);
+/// The enabled cache: None until [`enable`].
+static ENABLED: RwLock<Option<Enabled>> = RwLock::new(None);
 /// The server's view of the counters the hooks update.
 static STATS: OnceLock<Stats> = OnceLock::new();
-/// The settings [`enable`] was given (its directory made absolute), for the relay's cache.
-static SETTINGS: RwLock<Option<PackCacheSettings>> = RwLock::new(None);
+
+struct Enabled {
+    /// The hook's `uploadpack.packObjectsHook` value and its [`HOOK_ENV`] value.
+    hook: (OsString, OsString),
+    /// The settings [`enable`] was given, its directory made absolute (the relay's cache uses
+    /// them too).
+    settings: PackCacheSettings,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PackCacheError {
@@ -102,11 +108,12 @@ pub fn enable(exe: &Path, settings: &PackCacheSettings) -> Result<(), PackCacheE
     };
     let mut env = format!("{}:{}:", settings.max_age.as_secs(), settings.max_bytes).into_bytes();
     env.extend_from_slice(dir.as_os_str().as_bytes());
-    *HOOK_COMMAND.write().unwrap_or_else(|p| p.into_inner()) =
-        Some((command.into(), OsString::from_vec(env)));
-    *SETTINGS.write().unwrap_or_else(|p| p.into_inner()) = Some(PackCacheSettings {
-        dir: dir.clone(),
-        ..settings.clone()
+    *ENABLED.write().unwrap_or_else(|p| p.into_inner()) = Some(Enabled {
+        hook: (command.into(), OsString::from_vec(env)),
+        settings: PackCacheSettings {
+            dir: dir.clone(),
+            ..settings.clone()
+        },
     });
     match Stats::open(&dir) {
         Ok(stats) => {
@@ -121,7 +128,8 @@ pub fn enable(exe: &Path, settings: &PackCacheSettings) -> Result<(), PackCacheE
 
 /// The cache's settings, when the cache is enabled.
 pub fn settings() -> Option<PackCacheSettings> {
-    SETTINGS.read().unwrap_or_else(|p| p.into_inner()).clone()
+    let enabled = ENABLED.read().unwrap_or_else(|p| p.into_inner());
+    enabled.as_ref().map(|e| e.settings.clone())
 }
 
 /// The cache's counters, when the cache is enabled.
@@ -131,10 +139,8 @@ pub fn stats() -> Option<&'static Stats> {
 
 /// The `uploadpack.packObjectsHook` value and the [`HOOK_ENV`] value, when the cache is enabled.
 pub fn hook_command() -> Option<(OsString, OsString)> {
-    HOOK_COMMAND
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone()
+    let enabled = ENABLED.read().unwrap_or_else(|p| p.into_inner());
+    enabled.as_ref().map(|e| e.hook.clone())
 }
 
 /// The cache key: SHA-256 over the repository's identity, the pack-shaping arguments and stdin.
@@ -481,14 +487,8 @@ mod tests {
         let pack: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
         fs::write(&entry, &pack).unwrap();
 
-        let mut fds = [0; 2];
-        // SAFETY: a valid array of two ints.
-        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-        // SAFETY: pipe() just opened both fds; each is owned by one File from here on.
-        let (mut from_pipe, mut into_pipe) = unsafe {
-            use std::os::fd::FromRawFd;
-            (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1]))
-        };
+        let (from_pipe, into_pipe) = splice::pipe().unwrap();
+        let (mut from_pipe, mut into_pipe) = (File::from(from_pipe), File::from(into_pipe));
         let reader = std::thread::spawn(move || {
             let mut got = Vec::new();
             from_pipe.read_to_end(&mut got).unwrap();

@@ -176,11 +176,7 @@ fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
 
 /// A pipe whose read end is non-blocking; both ends close-on-exec.
 fn stdout_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0 as libc::c_int; 2];
-    // SAFETY: fds is a valid array of two ints.
-    cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
-    // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
-    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let (read, write) = super::splice::pipe()?;
     super::splice::enlarge_pipe(read.as_raw_fd());
     set_nonblocking(read.as_raw_fd(), true)?;
     Ok((read, write))

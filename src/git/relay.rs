@@ -16,7 +16,7 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -25,7 +25,7 @@ use gitplane_wire::cluster::{parse_exit, parse_frame_head, Header, Kind, Op, FRA
 
 use super::process::{Mode, RemoteExec, Service};
 use super::relay_cache::{self, Plan, Request};
-use super::splice::{splice_exact, splice_tee_exact};
+use super::splice::{pipe, splice_exact, splice_tee_exact};
 
 /// How long connecting to the holding node may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -184,12 +184,11 @@ fn run_plan(
             Ok(0)
         }
         Plan::Relay(request) => relay(addr, &header, request, stdout, stderr, ending, None),
-        Plan::Keep(mut keeping) => {
+        Plan::Keep(keeping, request) => {
             header.env.push((
                 relay_cache::CACHE_GENERATION_VAR.to_owned(),
                 keeping.generation.to_string(),
             ));
-            let request = std::mem::replace(&mut keeping.request, Request::None);
             let (scratch_read, scratch_write) = pipe()?;
             super::splice::enlarge_pipe(scratch_write.as_raw_fd());
             let mut copy = Copy {
@@ -291,7 +290,6 @@ fn relay(
 /// read; otherwise a thread of its own copies stdin up while the answer comes back.
 fn send_request(conn: &mut TcpStream, request: Request) -> io::Result<()> {
     match request {
-        Request::None => conn.shutdown(Shutdown::Write),
         Request::Whole(body) => {
             conn.write_all(&body)?;
             conn.shutdown(Shutdown::Write)
@@ -313,14 +311,4 @@ fn send_request(conn: &mut TcpStream, request: Request) -> io::Result<()> {
             })
         }
     }
-}
-
-fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0 as libc::c_int; 2];
-    // SAFETY: fds is a valid array of two ints.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }

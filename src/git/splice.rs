@@ -1,11 +1,23 @@
 //! Pipe and splice(2) primitives shared by the shard's pack path and the cluster relay.
 
 use std::io;
+use std::os::fd::{FromRawFd, OwnedFd};
 
 /// Pipe capacity for pack streams. 1 MiB makes each splice move up to 1 MiB and wakes the reader
 /// once per MiB rather than per 64 KiB; the kernel caps it at /proc/sys/fs/pipe-max-size (1 MiB
 /// by default) for unprivileged users.
 const PIPE_SIZE: libc::c_int = 1 << 20;
+
+/// A pipe, both ends close-on-exec: (read end, write end).
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: fds is a valid array of two ints.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
 
 /// Grows the pipe `fd` to [`PIPE_SIZE`]. A smaller pipe still works, only slower, so a refusal
 /// (pipe-max-size lowered, the user's pipe budget spent, not a pipe) is ignored.
@@ -228,17 +240,8 @@ mod tests {
 
     /// A pipe's two ends, each owned by one File.
     fn pipe_files() -> (std::fs::File, std::fs::File) {
-        use std::os::fd::FromRawFd;
-        let mut fds = [0; 2];
-        // SAFETY: a valid array of two ints.
-        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-        // SAFETY: pipe() just opened both fds; each is owned by one File from here on.
-        unsafe {
-            (
-                std::fs::File::from_raw_fd(fds[0]),
-                std::fs::File::from_raw_fd(fds[1]),
-            )
-        }
+        let (read, write) = pipe().unwrap();
+        (read.into(), write.into())
     }
 
     /// Streams `data` through [`splice_tee_exact`] into a pipe, copying into `copy`; returns
