@@ -27,6 +27,7 @@
 #   GITPLANE_BIN=target/release/gitplane  LOAD_BIN=target/release/gitplane-load
 #   GITPLANE_CONFIG=FILE       a gitplane TOML (--config); default: none, the built-in defaults
 #   SSHD_MAX_STARTUPS=256      sshd MaxStartups (OpenSSH's default 10:30:100 refuses most of 128)
+#                              (the #16 target row is judged only at 10:30:100, both servers at defaults)
 #   OUT=bench/results/compare.md   FIXTURE_DIR=bench/fixture/cache/fixture.git
 #   BENCH_CGROUP=1             0: no cgroup per server (CPU from the /proc tree only)
 #   KEEP_TMP=0                 1: keep the temp dir (server logs, configs, gitplane-load reports)
@@ -240,7 +241,7 @@ facts() {
     echo
     facts
     echo
-    notes_tsv | python3 "$BENCH_LIB/compare_report.py" "$RESULTS_JSONL" "$CONCURRENCY"
+    notes_tsv | SSHD_MAX_STARTUPS=$SSHD_MAX_STARTUPS GITPLANE_CONFIG=${GITPLANE_CONFIG:-} python3 "$BENCH_LIB/compare_report.py" "$RESULTS_JSONL" "$CONCURRENCY"
 } >"$OUT.tmp"
 mv "$OUT.tmp" "$OUT"
 cp "$TMP"/reports/*.log "$(dirname "$OUT")/" 2>/dev/null || true
