@@ -79,19 +79,21 @@ pub async fn serve_connection<H: Handler>(
 /// the idle timeout, or after the shorter drain timeout once shutdown has begun, so that idle
 /// connections do not hold the process for the whole grace period. The timers are coarse
 /// ([`crate::coarse_timer`]): this wait is what every idle keep-alive connection holds.
+///
+/// One readability wait serves both phases: it stays submitted across the start of shutdown
+/// (no cancel and resubmit), and the task holds one such future, not two.
 async fn wait_for_request(conn: &Conn, limits: &HttpLimits, shutdown: &ShutdownSignal) -> bool {
-    let started = Instant::now();
-    let idle_until = started + limits.idle_timeout;
+    let idle_until = Instant::now() + limits.idle_timeout;
+    let mut readable = std::pin::pin!(conn.readable());
     monoio::select! {
-        r = conn.readable() => r.is_ok(),
-        _ = coarse_timer::deadline(idle_until) => false,
-        _ = shutdown.wait() => {
-            let drain_until = idle_until.min(Instant::now() + limits.drain_idle_timeout);
-            monoio::select! {
-                r = conn.readable() => r.is_ok(),
-                _ = coarse_timer::deadline(drain_until) => false,
-            }
-        }
+        r = &mut readable => return r.is_ok(),
+        _ = coarse_timer::deadline(idle_until) => return false,
+        _ = shutdown.wait() => {}
+    }
+    let drain_until = idle_until.min(Instant::now() + limits.drain_idle_timeout);
+    monoio::select! {
+        r = readable => r.is_ok(),
+        _ = coarse_timer::deadline(drain_until) => false,
     }
 }
 

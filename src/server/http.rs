@@ -260,8 +260,11 @@ impl ShardService for HttpService {
                 let router = Rc::clone(&router);
                 let shutdown = Rc::clone(&ctx.shutdown);
                 let config = Arc::clone(&config);
+                // Made before the task, not in it: a value an async block moves from stays in its
+                // state for the task's whole life, and every idle connection would carry the
+                // socket and the address twice.
+                let mut conn = Conn::new(stream, peer, &config.http);
                 async move {
-                    let mut conn = Conn::new(stream, peer, &config.http);
                     let limits = &config.http;
                     let proxied = limits
                         .proxy_protocol_from
