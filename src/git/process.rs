@@ -333,6 +333,38 @@ pub fn kill_group(pid: libc::pid_t) {
     }
 }
 
+/// Whether a process of group `pgid` is still running (not yet a zombie), from /proc. Not
+/// `kill(-pgid, 0)`: that counts zombies too, and an orphan's zombie may never be reaped where
+/// PID 1 does not reap (some containers).
+pub fn group_running(pgid: libc::pid_t) -> bool {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    procs.flatten().any(|entry| {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            return false;
+        };
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| stat_state_and_group(&stat))
+            .is_some_and(|(state, group)| group == pgid && state != 'Z' && state != 'X')
+    })
+}
+
+/// (state, process group) from a /proc/PID/stat line: "PID (COMM) STATE PPID PGRP ...", where
+/// COMM may itself hold spaces and parentheses.
+fn stat_state_and_group(stat: &str) -> Option<(char, libc::pid_t)> {
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let mut fields = rest.split(' ');
+    let state = fields.next()?.chars().next()?;
+    let _ppid = fields.next()?;
+    Some((state, fields.next()?.parse().ok()?))
+}
+
 /// Reaps the child if it has exited; Some(exit code, or 128+signal) when reaped.
 pub fn try_reap(pid: libc::pid_t) -> Option<i32> {
     reap(pid, libc::WNOHANG)
@@ -372,6 +404,47 @@ fn reap(pid: libc::pid_t, flags: libc::c_int) -> Option<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stat_lines_with_odd_command_names() {
+        assert_eq!(
+            stat_state_and_group("4681 (git) R 4600 4600 0 0"),
+            Some(('R', 4600))
+        );
+        assert_eq!(
+            stat_state_and_group("7 (a) b (c)) Z 1 99 0"),
+            Some(('Z', 99))
+        );
+        assert_eq!(stat_state_and_group("7 (git"), None);
+        assert_eq!(stat_state_and_group("7 (git) T 1 x"), None);
+    }
+
+    #[test]
+    fn a_killed_group_with_a_stopped_grandchild_stops_running() {
+        use std::os::unix::process::CommandExt;
+        // A leader whose child is stopped, as a frozen repack's pack-objects would be.
+        let mut leader = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & kill -STOP $!; wait"])
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let group = leader.id() as libc::pid_t;
+        let started = std::time::Instant::now();
+        while !group_running(group) && started.elapsed() < std::time::Duration::from_secs(5) {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(group_running(group), "the group never showed as running");
+        kill_group(group);
+        leader.wait().unwrap();
+        let killed = std::time::Instant::now();
+        while group_running(group) && killed.elapsed() < std::time::Duration::from_secs(5) {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(
+            !group_running(group),
+            "a member still runs 5 s after SIGKILL"
+        );
+    }
 
     #[test]
     fn git_protocol_values() {

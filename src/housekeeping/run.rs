@@ -24,6 +24,10 @@ use super::stats::{self, Grace};
 use super::HousekeepingError;
 use crate::config::HousekeepingConfig;
 
+/// How long a cancelled pass waits for the rest of its git's process group to be gone after
+/// SIGKILL, before it removes their locks: exit takes milliseconds, unless the kernel is busy.
+const GROUP_EXIT_WAIT: Duration = Duration::from_secs(2);
+
 /// The lock file that makes maintenance single-flight per repository.
 const LOCK_FILE: &str = "gitplane-housekeeping.flock";
 
@@ -289,8 +293,15 @@ impl Runner<'_> {
                 return Ok(Some(status));
             }
             if self.cancel.load(Ordering::Relaxed) {
-                crate::git::process::kill_group(child.id() as libc::pid_t);
+                let group = child.id() as libc::pid_t;
+                crate::git::process::kill_group(group);
                 child.wait()?;
+                // The child's own children (repack's pack-objects and multi-pack-index, which
+                // hold the lock) die on their own time; their locks are removed only after.
+                let deadline = Instant::now() + GROUP_EXIT_WAIT;
+                while crate::git::process::group_running(group) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
                 return Ok(None);
             }
             std::thread::sleep(Duration::from_millis(20));
