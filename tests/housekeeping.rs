@@ -391,28 +391,10 @@ fn cmdline(pid: u32) -> String {
 
 /// Processes of group `pgid` that still run (zombies waiting for init to reap them excluded).
 fn live_group_members(pgid: i32) -> Vec<(u32, String)> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // After "(comm) ": state, ppid, pgrp.
-        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
-            continue;
-        };
-        let fields: Vec<&str> = rest.split(' ').collect();
-        if fields.get(2) == Some(&pgid.to_string().as_str()) && fields.first() != Some(&"Z") {
-            found.push((pid, cmdline(pid)));
-        }
-    }
-    found
+    gitplane::git::process::running_in_group(pgid)
+        .into_iter()
+        .map(|pid| (pid, cmdline(pid)))
+        .collect()
 }
 
 const MIDX_LOCK: &str = "objects/pack/multi-pack-index.lock";

@@ -333,26 +333,23 @@ pub fn kill_group(pid: libc::pid_t) {
     }
 }
 
-/// Whether a process of group `pgid` is still running (not yet a zombie), from /proc. Not
+/// The processes of group `pgid` still running (not yet zombies), from /proc. Not
 /// `kill(-pgid, 0)`: that counts zombies too, and an orphan's zombie may never be reaped where
 /// PID 1 does not reap (some containers).
-pub fn group_running(pgid: libc::pid_t) -> bool {
+pub fn running_in_group(pgid: libc::pid_t) -> Vec<u32> {
     let Ok(procs) = std::fs::read_dir("/proc") else {
-        return false;
+        return Vec::new();
     };
-    procs.flatten().any(|entry| {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            return false;
-        };
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|stat| stat_state_and_group(&stat))
-            .is_some_and(|(state, group)| group == pgid && state != 'Z' && state != 'X')
-    })
+    procs
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| stat_state_and_group(&stat))
+                .is_some_and(|(state, group)| group == pgid && state != 'Z' && state != 'X')
+        })
+        .collect()
 }
 
 /// (state, process group) from a /proc/PID/stat line: "PID (COMM) STATE PPID PGRP ...", where
@@ -430,19 +427,29 @@ mod tests {
             .unwrap();
         let group = leader.id() as libc::pid_t;
         let started = std::time::Instant::now();
-        while !group_running(group) && started.elapsed() < std::time::Duration::from_secs(5) {
+        // The shell and its stopped sleep: a stopped process counts as running.
+        while running_in_group(group).len() < 2
+            && started.elapsed() < std::time::Duration::from_secs(5)
+        {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
-        assert!(group_running(group), "the group never showed as running");
+        assert_eq!(
+            running_in_group(group).len(),
+            2,
+            "the shell and its stopped child never both showed"
+        );
         kill_group(group);
         leader.wait().unwrap();
         let killed = std::time::Instant::now();
-        while group_running(group) && killed.elapsed() < std::time::Duration::from_secs(5) {
+        while !running_in_group(group).is_empty()
+            && killed.elapsed() < std::time::Duration::from_secs(5)
+        {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
-        assert!(
-            !group_running(group),
-            "a member still runs 5 s after SIGKILL"
+        assert_eq!(
+            running_in_group(group),
+            Vec::<u32>::new(),
+            "members still run 5 s after SIGKILL"
         );
     }
 

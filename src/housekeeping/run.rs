@@ -299,7 +299,9 @@ impl Runner<'_> {
                 // The child's own children (repack's pack-objects and multi-pack-index, which
                 // hold the lock) die on their own time; their locks are removed only after.
                 let deadline = Instant::now() + GROUP_EXIT_WAIT;
-                while crate::git::process::group_running(group) && Instant::now() < deadline {
+                while !crate::git::process::running_in_group(group).is_empty()
+                    && Instant::now() < deadline
+                {
                     std::thread::sleep(Duration::from_millis(5));
                 }
                 return Ok(None);
