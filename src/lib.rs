@@ -23,6 +23,7 @@ pub mod http;
 pub mod lfs;
 pub mod lifecycle;
 pub mod metrics;
+pub mod procfs;
 pub mod progress;
 pub mod reused_threads;
 pub mod rpc;

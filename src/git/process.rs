@@ -343,22 +343,35 @@ pub fn running_in_group(pgid: libc::pid_t) -> Vec<u32> {
     procs
         .flatten()
         .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|stat| stat_state_and_group(&stat))
-                .is_some_and(|(state, group)| group == pgid && state != 'Z' && state != 'X')
+        .filter(|&pid| {
+            crate::procfs::read_stat(pid).is_some_and(|stat| {
+                state_and_group(&stat)
+                    .is_some_and(|(state, group)| group == pgid && state != "Z" && state != "X")
+            })
         })
         .collect()
 }
 
-/// (state, process group) from a /proc/PID/stat line: "PID (COMM) STATE PPID PGRP ...", where
-/// COMM may itself hold spaces and parentheses.
-fn stat_state_and_group(stat: &str) -> Option<(char, libc::pid_t)> {
-    let rest = stat.get(stat.rfind(')')? + 2..)?;
-    let mut fields = rest.split(' ');
-    let state = fields.next()?.chars().next()?;
-    let _ppid = fields.next()?;
+/// After [`kill_group`] and reaping the leader: waits, at most `within`, until no process of the
+/// group still runs (the leader's own children die on their own time). False if some still do.
+pub fn wait_group_stopped(pgid: libc::pid_t, within: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if running_in_group(pgid).is_empty() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// (state, process group) of a `/proc/PID/stat` line.
+fn state_and_group(stat: &str) -> Option<(&str, libc::pid_t)> {
+    let mut fields = crate::procfs::stat_fields(stat)?;
+    let state = fields.next()?;
+    let _parent = fields.next()?;
     Some((state, fields.next()?.parse().ok()?))
 }
 
@@ -405,15 +418,12 @@ mod tests {
     #[test]
     fn stat_lines_with_odd_command_names() {
         assert_eq!(
-            stat_state_and_group("4681 (git) R 4600 4600 0 0"),
-            Some(('R', 4600))
+            state_and_group("4681 (git) R 4600 4600 0 0"),
+            Some(("R", 4600))
         );
-        assert_eq!(
-            stat_state_and_group("7 (a) b (c)) Z 1 99 0"),
-            Some(('Z', 99))
-        );
-        assert_eq!(stat_state_and_group("7 (git"), None);
-        assert_eq!(stat_state_and_group("7 (git) T 1 x"), None);
+        assert_eq!(state_and_group("7 (a) b (c)) Z 1 99 0"), Some(("Z", 99)));
+        assert_eq!(state_and_group("7 (git"), None);
+        assert_eq!(state_and_group("7 (git) T 1 x"), None);
     }
 
     #[test]
@@ -440,12 +450,7 @@ mod tests {
         );
         kill_group(group);
         leader.wait().unwrap();
-        let killed = std::time::Instant::now();
-        while !running_in_group(group).is_empty()
-            && killed.elapsed() < std::time::Duration::from_secs(5)
-        {
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
+        wait_group_stopped(group, std::time::Duration::from_secs(5));
         assert_eq!(
             running_in_group(group),
             Vec::<u32>::new(),

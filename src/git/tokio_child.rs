@@ -207,12 +207,11 @@ mod tests {
 
     fn alive(pid: libc::pid_t) -> bool {
         // A zombie still has /proc/PID; check its state instead.
-        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-            Ok(stat) => !stat
-                .rsplit_once(')')
-                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-            Err(_) => false,
-        }
+        crate::procfs::read_stat(pid as u32).is_some_and(|stat| {
+            !crate::procfs::stat_fields(&stat)
+                .and_then(|mut f| f.next())
+                .is_some_and(|state| state.starts_with('Z'))
+        })
     }
 
     #[test]

@@ -38,15 +38,13 @@ pub enum ReconcileError {
 
 /// `PID:STARTTIME` of a running process.
 pub fn process_key(pid: u32) -> Option<String> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let stat = crate::procfs::read_stat(pid)?;
     Some(format!("{pid}:{}", start_time(&stat)?))
 }
 
-/// Field 22 of `/proc/PID/stat` (start time in clock ticks since boot). The command name (field
-/// 2) may hold spaces and parentheses, so fields are counted after its last `)`.
+/// Field 22 of `/proc/PID/stat` (start time in clock ticks since boot).
 fn start_time(stat: &str) -> Option<u64> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
+    crate::procfs::stat_fields(stat)?.nth(19)?.parse().ok()
 }
 
 /// Whether the process an owner names still runs.

@@ -298,12 +298,7 @@ impl Runner<'_> {
                 child.wait()?;
                 // The child's own children (repack's pack-objects and multi-pack-index, which
                 // hold the lock) die on their own time; their locks are removed only after.
-                let deadline = Instant::now() + GROUP_EXIT_WAIT;
-                while !crate::git::process::running_in_group(group).is_empty()
-                    && Instant::now() < deadline
-                {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
+                crate::git::process::wait_group_stopped(group, GROUP_EXIT_WAIT);
                 return Ok(None);
             }
             std::thread::sleep(Duration::from_millis(20));
